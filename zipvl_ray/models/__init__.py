@@ -1,0 +1,148 @@
+"""Loading vision-language models with ZipVL attention.
+
+``load_model(name_or_path)`` accepts
+
+* a built-in name (``tiny-llava``, ``tiny-llava-next``, ``tiny-qwen2-vl``, ``tiny-qwen2.5-vl``: small
+  random-weight models built offline; ``zipvl-tiny``: the trained model shipped with the package),
+* a local directory holding a transformers checkpoint and processor files, or
+* a Hugging Face hub id (``llava-hf/llava-v1.6-mistral-7b-hf``, ``Qwen/Qwen2.5-VL-7B-Instruct``, ...)
+  on machines that can reach the hub.
+
+Supported architectures: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from zipvl_ray.attention import enable_zipvl
+from zipvl_ray.config import ZipVLConfig
+from zipvl_ray.models.builtin import BUILTIN_MODELS, TinySpec
+
+#: Directory of checkpoints shipped inside the package (``zipvl-tiny`` lives here once trained).
+CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None and ``"auto"`` -> None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None picks CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def builtin_model_names() -> list[str]:
+    """Names :func:`load_model` builds or finds without the network."""
+    names = list(BUILTIN_MODELS)
+    if CHECKPOINT_DIR.exists():
+        names += sorted(p.name for p in CHECKPOINT_DIR.iterdir() if (p / "config.json").exists())
+    return names
+
+
+def _load_pretrained(path: str, dtype: torch.dtype | None):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {config.model_type!r} is not supported; zipvl-ray serves {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype if dtype is not None else "auto", attn_implementation="sdpa"
+    )
+    if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    zipvl: ZipVLConfig | None = None,
+    seed: int = 0,
+    spec: TinySpec | None = None,
+):
+    """Load a VLM and its processor, with ZipVL attention on the text model (SDPA in the vision tower).
+
+    Parameters
+    ----------
+    name_or_path : str
+        Built-in name, local checkpoint directory, or hub id.
+    dtype : str or torch.dtype, optional
+        ``"bf16"``, ``"fp16"``, ``"fp32"``...; None keeps the checkpoint's dtype (fp32 for built-ins).
+    device : str or torch.device, optional
+        None: CUDA when available, else CPU.
+    zipvl : ZipVLConfig, optional
+        Default ZipVL settings of the model (``ZipVLConfig()`` when None).
+    seed : int
+        Weight seed of the random built-in models.
+    spec : TinySpec, optional
+        Sizes of a random built-in model (tests and benchmarks use larger ones).
+
+    Returns
+    -------
+    (model, processor)
+        ``model`` is in eval mode on ``device``.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path in BUILTIN_MODELS:
+        kwargs = {"seed": seed}
+        if spec is not None:
+            kwargs["spec"] = spec
+        model, processor = BUILTIN_MODELS[name_or_path](**kwargs)
+    else:
+        local = CHECKPOINT_DIR / name_or_path
+        path = str(local) if (local / "config.json").exists() else name_or_path
+        if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a built-in model ({', '.join(builtin_model_names())}) nor a local "
+                "directory, and HF_HUB_OFFLINE=1 forbids the hub"
+            )
+        model, processor = _load_pretrained(path, torch_dtype)
+    model = model.to(device=resolve_device(device))
+    if torch_dtype is not None:
+        model = model.to(dtype=torch_dtype)
+    model.eval()
+    enable_zipvl(model, zipvl)
+    model.zipvl_name = name_or_path
+    return model, processor
+
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "TinySpec",
+    "builtin_model_names",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+]
