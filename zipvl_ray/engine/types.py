@@ -1,0 +1,228 @@
+"""Requests and results of the engine: sampling parameters, outputs, metrics and engine stats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (bad prompt or parameters). Serving maps it to HTTP 400."""
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How tokens are drawn for one request.
+
+    Attributes
+    ----------
+    max_tokens : int
+        Most tokens to generate (>= 1).
+    temperature : float
+        0 is greedy; otherwise logits are divided by it before sampling (0 <= t <= 2).
+    top_p : float
+        Nucleus sampling mass in (0, 1].
+    top_k : int
+        Keep only the k most likely tokens; 0 turns it off.
+    seed : int or None
+        Seed of this request's sampling generator (same seed -> same tokens, also after preemption).
+    stop : list[str]
+        Stop strings; the output is cut before the first one.
+    stop_token_ids : list[int]
+        Token ids that end the request (besides EOS); they are not included in the output.
+    ignore_eos : bool
+        Keep generating past EOS (benchmarks).
+    logprobs : int or None
+        Return the log-probability of each chosen token and the ``logprobs`` most likely ones (0-20).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            (
+                isinstance(self.temperature, int | float)
+                and 0.0 <= self.temperature <= 2.0
+                and math.isfinite(self.temperature),
+                "temperature must be in [0, 2]",
+            ),
+            (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
+            (len(self.stop) <= 16, "stop may hold at most 16 strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class RequestMetrics:
+    """What one request cost and what ZipVL did to it.
+
+    Attributes
+    ----------
+    prompt_tokens, image_tokens : int
+        Prompt length and how many of its tokens are image placeholders.
+    kept_tokens_per_layer : list[int]
+        Prompt tokens each decoder layer kept after ZipVL prefill.
+    kv_bytes : int
+        KV bytes the request holds (block-rounded, all layers) after prefill / now / at finish.
+    kv_bytes_dense : int
+        Bytes the same tokens would hold without ZipVL (block-rounded likewise).
+    predicted_kv_bytes : int
+        The admission prediction of the post-prefill footprint (to measure prediction error).
+    queue_time_s, ttft_s, decode_time_s : float
+        Waiting before the first prefill, arrival to first token, first token to finish.
+    num_preemptions : int
+        Times the request was preempted (freed and recomputed).
+    guard_fired : int
+        Layers where the last prompt position had to be forced into the kept set.
+    """
+
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    kept_tokens_per_layer: list[int] = field(default_factory=list)
+    kv_bytes: int = 0
+    kv_bytes_dense: int = 0
+    predicted_kv_bytes: int = 0
+    queue_time_s: float = 0.0
+    ttft_s: float | None = None
+    decode_time_s: float = 0.0
+    num_preemptions: int = 0
+    guard_fired: int = 0
+
+    @property
+    def kept_ratio_per_layer(self) -> list[float]:
+        n = max(self.prompt_tokens, 1)
+        return [k / n for k in self.kept_tokens_per_layer]
+
+    @property
+    def mean_kept_ratio(self) -> float:
+        ratios = self.kept_ratio_per_layer
+        return sum(ratios) / len(ratios) if ratios else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kept_ratio_per_layer"] = self.kept_ratio_per_layer
+        out["mean_kept_ratio"] = self.mean_kept_ratio
+        return out
+
+
+@dataclass
+class RequestOutput:
+    """The state of a request: cumulative output, plus the delta since the previous yield when streaming.
+
+    Attributes
+    ----------
+    request_id : str
+    token_ids : list[int]
+        All generated tokens so far (stop tokens and text after a stop string excluded).
+    text : str
+        Their detokenized text.
+    delta_token_ids, delta_text
+        What this update adds (streaming).
+    finished : bool
+    finish_reason : {"stop", "length", "abort", "error"} or None
+    logprobs : list[dict] or None
+        Per generated token: ``{"token_id", "logprob", "top": [(token_id, logprob), ...]}``.
+    metrics : RequestMetrics
+    error : str or None
+        Message when ``finish_reason == "error"``.
+    """
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[dict] | None = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of one engine (one LLM replica), cheap enough to take every second.
+
+    Attributes
+    ----------
+    kv_bytes_used, kv_bytes_capacity : int
+        Pool bytes held by sequences / the whole pool.
+    kv_blocks_used, kv_blocks_total : int
+    block_size : int
+        Tokens per block.
+    block_bytes : int
+        Bytes of one block of one layer (keys + values).
+    num_layers : int
+    dense_bytes_per_token : int
+        Bytes one token costs in all layers without eviction (``2 * Hkv * d * dtype * layers``).
+    num_running, num_waiting : int
+    mean_kept_fraction : float
+        Running mean (over recent prefills) of the kept fraction, averaged over layers.
+    kept_fraction_per_layer : list[float]
+    reserved_bytes : int
+        Bytes admission has promised to running sequences for their decode growth, not yet used.
+    num_preemptions, num_finished, num_aborted : int
+        Totals since start.
+    prefill_tokens, decode_tokens : int
+        Totals since start.
+    kv_bytes_saved : int
+        Dense-equivalent bytes minus held bytes, over the sequences held now.
+    prediction_error_mean : float
+        Mean relative error ``(held after prefill - predicted) / predicted`` over recent requests.
+    max_concurrent_seqs : int
+        Most sequences decoded in one step since start.
+    """
+
+    kv_bytes_used: int = 0
+    kv_bytes_capacity: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    block_size: int = 16
+    block_bytes: int = 0
+    num_layers: int = 0
+    dense_bytes_per_token: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    mean_kept_fraction: float = 1.0
+    kept_fraction_per_layer: list[float] = field(default_factory=list)
+    reserved_bytes: int = 0
+    num_preemptions: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    kv_bytes_saved: int = 0
+    prediction_error_mean: float = 0.0
+    max_concurrent_seqs: int = 0
+
+    @property
+    def kv_utilization(self) -> float:
+        return self.kv_bytes_used / self.kv_bytes_capacity if self.kv_bytes_capacity else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kv_utilization"] = self.kv_utilization
+        return out

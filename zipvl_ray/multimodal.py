@@ -1,0 +1,152 @@
+"""Prompt preparation: chat messages + images -> token ids and per-image vision inputs.
+
+This is CPU work the HTTP ingress does before anything reaches a GPU: apply the chat template,
+preprocess each image separately (so the vision stage can cache it by content), expand each image
+placeholder to the number of tokens the image becomes, and tokenize. The result matches what the
+model's own processor produces for the same text and images (tested), but keeps images apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+
+class PromptError(ValueError):
+    """The prompt cannot be prepared (wrong number of images, empty prompt...). Maps to HTTP 400."""
+
+
+@dataclass
+class ImageInput:
+    """One preprocessed image, ready for the vision tower.
+
+    Attributes
+    ----------
+    pixel_values : torch.Tensor
+        LLaVA: ``(1, 3, H, W)``; LLaVA-NeXT: ``(1, tiles, 3, h, w)``; Qwen2(.5)-VL: ``(patches, C*T*P*P)``.
+    extra : dict[str, torch.Tensor]
+        What the tower needs besides pixels: ``image_sizes (1, 2)`` (LLaVA-NeXT) or
+        ``image_grid_thw (1, 3)`` (Qwen).
+    num_tokens : int
+        Placeholder tokens this image expands to in the prompt.
+    content_hash : str
+        Hash of the decoded image (mode, size and pixels): the encoder-cache key.
+    """
+
+    pixel_values: torch.Tensor
+    extra: dict[str, torch.Tensor]
+    num_tokens: int
+    content_hash: str
+
+    @property
+    def grid_thw(self) -> tuple[int, int, int] | None:
+        grid = self.extra.get("image_grid_thw")
+        return None if grid is None else tuple(int(x) for x in grid.reshape(-1).tolist())
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        size = self.extra.get("image_sizes")
+        return None if size is None else tuple(int(x) for x in size.reshape(-1).tolist())
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixel_values.numel() * self.pixel_values.element_size()
+
+
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for the engine: token ids with expanded image placeholders, and the images.
+
+    Attributes
+    ----------
+    token_ids : list[int]
+        The whole prompt; each image's placeholder is repeated ``images[i].num_tokens`` times.
+    images : list[ImageInput]
+        In placeholder order.
+    image_token_id : int
+        The placeholder token id.
+    """
+
+    token_ids: list[int]
+    images: list[ImageInput] = field(default_factory=list)
+    image_token_id: int = -1
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(image.num_tokens for image in self.images)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def image_content_hash(image: Image.Image) -> str:
+    """A stable hash of an image's mode, size and pixels."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class PromptProcessor:
+    """Turns chat messages (or a rendered prompt) and images into a :class:`PreparedPrompt`.
+
+    Parameters
+    ----------
+    processor : transformers.ProcessorMixin
+        The model's processor (tokenizer, image processor, chat template).
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token: str = processor.image_token
+        self.image_token_id: int = int(processor.image_token_id)
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """Apply the chat template. Image parts (``{"type": "image"}`` or ``"image_url"``) become placeholders."""
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def preprocess_image(self, image: Image.Image) -> ImageInput:
+        """Run the image processor on one image and count its placeholder tokens."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        processed = self.processor.image_processor(images=[rgb], return_tensors="pt")
+        replacement = self.processor.replace_image_token(processed, 0)
+        num_tokens = replacement.count(self.image_token)
+        extra = {k: v for k, v in processed.items() if k in ("image_sizes", "image_grid_thw")}
+        return ImageInput(
+            pixel_values=processed["pixel_values"],
+            extra=extra,
+            num_tokens=num_tokens,
+            content_hash=image_content_hash(rgb),
+        )
+
+    def expand(self, text: str, images: list[ImageInput]) -> list[int]:
+        """Replace the i-th placeholder with ``images[i].num_tokens`` placeholders and tokenize."""
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(images):
+            raise PromptError(
+                f"the prompt has {len(pieces) - 1} image placeholders but {len(images)} images were given"
+            )
+        out = [pieces[0]]
+        for image, piece in zip(images, pieces[1:], strict=True):
+            out.append(self.image_token * image.num_tokens)
+            out.append(piece)
+        return self.tokenizer("".join(out))["input_ids"]
+
+    def prepare(self, prompt: str | list[dict], images: list[Image.Image] | None = None) -> PreparedPrompt:
+        """Prepare a rendered prompt (``str``) or chat messages (``list[dict]``) with its images."""
+        images = images or []
+        text = prompt if isinstance(prompt, str) else self.render(prompt)
+        if not text:
+            raise PromptError("the prompt is empty")
+        inputs = [self.preprocess_image(image) for image in images]
+        token_ids = self.expand(text, inputs)
+        if not token_ids:
+            raise PromptError("the prompt is empty after tokenization")
+        return PreparedPrompt(token_ids=token_ids, images=inputs, image_token_id=self.image_token_id)

@@ -1,0 +1,178 @@
+"""Predict the KV bytes a request will hold on a replica *after* ZipVL pruning.
+
+Ray-free on purpose: the engine's admission control and the Serve router use the same functions.
+
+A replica reports a :class:`KVProfile` (its pool geometry, what is used, and the running mean kept
+fraction per layer it observed); the ingress attaches :class:`RoutingHints` (token counts, max_tokens,
+per-request ZipVL overrides) to every request. The prediction rounds every layer up to whole blocks,
+exactly as the paged pool allocates them::
+
+    bytes = sum_l ceil((ceil(n * f_l) + decode_tokens) / block_size) * block_bytes
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingHints:
+    """What the ingress knows about a request before it reaches an LLM replica.
+
+    Attributes
+    ----------
+    prompt_tokens : int
+        Prompt length after image placeholder expansion.
+    image_tokens : int
+        How many of those are image tokens.
+    max_tokens : int
+        Generation budget.
+    tau, max_keep_ratio : float or None
+        Per-request ZipVL overrides (None: the replica's defaults).
+    zipvl_enabled : bool or None
+        Per-request switch (None: the replica's default).
+    """
+
+    prompt_tokens: int
+    image_tokens: int = 0
+    max_tokens: int = 16
+    tau: float | None = None
+    max_keep_ratio: float | None = None
+    zipvl_enabled: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RoutingHints | None:
+        if not data:
+            return None
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True, slots=True)
+class KVProfile:
+    """One replica's KV pool as reported to the router (a subset of ``EngineStats``).
+
+    Attributes
+    ----------
+    capacity_bytes, used_bytes, reserved_bytes : int
+        Pool size, bytes held by sequences, bytes promised to running sequences' decode growth.
+    block_size : int
+        Tokens per block.
+    block_bytes : int
+        Bytes of one block of one layer (keys + values).
+    num_layers : int
+    kept_fraction_per_layer : list[float]
+        Running mean kept fraction per layer (1.0 until the replica has seen a prefill).
+    num_running, num_waiting : int
+    """
+
+    capacity_bytes: int
+    used_bytes: int = 0
+    reserved_bytes: int = 0
+    block_size: int = 16
+    block_bytes: int = 0
+    num_layers: int = 1
+    kept_fraction_per_layer: list[float] = field(default_factory=list)
+    num_running: int = 0
+    num_waiting: int = 0
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.capacity_bytes - self.used_bytes - self.reserved_bytes)
+
+    @property
+    def mean_kept_fraction(self) -> float:
+        f = self.kept_fraction_per_layer
+        return sum(f) / len(f) if f else 1.0
+
+    @classmethod
+    def from_stats(cls, stats: Any) -> KVProfile:
+        """Build from an ``EngineStats`` or its ``to_dict()`` (what ``record_routing_stats`` returns)."""
+        data = stats if isinstance(stats, dict) else stats.to_dict()
+        return cls(
+            capacity_bytes=int(data.get("kv_bytes_capacity", 0)),
+            used_bytes=int(data.get("kv_bytes_used", 0)),
+            reserved_bytes=int(data.get("reserved_bytes", 0)),
+            block_size=int(data.get("block_size", 16)),
+            block_bytes=int(data.get("block_bytes", 0)),
+            num_layers=int(data.get("num_layers", 1)),
+            kept_fraction_per_layer=list(data.get("kept_fraction_per_layer") or []),
+            num_running=int(data.get("num_running", 0)),
+            num_waiting=int(data.get("num_waiting", 0)),
+        )
+
+
+def effective_keep_fractions(
+    fractions: list[float],
+    num_layers: int,
+    *,
+    tau: float | None = None,
+    max_keep_ratio: float | None = None,
+    zipvl_enabled: bool | None = None,
+) -> list[float]:
+    """Per-layer keep fractions to predict with, after per-request overrides.
+
+    ZipVL off or ``tau >= 1`` keeps everything; ``max_keep_ratio`` caps each layer. A lower ``tau``
+    than the replica's default is not extrapolated (the observed fractions are an upper estimate).
+    """
+    base = list(fractions) if fractions else [1.0] * num_layers
+    if zipvl_enabled is False or (tau is not None and tau >= 1.0 and max_keep_ratio is None):
+        return [1.0] * len(base)
+    if max_keep_ratio is not None:
+        base = [min(f, max_keep_ratio) for f in base]
+    return base
+
+
+def predict_kept_tokens(prompt_tokens: int, fractions: list[float]) -> list[int]:
+    """Kept prompt tokens per layer: ``ceil(n * f_l)``, at least 1."""
+    return [max(1, min(prompt_tokens, math.ceil(prompt_tokens * f - 1e-9))) for f in fractions]
+
+
+def blocks_for(tokens_per_layer: list[int], block_size: int) -> int:
+    """Blocks a sequence holds: ``sum_l ceil(tokens_l / block_size)``."""
+    return sum(-(-t // block_size) for t in tokens_per_layer)
+
+
+def predict_bytes(
+    prompt_tokens: int,
+    fractions: list[float],
+    decode_tokens: int,
+    block_size: int,
+    block_bytes: int,
+) -> int:
+    """Bytes a sequence will hold with ``decode_tokens`` generated, block-rounded per layer."""
+    kept = predict_kept_tokens(prompt_tokens, fractions)
+    return blocks_for([k + decode_tokens for k in kept], block_size) * block_bytes
+
+
+def predict_request_bytes(
+    hints: RoutingHints, profile: KVProfile, *, decode_tokens: int | None = None
+) -> int:
+    """Bytes ``hints``'s request will hold on ``profile``'s replica after pruning, with decode growth.
+
+    ``decode_tokens`` defaults to the request's whole ``max_tokens``.
+    """
+    fractions = effective_keep_fractions(
+        profile.kept_fraction_per_layer,
+        profile.num_layers,
+        tau=hints.tau,
+        max_keep_ratio=hints.max_keep_ratio,
+        zipvl_enabled=hints.zipvl_enabled,
+    )
+    growth = hints.max_tokens if decode_tokens is None else decode_tokens
+    return predict_bytes(hints.prompt_tokens, fractions, growth, profile.block_size, profile.block_bytes)
+
+
+__all__ = [
+    "KVProfile",
+    "RoutingHints",
+    "blocks_for",
+    "effective_keep_fractions",
+    "predict_bytes",
+    "predict_kept_tokens",
+    "predict_request_bytes",
+]
