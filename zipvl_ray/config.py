@@ -184,6 +184,13 @@ class EngineConfig(BaseModel):
             "Kept fraction assumed by admission before the engine has observed any prefill (conservative: 1.0)."
         ),
     )
+    attention_backend: Literal["auto", "sdpa", "flash"] = Field(
+        "auto",
+        description=(
+            "Attention kernels: 'auto' uses flash-attn (varlen prefill; paged decode when block_size is a multiple "
+            "of 256, flash-attn's page-size rule) on CUDA when it is importable, else torch SDPA; 'sdpa' forces SDPA."
+        ),
+    )
     keep_fraction_ema: float = Field(
         0.2,
         gt=0.0,

@@ -1,0 +1,174 @@
+"""``AsyncLLMEngine``: the engine core in a background thread, streaming outputs to asyncio callers.
+
+The engine thread runs :meth:`LLMEngine.step` in a loop while there is work and sleeps otherwise;
+callers add requests, abort them and read stats from any event loop. Torch releases the GIL in its
+kernels, so the serving event loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine.llm_engine import LLMEngine, PromptLike
+from zipvl_ray.engine.types import EngineStats, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncLLMEngine:
+    """Asynchronous front of :class:`LLMEngine`.
+
+    Parameters
+    ----------
+    engine : LLMEngine
+        The engine core; owned by this object's thread from now on.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stats = engine.stats()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="zipvl-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        dtype=None,
+        device=None,
+        zipvl: ZipVLConfig | None = None,
+        engine: EngineConfig | None = None,
+        load_vision: bool = False,
+    ) -> AsyncLLMEngine:
+        """Load ``model`` and start the engine thread. ``load_vision=False`` drops the vision tower (the
+        LLM stage of a split deployment receives precomputed image features)."""
+        core = LLMEngine.from_pretrained(
+            model, dtype=dtype, device=device, zipvl=zipvl, engine=engine, load_vision=load_vision
+        )
+        return cls(core)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def processor(self):
+        return self.engine.processor
+
+    # -- requests ------------------------------------------------------------------------------------
+    async def generate(
+        self,
+        request_id: str,
+        prompt: PromptLike,
+        sampling: SamplingParams | None = None,
+        zipvl: dict[str, Any] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request (deltas in ``delta_token_ids`` / ``delta_text``).
+
+        Raises :class:`~zipvl_ray.engine.types.RequestError` before yielding for a bad request. Closing
+        the iterator early (a client that went away) aborts the request and frees its KV.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        if request_id in self._streams:
+            from zipvl_ray.engine.types import RequestError
+
+            raise RequestError(f"request id {request_id!r} is already in use")
+        self._streams[request_id] = (loop, queue)
+        arrival = time.perf_counter()
+        try:
+            await asyncio.to_thread(self._add, request_id, prompt, sampling, zipvl, arrival)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                yield out
+                if out.finished:
+                    finished = True
+                    break
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await asyncio.shield(self.abort(request_id))
+
+    def _add(self, request_id, prompt, sampling, zipvl, arrival) -> None:
+        with self._lock:
+            self.engine.add_request(request_id, prompt, sampling, zipvl, arrival_time=arrival)
+            self._stats = self.engine.stats()
+        self._wakeup.set()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort ``request_id``; returns once its KV blocks are back in the pool."""
+
+        def _abort():
+            with self._lock:
+                out = self.engine.abort_request(request_id)
+                self._stats = self.engine.stats()
+            return out
+
+        out = await asyncio.to_thread(_abort)
+        if out is not None:
+            self._deliver([out])
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot (taken after every step, add and abort): never waits for a step."""
+        return self._stats
+
+    # -- the engine thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped:
+            outputs: list[RequestOutput] = []
+            with self._lock:
+                busy = self.engine.has_unfinished()
+                if busy:
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as exc:  # a bug must not take the replica down: fail what is in flight
+                        logger.exception("engine step failed; aborting in-flight requests")
+                        outputs = self._fail_all(exc)
+                    self._stats = self.engine.stats()
+            if outputs:
+                self._deliver(outputs)
+            if not busy:
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+
+    def _fail_all(self, exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for request_id in list(self.engine.sequences):
+            out = self.engine.abort_request(request_id)
+            if out is not None:
+                out.finish_reason = "error"
+                out.error = f"internal engine error: {type(exc).__name__}"
+                outputs.append(out)
+        return outputs
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is None:
+                continue
+            loop, queue = target
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (in-flight requests are abandoned)."""
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)

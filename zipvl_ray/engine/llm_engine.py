@@ -1,0 +1,460 @@
+"""The synchronous engine core: requests in, one step at a time, outputs out.
+
+``add_request`` validates and queues; ``step`` runs one prefill or decode step (see
+:mod:`zipvl_ray.engine.scheduler`) and returns the outputs of the requests it advanced.
+:class:`~zipvl_ray.engine.llm.LLM` drives it to completion offline and
+:class:`~zipvl_ray.engine.async_engine.AsyncLLMEngine` runs it in a background thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine.model_runner import ModelRunner
+from zipvl_ray.engine.sampler import make_generator, sample
+from zipvl_ray.engine.scheduler import Scheduler
+from zipvl_ray.engine.sequence import Sequence, SequenceStatus
+from zipvl_ray.engine.types import EngineStats, RequestError, RequestOutput, SamplingParams
+from zipvl_ray.kv import OutOfBlocks
+from zipvl_ray.multimodal import PreparedPrompt, PromptError, PromptProcessor
+from zipvl_ray.routing.footprint import predict_bytes
+from zipvl_ray.vision import ImageFeatures, VisionEncoder
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt whose images were already encoded by a separate vision stage.
+
+    Attributes
+    ----------
+    token_ids : list[int]
+        The prompt with expanded image placeholders.
+    image_features : list[ImageFeatures]
+        One per image, in placeholder order.
+    """
+
+    token_ids: list[int]
+    image_features: list[ImageFeatures]
+
+
+PromptLike = EncodedPrompt | PreparedPrompt | str | dict | list
+
+
+class LLMEngine:
+    """Paged, continuously batching ZipVL engine over one model.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        ZipVL-enabled VLM (see :func:`zipvl_ray.models.load_model`).
+    processor : transformers.ProcessorMixin or None
+        Needed for text / chat prompts and for decoding output text.
+    zipvl : ZipVLConfig, optional
+        Default ZipVL settings (per-request overrides apply on top).
+    engine : EngineConfig, optional
+    vision : VisionEncoder, optional
+        Encodes pixels of :class:`PreparedPrompt` s; None when the model keeps its vision tower
+        (one is built on it) or when only :class:`EncodedPrompt` s will arrive.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor=None,
+        *,
+        zipvl: ZipVLConfig | None = None,
+        engine: EngineConfig | None = None,
+        vision: VisionEncoder | None = None,
+    ):
+        self.config = engine or EngineConfig()
+        self.zipvl = zipvl or getattr(model, "zipvl_config", None) or ZipVLConfig()
+        self.runner = ModelRunner(model, self.config)
+        self.processor = processor
+        self.prompts = PromptProcessor(processor) if processor is not None else None
+        self.tokenizer = processor.tokenizer if processor is not None else None
+        if vision is None and self._has_vision_tower():
+            vision = VisionEncoder(model, output_device=str(self.runner.device))
+        self.vision = vision
+        self.eos_token_ids = self._eos_ids(model)
+        layers = self.runner.layout.num_layers
+        self.keep_fractions = [self.config.default_keep_fraction] * layers
+        self.scheduler = Scheduler(self.config, self.runner.kv, self._predict_seq_bytes)
+        self.sequences: dict[str, Sequence] = {}
+        self._totals = {"finished": 0, "aborted": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_batch": 0}
+        self._prediction_error = 0.0
+        self._seen_prefills = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        dtype=None,
+        device=None,
+        zipvl: ZipVLConfig | None = None,
+        engine: EngineConfig | None = None,
+        load_vision: bool = True,
+    ) -> LLMEngine:
+        """Load ``model`` (built-in name, local path or hub id). ``load_vision=False`` drops the vision tower."""
+        from zipvl_ray.models import load_model
+
+        vlm, processor = load_model(model, dtype=dtype, device=device, zipvl=zipvl)
+        if not load_vision:
+            from zipvl_ray.models.adapters import VLMAdapter
+
+            VLMAdapter(vlm).drop_vision_tower()
+        return cls(vlm, processor, zipvl=zipvl, engine=engine)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _has_vision_tower(self) -> bool:
+        return all(
+            getattr(self.runner.model.model, n, None) is not None
+            for n in self.runner.adapter.vision_modules()
+        )
+
+    @staticmethod
+    def _eos_ids(model) -> set[int]:
+        ids = set()
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(x) for x in eos)
+        return ids
+
+    def _predict_seq_bytes(self, seq: Sequence, decode_tokens: int) -> int:
+        fractions = self.keep_fractions if seq.uses_default_zipvl else self._fractions_for(seq.zipvl)
+        return predict_bytes(
+            seq.num_prompt_tokens,
+            fractions,
+            decode_tokens,
+            self.runner.layout.block_size,
+            self.runner.block_bytes,
+        )
+
+    def _fractions_for(self, config: ZipVLConfig) -> list[float]:
+        from zipvl_ray.routing.footprint import effective_keep_fractions
+
+        return effective_keep_fractions(
+            self.keep_fractions,
+            len(self.keep_fractions),
+            tau=config.tau,
+            max_keep_ratio=config.max_keep_ratio,
+            zipvl_enabled=config.enabled,
+        )
+
+    # -- requests --------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: PromptLike) -> EncodedPrompt:
+        """Normalise any accepted prompt form to token ids + image features (running the vision tower if needed)."""
+        if isinstance(prompt, EncodedPrompt):
+            return prompt
+        if isinstance(prompt, str | list | dict):
+            if self.prompts is None:
+                raise RequestError("this engine has no processor: send token ids with image features")
+            if isinstance(prompt, dict):
+                text = prompt.get("messages", prompt.get("prompt"))
+                images = prompt.get("images") or []
+            else:
+                text, images = prompt, []
+            if text is None:
+                raise RequestError("a prompt dict needs 'prompt' or 'messages'")
+            try:
+                prompt = self.prompts.prepare(text, images)
+            except PromptError as exc:
+                raise RequestError(str(exc)) from None
+        if isinstance(prompt, PreparedPrompt):
+            if prompt.images and self.vision is None:
+                raise RequestError("this engine has no vision tower: send precomputed image features")
+            features = self.vision.encode(prompt.images) if prompt.images else []
+            return EncodedPrompt(token_ids=list(prompt.token_ids), image_features=features)
+        raise RequestError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptLike,
+        sampling: SamplingParams | None = None,
+        zipvl: dict[str, Any] | None = None,
+        *,
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        """Validate and queue a request. Raises :class:`RequestError` for a bad one (nothing is queued then)."""
+        if request_id in self.sequences:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        sampling = sampling or SamplingParams()
+        try:
+            config = self.zipvl.with_overrides(**(zipvl or {}))
+        except (ValidationError, TypeError) as exc:
+            raise RequestError(f"invalid zipvl settings: {exc}") from None
+        encoded = self.encode_prompt(prompt)
+        ids = encoded.token_ids
+        if not ids:
+            raise RequestError("the prompt is empty")
+        n = len(ids)
+        if n + sampling.max_tokens > self.config.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens and max_tokens is {sampling.max_tokens}: together more than "
+                f"max_model_len ({self.config.max_model_len})"
+            )
+        vocab = self.runner.geometry.vocab_size
+        if min(ids) < 0 or max(ids) >= max(vocab, self.runner.adapter.image_token_id + 1):
+            raise RequestError("the prompt holds token ids outside the vocabulary")
+        image_id = self.runner.adapter.image_token_id
+        placeholders = sum(1 for t in ids if t == image_id)
+        feature_tokens = sum(int(f.embeds.shape[0]) for f in encoded.image_features)
+        if placeholders != feature_tokens:
+            raise RequestError(
+                f"the prompt has {placeholders} image placeholder tokens but its {len(encoded.image_features)} "
+                f"images give {feature_tokens}"
+            )
+        grids = [f.grid_thw for f in encoded.image_features] if self.runner.adapter.uses_mrope else None
+        if grids is not None and any(g is None for g in grids):
+            raise RequestError("M-RoPE models need each image's grid_thw")
+        positions, next_position = self.runner.adapter.prompt_positions(ids, grids)
+        device = self.runner.device
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(ids),
+            image_features=[f.embeds.to(device) for f in encoded.image_features],
+            positions=positions,
+            next_position=next_position,
+            sampling=sampling,
+            zipvl=config,
+            image_tokens=placeholders,
+            generator=None if sampling.greedy else make_generator(sampling.seed),
+            uses_default_zipvl=not zipvl or config == self.zipvl,
+        )
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
+        seq.metrics.prompt_tokens = n
+        seq.metrics.image_tokens = placeholders
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV now. Returns its final output (None if unknown or already done)."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.is_finished:
+            return None
+        self.scheduler.remove(seq)
+        self._finish(seq, "abort")
+        self._totals["aborted"] += 1
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one prefill or decode step. Returns outputs of the requests that advanced or finished."""
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return []
+        kind, seqs = scheduled
+        if kind == "prefill":
+            return self._prefill_step(seqs)
+        return self._decode_step()
+
+    def _prefill_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        now = time.perf_counter()
+        for seq in seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+                seq.metrics.queue_time_s = now - seq.arrival_time
+        try:
+            logits, segments = self.runner.prefill(seqs)
+        except OutOfBlocks:
+            return self._prefill_did_not_fit(seqs)
+        self.scheduler.start(seqs)
+        self._totals["prefill_tokens"] += sum(s.num_prompt_tokens for s in seqs)
+        to_sample = []
+        for row, (seq, seg) in enumerate(zip(seqs, segments, strict=True)):
+            self._record_prefill(seq, seg)
+            if not seq.output_token_ids:  # a first prefill; a recomputation only rebuilds the cache
+                to_sample.append((row, seq))
+        outputs = self._sample_and_append(logits, to_sample)
+        return outputs
+
+    def _prefill_did_not_fit(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        if self.scheduler.running:
+            self.scheduler.preempt_newest()
+            self.scheduler.requeue(seqs)
+            return []
+        if len(seqs) > 1:
+            self.scheduler.requeue(seqs, cap_next_prefill=True)
+            return []
+        seq = seqs[0]
+        seq.error = "the request needs more KV memory than the whole pool holds"
+        self._finish(seq, "error")
+        return [self._output(seq)]
+
+    def _record_prefill(self, seq: Sequence, seg) -> None:
+        n = seq.num_prompt_tokens
+        kv = self.runner.kv
+        held = kv.seq_bytes(seq.request_id)
+        predicted = self._predict_seq_bytes(seq, 0)
+        m = seq.metrics
+        m.kept_tokens_per_layer = list(seg.kept)
+        m.guard_fired = seg.guard_fired
+        m.kv_bytes = held
+        m.kv_bytes_dense = self.runner.dense_bytes(n)
+        m.predicted_kv_bytes = predicted
+        if seq.uses_default_zipvl and m.num_preemptions == 0:
+            alpha = self.config.keep_fraction_ema if self._seen_prefills else 1.0
+            self.keep_fractions = [
+                (1 - alpha) * f + alpha * (k / n) for f, k in zip(self.keep_fractions, seg.kept, strict=True)
+            ]
+            error = (held - predicted) / max(predicted, 1)
+            self._prediction_error = (
+                error if not self._seen_prefills else 0.9 * self._prediction_error + 0.1 * error
+            )
+            self._seen_prefills += 1
+
+    def _decode_step(self) -> list[RequestOutput]:
+        outputs = []
+        for seq in self.scheduler.ensure_decode_room():
+            seq.error = "the KV pool cannot hold this request's next token even alone"
+            self._finish(seq, "error")
+            outputs.append(self._output(seq))
+        seqs = self.scheduler.running[: self.config.max_num_seqs]
+        if not seqs:
+            return outputs
+        self._totals["max_batch"] = max(self._totals["max_batch"], len(seqs))
+        logits = self.runner.decode(seqs)
+        self._totals["decode_tokens"] += len(seqs)
+        to_sample = []
+        for row, seq in enumerate(seqs):
+            seq.num_fed += 1
+            if seq.num_fed == len(seq.output_token_ids):
+                to_sample.append((row, seq))
+        return outputs + self._sample_and_append(logits, to_sample)
+
+    def _sample_and_append(
+        self, logits: torch.Tensor, rows: list[tuple[int, Sequence]]
+    ) -> list[RequestOutput]:
+        if not rows:
+            return []
+        index = torch.tensor([r for r, _ in rows], device=logits.device)
+        tokens, logprobs = sample(
+            logits.index_select(0, index), [s.sampling for _, s in rows], [s.generator for _, s in rows]
+        )
+        now = time.perf_counter()
+        outputs = []
+        for (_, seq), token, lp in zip(rows, tokens, logprobs, strict=True):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                seq.metrics.ttft_s = now - seq.arrival_time
+            self._append_token(seq, token, lp)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> None:
+        sp = seq.sampling
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
+            self._finish(seq, "stop")
+            return
+        seq.output_token_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        if sp.stop and self.tokenizer is not None:
+            text = self._detokenize(seq)
+            cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text_limit = cut
+                self._finish(seq, "stop")
+                return
+        if len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self._finish(seq, "length")
+
+    def _detokenize(self, seq: Sequence) -> str:
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        seq.text = text if seq.text_limit is None else text[: seq.text_limit]
+        return seq.text
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        kv = self.runner.kv
+        if seq.request_id in kv.seqs:
+            held = kv.seqs[seq.request_id]
+            seq.metrics.kv_bytes = held.num_blocks * self.runner.block_bytes
+            seq.metrics.kv_bytes_dense = self.runner.dense_bytes(seq.num_prompt_tokens + seq.num_fed)
+        kv.free(seq.request_id)
+        if seq in self.scheduler.running:
+            self.scheduler.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason  # type: ignore[assignment]
+        seq.finish_time = time.perf_counter()
+        if seq.first_token_time is not None:
+            seq.metrics.decode_time_s = seq.finish_time - seq.first_token_time
+        if reason in ("stop", "length"):
+            self._totals["finished"] += 1
+        self.sequences.pop(seq.request_id, None)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        """The cumulative output of ``seq`` plus the delta since the previous call (streaming)."""
+        if self.tokenizer is not None:
+            self._detokenize(seq)
+        text = seq.text
+        if seq.is_finished:
+            visible = len(text)
+        else:  # hold back a trailing partial UTF-8 character
+            visible = len(text.rstrip("\ufffd"))
+        delta_text = text[seq.sent_text_len : visible] if visible > seq.sent_text_len else ""
+        seq.sent_text_len = max(seq.sent_text_len, visible)
+        delta_tokens = seq.output_token_ids[seq.sent_tokens :]
+        seq.sent_tokens = len(seq.output_token_ids)
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=list(seq.output_token_ids),
+            text=text[:visible],
+            delta_token_ids=list(delta_tokens),
+            delta_text=delta_text,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.output_logprobs) if seq.sampling.logprobs is not None else None,
+            metrics=seq.metrics,
+            error=seq.error,
+        )
+
+    # -- stats ------------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        kv = self.runner.kv
+        layout = self.runner.layout
+        saved = 0
+        for seq in self.scheduler.running:
+            held = kv.seqs.get(seq.request_id)
+            if held is not None:
+                saved += (
+                    self.runner.dense_bytes(seq.num_prompt_tokens + seq.num_fed)
+                    - held.num_blocks * layout.block_bytes
+                )
+        fractions = list(self.keep_fractions)
+        return EngineStats(
+            kv_bytes_used=kv.used_bytes,
+            kv_bytes_capacity=kv.capacity_bytes,
+            kv_blocks_used=kv.num_used_blocks,
+            kv_blocks_total=kv.allocator.num_blocks,
+            block_size=layout.block_size,
+            block_bytes=layout.block_bytes,
+            num_layers=layout.num_layers,
+            dense_bytes_per_token=layout.num_layers * layout.token_bytes,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            mean_kept_fraction=sum(fractions) / len(fractions),
+            kept_fraction_per_layer=fractions,
+            reserved_bytes=self.scheduler.reserved_bytes(),
+            num_preemptions=self.scheduler.num_preemptions,
+            num_finished=self._totals["finished"],
+            num_aborted=self._totals["aborted"],
+            prefill_tokens=self._totals["prefill_tokens"],
+            decode_tokens=self._totals["decode_tokens"],
+            kv_bytes_saved=max(0, saved),
+            prediction_error_mean=self._prediction_error,
+            max_concurrent_seqs=self._totals["max_batch"],
+        )

@@ -1,0 +1,246 @@
+"""Runs the transformers decoder stack over the paged KV pool: packed prefill and batched decode.
+
+The model's own layer code runs unchanged; the ZipVL attention function hands every layer's
+attention to the :class:`StepKV` of the current step (it arrives as ``past_key_values``):
+
+* **prefill**: all prompts of the step are packed into one row (``(1, T, hidden)``, positions restart
+  per prompt); per prompt and layer, ZipVL selects the important set, attends among it, and writes
+  only the kept keys / values into freshly allocated blocks;
+* **decode**: one token per sequence (``(B, 1, hidden)``); its key / value goes into the slot the
+  block manager reserved, then it attends to that layer's blocks: flash-attn's paged kernel on CUDA
+  (block_size a multiple of 256), else a gather into a padded tensor with a length mask and SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.kv import KVCacheManager, KVLayout, KVPool, OutOfBlocks, pool_blocks
+from zipvl_ray.models.adapters import VLMAdapter
+from zipvl_ray.sparsity import (
+    attention_backend,
+    causal_attention_varlen,
+    dense_selection,
+    sparse_causal_attention,
+    zipvl_select,
+)
+
+
+@dataclass
+class Segment:
+    """One prompt inside a packed prefill: rows ``[start, end)`` of the packed batch."""
+
+    seq_id: str
+    start: int
+    end: int
+    zipvl: ZipVLConfig
+    kept: list[int] = field(default_factory=list)
+    guard_fired: int = 0
+
+
+class StepKV(Cache):
+    """The KV context of one engine forward, passed to the model as ``past_key_values``.
+
+    It stores nothing itself (``update`` returns the new states); :meth:`zipvl_attention` attends
+    over, and writes into, the engine's pool.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        segments: list[Segment] | None = None,
+        seq_ids=None,
+        new_slots=None,
+        lengths=None,
+    ):
+        super().__init__(layers=[])
+        self.runner = runner
+        self.segments = segments
+        self.seq_ids = seq_ids
+        self.new_slots = new_slots
+        self.lengths = lengths
+
+    # transformers' Cache interface: nothing is stored here, positions are given explicitly.
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def zipvl_attention(self, layer_idx, query, key, value, attention_mask, scaling, config) -> torch.Tensor:
+        if self.segments is not None:
+            return self._prefill(layer_idx, query, key, value, scaling)
+        return self._decode(layer_idx, query, key, value, scaling)
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def _prefill(self, layer: int, query, key, value, scaling: float) -> torch.Tensor:
+        runner = self.runner
+        q = query[0].transpose(0, 1)  # (T, H, d)
+        k = key[0].transpose(0, 1)  # (T, Hkv, d)
+        v = value[0].transpose(0, 1)
+        out = q.new_zeros(q.shape)
+        flash_batch = []
+        for seg in self.segments:
+            qs, ks, vs = q[seg.start : seg.end], k[seg.start : seg.end], v[seg.start : seg.end]
+            n = seg.end - seg.start
+            if seg.zipvl.is_dense_layer(layer):
+                sel = dense_selection(n, q.device)
+            else:
+                sel = zipvl_select(
+                    qs.transpose(0, 1), ks.transpose(0, 1), seg.zipvl, scaling, layer_idx=layer
+                )
+            seg.kept.append(sel.num_kept)
+            seg.guard_fired += int(sel.guard_fired)
+            if runner.backend == "flash":
+                flash_batch.append((seg, sel.kept))
+            else:
+                sparse_causal_attention(
+                    qs, ks, vs, sel.kept, scaling, backend="sdpa", out=out[seg.start : seg.end]
+                )
+            slots = runner.kv.allocate_tokens(seg.seq_id, layer, sel.num_kept)
+            runner.pool.write(slots, ks.index_select(0, sel.kept), vs.index_select(0, sel.kept))
+        if flash_batch:
+            index = torch.cat([seg.start + kept for seg, kept in flash_batch])
+            cu = [0]
+            for _seg, kept in flash_batch:
+                cu.append(cu[-1] + kept.numel())
+            res = causal_attention_varlen(
+                q.index_select(0, index),
+                k.index_select(0, index),
+                v.index_select(0, index),
+                cu,
+                scaling,
+                "flash",
+            )
+            out.index_copy_(0, index, res)
+        return out[None]
+
+    # -- decode ------------------------------------------------------------------------------------
+    def _decode(self, layer: int, query, key, value, scaling: float) -> torch.Tensor:
+        runner = self.runner
+        runner.pool.write(self.new_slots[layer], key[:, :, 0], value[:, :, 0])
+        lengths = self.lengths[layer]
+        if runner.paged_flash:
+            from flash_attn import flash_attn_with_kvcache
+
+            table = runner.kv.block_table(self.seq_ids, layer, max(lengths))
+            seqlens = torch.tensor(lengths, dtype=torch.int32, device=query.device)
+            return flash_attn_with_kvcache(
+                query.transpose(1, 2),
+                runner.pool.keys,
+                runner.pool.values,
+                cache_seqlens=seqlens,
+                block_table=table,
+                softmax_scale=scaling,
+                causal=True,
+            )
+        slots, valid = runner.kv.gather_index(self.seq_ids, layer, lengths)
+        k, v = runner.pool.gather(slots)  # (B, L, Hkv, d)
+        group = query.shape[1] // k.shape[2]
+        out = F.scaled_dot_product_attention(
+            query,
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=valid[:, None, None, :],
+            scale=scaling,
+            enable_gqa=group > 1,
+        )
+        return out.transpose(1, 2)
+
+
+class ModelRunner:
+    """Owns the model, the KV pool and the block tables; runs prefill and decode forwards.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A ZipVL-enabled VLM (``zipvl_ray.models.load_model``).
+    config : EngineConfig
+    """
+
+    def __init__(self, model, config: EngineConfig):
+        self.model = model
+        self.config = config
+        self.adapter = VLMAdapter(model)
+        self.geometry = self.adapter.geometry()
+        device = self.adapter.device
+        self.layout = KVLayout(
+            num_layers=self.geometry.num_layers,
+            num_kv_heads=self.geometry.num_kv_heads,
+            head_dim=self.geometry.head_dim,
+            block_size=config.block_size,
+            dtype=self.geometry.dtype,
+        )
+        num_blocks = pool_blocks(self.layout, config.kv_cache_bytes, config.gpu_memory_utilization, device)
+        self.pool = KVPool(self.layout, num_blocks, device)
+        self.kv = KVCacheManager(self.layout, num_blocks, config.max_num_seqs, config.max_model_len, device)
+        self.backend = attention_backend(device, self.geometry.dtype, config.attention_backend)
+        self.paged_flash = self.backend == "flash" and config.block_size % 256 == 0
+        self.device = device
+
+    @property
+    def block_bytes(self) -> int:
+        return self.layout.block_bytes
+
+    @torch.no_grad()
+    def prefill(self, seqs) -> tuple[torch.Tensor, list[Segment]]:
+        """Prefill ``seqs`` (packed) and write their kept KV. Returns last-token logits ``(S, V)`` and the segments.
+
+        On :class:`OutOfBlocks` every block taken by this call is returned before the error propagates.
+        """
+        segments, ids, positions, features = [], [], [], []
+        start = 0
+        for seq in seqs:
+            n = seq.num_prompt_tokens
+            segments.append(Segment(seq.request_id, start, start + n, seq.zipvl))
+            ids.extend(seq.prompt_token_ids)
+            positions.append(seq.positions)
+            features.extend(seq.image_features)
+            start += n
+        token_ids = torch.tensor(ids, device=self.device)
+        embeds = self.adapter.embed(token_ids, features)
+        pos = torch.cat(positions, dim=1).to(self.device)  # (P, T)
+        position_ids = pos[:, None, :] if self.adapter.uses_mrope else pos
+        for seq in seqs:
+            self.kv.open(seq.request_id)
+        context = StepKV(self, segments=segments)
+        try:
+            hidden = self.adapter.language_model(
+                inputs_embeds=embeds[None], position_ids=position_ids, past_key_values=context, use_cache=True
+            ).last_hidden_state[0]
+        except OutOfBlocks:
+            for seq in seqs:
+                self.kv.free(seq.request_id)
+            raise
+        last = torch.tensor([seg.end - 1 for seg in segments], device=self.device)
+        logits = self.adapter.lm_head(hidden.index_select(0, last))
+        return logits.float(), segments
+
+    @torch.no_grad()
+    def decode(self, seqs) -> torch.Tensor:
+        """One decode step for ``seqs`` (each feeds ``output_token_ids[num_fed]``). Returns logits ``(B, V)``."""
+        seq_ids = [s.request_id for s in seqs]
+        new_slots = self.kv.append_slots(seq_ids)  # raises OutOfBlocks before touching anything
+        lengths = self.kv.lengths(seq_ids)
+        token_ids = torch.tensor([s.output_token_ids[s.num_fed] for s in seqs], device=self.device)
+        embeds = self.adapter.embed(token_ids, [])[:, None, :]  # (B, 1, hidden)
+        pos = torch.tensor([s.decode_position() for s in seqs], device=self.device)[:, None]  # (B, 1)
+        position_ids = pos[None].expand(3, -1, -1) if self.adapter.uses_mrope else pos
+        context = StepKV(self, seq_ids=seq_ids, new_slots=new_slots, lengths=lengths)
+        hidden = self.adapter.language_model(
+            inputs_embeds=embeds, position_ids=position_ids, past_key_values=context, use_cache=True
+        ).last_hidden_state[:, -1]
+        return self.adapter.lm_head(hidden).float()
+
+    def dense_bytes(self, num_tokens: int) -> int:
+        """Block-rounded bytes ``num_tokens`` tokens would hold in every layer without eviction."""
+        return self.layout.num_layers * (-(-num_tokens // self.layout.block_size)) * self.layout.block_bytes

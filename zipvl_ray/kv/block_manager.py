@@ -1,0 +1,253 @@
+"""Block-granular allocation with one block table per sequence AND per layer.
+
+After ZipVL prefill, layer ``l`` of a sequence holds ``kept_l`` tokens in ``ceil(kept_l / block_size)``
+blocks; decode appends one token to every layer. The Python lists in :class:`SequenceKV` are the
+truth; the device tensor ``block_tables[layer, row, i]`` mirrors them for the attention kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from zipvl_ray.kv.pool import KVLayout
+
+
+class OutOfBlocks(RuntimeError):
+    """The pool has fewer free blocks than an allocation needs."""
+
+
+class BlockAllocator:
+    """A free list of block ids."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+@dataclass
+class SequenceKV:
+    """Where one sequence's tokens live.
+
+    Attributes
+    ----------
+    row : int
+        Row of this sequence in the device block tables.
+    tables : list[list[int]]
+        Per layer, its block ids in order.
+    lengths : list[int]
+        Per layer, tokens held.
+    """
+
+    row: int
+    tables: list[list[int]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(t) for t in self.tables)
+
+
+class KVCacheManager:
+    """Allocates pool blocks to (sequence, layer) pairs and keeps the block tables.
+
+    Parameters
+    ----------
+    layout : KVLayout
+    num_blocks : int
+        Pool size in blocks.
+    max_num_seqs : int
+        Rows of the device block tables (sequences held at once).
+    max_model_len : int
+        Longest sequence, sizing the rows.
+    device : torch.device
+        Where the block tables live (the pool's device).
+    """
+
+    def __init__(
+        self, layout: KVLayout, num_blocks: int, max_num_seqs: int, max_model_len: int, device="cpu"
+    ):
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.max_blocks_per_layer = -(-max_model_len // self.block_size) + 1
+        self.block_tables = torch.zeros(
+            layout.num_layers, max_num_seqs, self.max_blocks_per_layer, dtype=torch.int32, device=device
+        )
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.seqs: dict[str, SequenceKV] = {}
+        self._offsets = torch.arange(self.block_size, device=device)
+
+    # -- accounting -------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.allocator.num_used
+
+    @property
+    def used_bytes(self) -> int:
+        return self.allocator.num_used * self.layout.block_bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.allocator.num_blocks * self.layout.block_bytes
+
+    def seq_bytes(self, seq_id: str) -> int:
+        seq = self.seqs.get(seq_id)
+        return 0 if seq is None else seq.num_blocks * self.layout.block_bytes
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.allocator.num_free
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def open(self, seq_id: str) -> SequenceKV:
+        """Give ``seq_id`` a table row and empty per-layer tables."""
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id!r} already holds KV")
+        if not self._free_rows:
+            raise OutOfBlocks("no free block-table row (max_num_seqs sequences already hold KV)")
+        seq = SequenceKV(
+            row=self._free_rows.pop(),
+            tables=[[] for _ in range(self.layout.num_layers)],
+            lengths=[0] * self.layout.num_layers,
+        )
+        self.seqs[seq_id] = seq
+        return seq
+
+    def free(self, seq_id: str) -> int:
+        """Return all blocks of ``seq_id`` to the pool; returns how many were freed."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return 0
+        freed = 0
+        for table in seq.tables:
+            self.allocator.release(table)
+            freed += len(table)
+        self._free_rows.append(seq.row)
+        return freed
+
+    # -- prefill ----------------------------------------------------------------------------------
+    def allocate_tokens(self, seq_id: str, layer: int, num_tokens: int) -> torch.Tensor:
+        """Allocate blocks for ``num_tokens`` tokens of an empty layer and return their flat slots ``(num_tokens,)``."""
+        seq = self.seqs[seq_id]
+        if seq.lengths[layer]:
+            raise ValueError(f"layer {layer} of {seq_id!r} is not empty")
+        n_blocks = -(-num_tokens // self.block_size)
+        if n_blocks > self.max_blocks_per_layer:
+            raise OutOfBlocks(f"{num_tokens} tokens exceed max_model_len for one layer")
+        blocks = self.allocator.allocate(n_blocks)
+        seq.tables[layer] = blocks
+        seq.lengths[layer] = num_tokens
+        table = torch.tensor(blocks, dtype=torch.int32)
+        self.block_tables[layer, seq.row, :n_blocks] = table.to(self.block_tables.device)
+        slots = (table.long()[:, None] * self.block_size + torch.arange(self.block_size)).reshape(-1)[
+            :num_tokens
+        ]
+        return slots.to(self.block_tables.device)
+
+    # -- decode -----------------------------------------------------------------------------------
+    def blocks_to_append(self, seq_ids: list[str]) -> int:
+        """New blocks needed to add one token to every layer of every sequence."""
+        bs = self.block_size
+        return sum(1 for sid in seq_ids for length in self.seqs[sid].lengths if length % bs == 0)
+
+    def can_append(self, seq_ids: list[str]) -> bool:
+        return self.blocks_to_append(seq_ids) <= self.allocator.num_free
+
+    def append_slots(self, seq_ids: list[str]) -> torch.Tensor:
+        """Reserve room for one more token in every layer of every sequence.
+
+        Returns
+        -------
+        torch.LongTensor
+            ``(num_layers, B)`` flat slot of the new token, per layer and sequence.
+        """
+        bs = self.block_size
+        needed = self.blocks_to_append(seq_ids)
+        if needed > self.allocator.num_free:
+            raise OutOfBlocks(f"decode needs {needed} KV blocks, {self.allocator.num_free} free")
+        slots = torch.empty(self.layout.num_layers, len(seq_ids), dtype=torch.long)
+        updates: list[tuple[int, int, int, int]] = []
+        for b, sid in enumerate(seq_ids):
+            seq = self.seqs[sid]
+            for layer in range(self.layout.num_layers):
+                length = seq.lengths[layer]
+                table = seq.tables[layer]
+                if length % bs == 0:
+                    (block,) = self.allocator.allocate(1)
+                    table.append(block)
+                    updates.append((layer, seq.row, len(table) - 1, block))
+                slots[layer, b] = table[-1] * bs + length % bs
+                seq.lengths[layer] = length + 1
+        if updates:
+            idx = torch.tensor(updates, dtype=torch.long)
+            self.block_tables[idx[:, 0], idx[:, 1], idx[:, 2]] = (
+                idx[:, 3].to(torch.int32).to(self.block_tables.device)
+            )
+        return slots.to(self.block_tables.device)
+
+    # -- reading -------------------------------------------------------------------------------------
+    def lengths(self, seq_ids: list[str]) -> list[list[int]]:
+        """``[layer][b]`` tokens held."""
+        seqs = [self.seqs[sid] for sid in seq_ids]
+        return [[s.lengths[layer] for s in seqs] for layer in range(self.layout.num_layers)]
+
+    def gather_index(
+        self, seq_ids: list[str], layer: int, lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat slots of every held token of ``layer``, padded to the longest sequence.
+
+        Returns
+        -------
+        slots : torch.LongTensor
+            ``(B, L_max)``; padding points at slot 0.
+        valid : torch.BoolTensor
+            ``(B, L_max)``.
+        """
+        device = self.block_tables.device
+        max_len = max(lengths)
+        n_blocks = -(-max_len // self.block_size)
+        rows = torch.tensor([self.seqs[sid].row for sid in seq_ids], device=device)
+        tables = self.block_tables[layer].index_select(0, rows)[:, :n_blocks].long()
+        slots = (tables[:, :, None] * self.block_size + self._offsets).reshape(len(seq_ids), -1)[:, :max_len]
+        valid = torch.arange(max_len, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        return slots.masked_fill(~valid, 0), valid
+
+    def block_table(self, seq_ids: list[str], layer: int, max_len: int) -> torch.Tensor:
+        """``(B, ceil(max_len / block_size))`` int32 block table of ``layer`` (flash-attn's paged layout)."""
+        device = self.block_tables.device
+        rows = torch.tensor([self.seqs[sid].row for sid in seq_ids], device=device)
+        return (
+            self.block_tables[layer].index_select(0, rows)[:, : -(-max_len // self.block_size)].contiguous()
+        )
+
+    def check_consistency(self) -> None:
+        """Raise if the allocator and the tables disagree (tests call it)."""
+        held = [b for seq in self.seqs.values() for t in seq.tables for b in t]
+        assert len(held) == len(set(held)), "a block is held twice"
+        assert len(held) == self.allocator.num_used, "allocator and tables disagree"
+        for seq in self.seqs.values():
+            for layer, (table, length) in enumerate(zip(seq.tables, seq.lengths, strict=True)):
+                assert len(table) == -(-length // self.block_size), (
+                    f"layer {layer}: {len(table)} blocks for {length} tokens"
+                )

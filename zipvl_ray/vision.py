@@ -1,0 +1,138 @@
+"""The vision stage: image pixels -> features for the language model, with an LRU encoder cache.
+
+It runs the model's vision tower + projector only, so it can live in its own Ray Serve deployment
+while the LLM stage runs without a vision tower. Features are keyed by the image's content hash, so a
+repeated image (the same frame in many requests, a re-sent chat history) is encoded once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from zipvl_ray.models.adapters import VLMAdapter
+from zipvl_ray.multimodal import ImageInput
+
+
+@dataclass
+class ImageFeatures:
+    """One image as the language model sees it.
+
+    Attributes
+    ----------
+    embeds : torch.Tensor
+        ``(num_tokens, hidden_size)`` of the language model, CPU by default.
+    num_tokens : int
+    content_hash : str
+        The encoder-cache key (:func:`zipvl_ray.multimodal.image_content_hash`).
+    grid_thw : tuple[int, int, int] or None
+        Qwen2(.5)-VL's (temporal, height, width) patch grid, needed for M-RoPE positions.
+    """
+
+    embeds: torch.Tensor
+    num_tokens: int
+    content_hash: str
+    grid_thw: tuple[int, int, int] | None = None
+
+
+class EncoderCache:
+    """A thread-safe LRU map ``content_hash -> ImageFeatures`` with hit / miss counters."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> ImageFeatures | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: str, value: ImageFeatures) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def stats(self) -> dict:
+        with self._lock:
+            total = self.hits + self.misses
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "size": len(self._items),
+                "capacity": self.capacity,
+                "hit_rate": self.hits / total if total else 0.0,
+            }
+
+
+class VisionEncoder:
+    """Encodes :class:`~zipvl_ray.multimodal.ImageInput` s into :class:`ImageFeatures`.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The VLM; only its vision tower + projector are used (the language model may be dropped).
+    cache_size : int
+        Entries of the LRU encoder cache (0 disables it).
+    output_device : str
+        Where the returned features live (``"cpu"`` for shipping them to another process).
+    """
+
+    def __init__(self, model, *, cache_size: int = 256, output_device: str = "cpu"):
+        self.adapter = VLMAdapter(model)
+        self.cache = EncoderCache(cache_size)
+        self.output_device = output_device
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, *, dtype=None, device=None, cache_size: int = 256, output_device: str = "cpu"
+    ) -> VisionEncoder:
+        """Load ``model`` (built-in name, local path or hub id) and keep only its vision tower + projector."""
+        from zipvl_ray.models import load_model
+
+        vlm, _processor = load_model(model, dtype=dtype, device=device)
+        adapter = VLMAdapter(vlm)
+        adapter.drop_language_model()
+        return cls(vlm, cache_size=cache_size, output_device=output_device)
+
+    def encode(self, images: list[ImageInput]) -> list[ImageFeatures]:
+        """Features of every image, in order; cache misses are encoded in one batched forward."""
+        out: list[ImageFeatures | None] = [self.cache.get(im.content_hash) for im in images]
+        missing = [i for i, item in enumerate(out) if item is None]
+        # The same new image twice in one call is encoded once.
+        first_index: dict[str, int] = {}
+        for i in missing:
+            first_index.setdefault(images[i].content_hash, i)
+        encoded: dict[str, ImageFeatures] = {}
+        if first_index:
+            todo = [images[i] for i in first_index.values()]
+            embeds = self.adapter.encode_images(todo)
+            for image, emb in zip(todo, embeds, strict=True):
+                feature = ImageFeatures(
+                    embeds=emb.detach().to(self.output_device),
+                    num_tokens=image.num_tokens,
+                    content_hash=image.content_hash,
+                    grid_thw=image.grid_thw,
+                )
+                self.cache.put(image.content_hash, feature)
+                encoded[image.content_hash] = feature
+        for i in missing:
+            out[i] = encoded[images[i].content_hash]
+        return out  # type: ignore[return-value]
+
+    def cache_stats(self) -> dict:
+        return self.cache.stats()
