@@ -1,0 +1,191 @@
+"""Autoscaling policies: the KV-demand arithmetic, the queue policy, and both inside Serve's own wrapper."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from ray.serve._private.common import DeploymentID
+from ray.serve.autoscaling_policy import _apply_autoscaling_config
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+from zipvl_ray.engine.types import EngineStats
+from zipvl_ray.routing.autoscaling import (
+    KVDemandPolicy,
+    KVDemandPolicyConfig,
+    QueueLengthPolicy,
+    ReplicaKVMetrics,
+    desired_replicas_for_kv,
+    kv_metrics_from_context,
+)
+from zipvl_ray.routing.replica_stats import autoscaling_stats
+
+GIB = 1 << 30
+
+
+def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0) -> ReplicaKVMetrics:
+    return ReplicaKVMetrics(capacity_gib * GIB, demand_gib * GIB, running, waiting)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "handle_queued", "kwargs", "expected"),
+    [
+        # held demand only: 15 GiB over 0.75 x 10 GiB per replica
+        ([replica(demand_gib=7.5, running=3), replica(demand_gib=7.5, running=3)], 0, {}, 2.0),
+        ([replica(demand_gib=1.0, running=1), replica(), replica()], 0, {}, 1 / 7.5),
+        # waiting requests priced at the mean running request (2.5 GiB): 15 + 4 x 2.5 = 25 GiB
+        (
+            [replica(demand_gib=7.5, running=3, waiting=2), replica(demand_gib=7.5, running=3, waiting=2)],
+            0,
+            {},
+            25 / 7.5,
+        ),
+        # handle queue counts too, unless switched off
+        ([replica(demand_gib=7.5, running=3)], 3, {}, 15 / 7.5),
+        ([replica(demand_gib=7.5, running=3)], 3, {"include_handle_queue": False}, 1.0),
+        # target utilisation
+        ([replica(demand_gib=5.0, running=2)], 0, {"target_kv_utilization": 0.5}, 1.0),
+        ([replica(demand_gib=5.0, running=2)], 0, {"target_kv_utilization": 1.0}, 0.5),
+        # nothing running to measure requests by: queued_requests_per_replica, or queued_request_kv_bytes
+        ([replica(waiting=4), replica()], 12, {}, 2.0),
+        ([replica(waiting=4)], 0, {"queued_requests_per_replica": 2}, 2.0),
+        ([replica(waiting=3)], 0, {"queued_request_kv_bytes": 2.5 * GIB}, 1.0),
+        # idle fleet
+        ([replica(), replica()], 0, {}, 0.0),
+        # mixed pool sizes: mean capacity
+        ([replica(capacity_gib=20, demand_gib=7.5, running=1), replica(capacity_gib=10)], 0, {}, 7.5 / 11.25),
+    ],
+)
+def test_desired_replicas_for_kv(replicas, handle_queued, kwargs, expected):
+    demand = desired_replicas_for_kv(replicas, handle_queued, KVDemandPolicyConfig(**kwargs))
+    assert demand is not None
+    assert demand.desired_replicas == pytest.approx(expected)
+
+
+def test_no_capacity_reported_means_no_decision():
+    assert desired_replicas_for_kv([], 5, KVDemandPolicyConfig()) is None
+    assert desired_replicas_for_kv([replica(capacity_gib=0, demand_gib=1)], 5, KVDemandPolicyConfig()) is None
+
+
+def context(
+    metrics: dict | None, *, current=2, target=2, queued=0.0, total=0.0, config=None
+) -> AutoscalingContext:
+    return AutoscalingContext(
+        deployment_id=DeploymentID(name="llm"),
+        deployment_name="llm",
+        app_name="default",
+        current_num_replicas=current,
+        target_num_replicas=target,
+        running_replicas=[],
+        total_num_requests=total,
+        total_queued_requests=queued,
+        aggregated_metrics=metrics,
+        raw_metrics=None,
+        capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=10,
+        policy_state={},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=None,
+        config=config
+        or AutoscalingConfig(min_replicas=1, max_replicas=10, upscale_delay_s=0, downscale_delay_s=0),
+    )
+
+
+def metrics_of(*engine_stats: EngineStats) -> dict[str, dict[str, float]]:
+    """``ctx.aggregated_metrics`` as Serve builds it from ``record_autoscaling_stats``."""
+    out: dict[str, dict[str, float]] = {}
+    for i, stats in enumerate(engine_stats):
+        for name, value in autoscaling_stats(stats).items():
+            out.setdefault(name, {})[f"replica-{i}"] = value
+    return out
+
+
+def busy(used_gib: float, running: int, waiting: int = 0) -> EngineStats:
+    return EngineStats(
+        kv_bytes_used=int(used_gib * GIB),
+        kv_bytes_capacity=10 * GIB,
+        num_running=running,
+        num_waiting=waiting,
+    )
+
+
+@pytest.mark.parametrize(
+    ("stats", "queued", "expected"),
+    [
+        ((busy(7.5, 3), busy(7.5, 3)), 0, 2),
+        ((busy(7.5, 3), busy(7.6, 3)), 0, 3),  # just above: round up
+        ((busy(7.5, 3, waiting=3), busy(7.5, 3)), 0, 3),
+        ((busy(9, 3), busy(9, 3), busy(9, 3)), 2, 5),  # 27 + 2 x 3 = 33 GiB / 7.5
+        ((busy(1, 1), busy(0, 0), busy(0, 0)), 0, 1),  # load left: scale down to what it needs
+        ((busy(0, 0), busy(0, 0)), 0, 0),  # Serve's min_replicas keeps the floor
+    ],
+)
+def test_kv_policy_from_replica_metrics(stats, queued, expected):
+    desired, state = KVDemandPolicy()(context(metrics_of(*stats), queued=queued))
+    assert desired == expected and isinstance(desired, int)
+    assert set(state) == {"kv_demand_bytes", "kv_waiting_requests", "kv_desired_raw"}
+
+
+def test_kv_policy_keeps_the_target_until_metrics_arrive():
+    assert KVDemandPolicy()(context(None, target=3)) == (3, {})
+    assert KVDemandPolicy()(context({}, target=3)) == (3, {})
+
+
+def test_kv_policy_inside_serves_wrapper_is_raw_and_delayed_by_serve():
+    # _apply_autoscaling_config is what Serve wraps a custom policy with (factors and delays); the
+    # min/max bounds are applied after it by Serve's AutoscalingState.
+    stats = metrics_of(busy(9, 3), busy(9, 3))  # 18 GiB held, 3 GiB per request, 40 queued: 138 GiB
+    immediate = AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=0, downscale_delay_s=0)
+    delayed = AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=60, downscale_delay_s=600)
+    up_now, state = _apply_autoscaling_config(KVDemandPolicy())(context(stats, queued=40, config=immediate))
+    up_later, _ = _apply_autoscaling_config(KVDemandPolicy())(context(stats, queued=40, config=delayed))
+    assert up_now == 19  # raw: 138 / 7.5 rounded up
+    assert up_later == 2  # Serve holds the current target until the delay has passed
+    assert state["kv_desired_raw"] == pytest.approx(138 / 7.5)
+
+
+def test_kv_metrics_from_context_skips_replicas_without_capacity():
+    metrics = metrics_of(busy(2, 1))
+    metrics["num_running"]["late-replica"] = 4.0  # reported running but no capacity yet
+    parsed = kv_metrics_from_context(metrics)
+    assert parsed == [ReplicaKVMetrics(10 * GIB, 2 * GIB, 1.0, 0.0)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "metrics", "total", "queued", "expected"),
+    [
+        ({"target_per_replica": 4}, None, 10, 0, 3),
+        ({"target_per_replica": 4}, None, 8, 0, 2),
+        ({"target_per_replica": 4}, None, 0, 0, 0),
+        # scale the encoder on pending image tokens instead of requests
+        (
+            {"target_per_replica": 10_000, "metric": "pending_image_tokens", "queued_request_load": 2_880},
+            {"pending_image_tokens": {"r0": 9_000.0, "r1": 6_000.0}},
+            99,
+            5,
+            3,
+        ),
+    ],
+)
+def test_queue_policy(kwargs, metrics, total, queued, expected):
+    desired, state = QueueLengthPolicy(**kwargs)(context(metrics, total=total, queued=queued))
+    assert desired == expected
+    assert "queue_load" in state
+
+
+def test_queue_policy_with_a_missing_metric_keeps_the_target():
+    assert QueueLengthPolicy(metric="pending_image_tokens")(context({}, target=2, total=50)) == (2, {})
+
+
+@pytest.mark.parametrize(
+    ("policy", "kwargs"),
+    [
+        (KVDemandPolicy, {"target_kv_utilization": 0}),
+        (KVDemandPolicy, {"target_kv_utilisation": 0.5}),
+        (QueueLengthPolicy, {"target_per_replica": 0}),
+        (QueueLengthPolicy, {"target": 3}),
+    ],
+)
+def test_bad_policy_kwargs_are_rejected(policy, kwargs):
+    with pytest.raises(ValidationError):
+        policy(**kwargs)

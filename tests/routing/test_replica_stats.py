@@ -1,0 +1,101 @@
+"""What LLM replicas report: routing stats (JSON, timestamped) and autoscaling stats (floats only)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from zipvl_ray.engine.types import EngineStats
+from zipvl_ray.routing.replica_stats import (
+    AUTOSCALING_METRIC_NAMES,
+    STATS_TIMESTAMP_KEY,
+    autoscaling_stats,
+    profile_from_routing_stats,
+    routing_stats,
+)
+
+
+def engine_stats(**overrides) -> EngineStats:
+    base = dict(
+        kv_bytes_used=6 * 1024,
+        kv_bytes_capacity=64 * 1024,
+        kv_blocks_used=6,
+        kv_blocks_total=64,
+        block_size=16,
+        block_bytes=1024,
+        num_layers=2,
+        num_running=3,
+        num_waiting=2,
+        mean_kept_fraction=0.4,
+        kept_fraction_per_layer=[0.5, 0.3],
+        reserved_bytes=2 * 1024,
+        prediction_error_mean=0.05,
+    )
+    base.update(overrides)
+    return EngineStats(**base)
+
+
+def test_routing_stats_is_json_and_carries_the_timestamp():
+    data = routing_stats(engine_stats(), now=1234.5)
+    assert json.loads(json.dumps(data)) == data
+    assert data[STATS_TIMESTAMP_KEY] == 1234.5
+    assert data["kv_bytes_capacity"] == 64 * 1024
+
+
+def test_routing_stats_round_trips_into_the_profile_the_router_predicts_with():
+    profile, timestamp = profile_from_routing_stats(routing_stats(engine_stats(), now=7.0))
+    assert timestamp == 7.0
+    assert profile is not None
+    assert (profile.capacity_bytes, profile.used_bytes, profile.reserved_bytes) == (
+        64 * 1024,
+        6 * 1024,
+        2 * 1024,
+    )
+    assert (profile.block_size, profile.block_bytes, profile.num_layers) == (16, 1024, 2)
+    assert profile.kept_fraction_per_layer == [0.5, 0.3]
+    assert (profile.num_running, profile.num_waiting) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("data", "expect_profile", "expect_timestamp"),
+    [
+        (None, False, None),
+        ({}, False, None),
+        ({"kv_bytes_capacity": 0, STATS_TIMESTAMP_KEY: 3.0}, False, 3.0),  # no pool: nothing to pack against
+        ({"kv_bytes_capacity": 4096}, True, None),  # no timestamp: the router treats it as stale
+        ({"kv_bytes_capacity": "many", STATS_TIMESTAMP_KEY: 1.0}, False, 1.0),  # malformed
+    ],
+)
+def test_profile_from_routing_stats_edge_cases(data, expect_profile, expect_timestamp):
+    profile, timestamp = profile_from_routing_stats(data)
+    assert (profile is not None) == expect_profile
+    assert timestamp == expect_timestamp
+
+
+def test_autoscaling_stats_are_finite_floats_with_fixed_keys():
+    out = autoscaling_stats(engine_stats())
+    assert tuple(out) == AUTOSCALING_METRIC_NAMES
+    assert all(type(v) is float and math.isfinite(v) for v in out.values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "demand", "per_request"),
+    [
+        ({}, 8 * 1024, 8 * 1024 / 3),
+        ({"num_running": 0, "kv_bytes_used": 0, "reserved_bytes": 0}, 0, 0),  # idle: no division by zero
+        ({"reserved_bytes": 0, "num_running": 1}, 6 * 1024, 6 * 1024),
+    ],
+)
+def test_autoscaling_demand_is_used_plus_reserved(overrides, demand, per_request):
+    out = autoscaling_stats(engine_stats(**overrides))
+    assert out["kv_bytes_demand"] == pytest.approx(demand)
+    assert out["mean_request_kv_bytes"] == pytest.approx(per_request)
+
+
+def test_autoscaling_stats_replace_nan_with_zero():
+    # Serve disables custom metrics for the whole deployment on one bad value.
+    out = autoscaling_stats(engine_stats(prediction_error_mean=float("nan"), mean_kept_fraction=float("inf")))
+    assert out["prediction_error_mean"] == 0.0
+    assert out["mean_kept_fraction"] == 0.0

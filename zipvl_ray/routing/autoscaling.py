@@ -1,0 +1,280 @@
+"""Custom Ray Serve autoscaling policies: LLM replicas on KV demand, the vision stage on its queue.
+
+Wire them under a deployment's ``autoscaling_config``::
+
+    autoscaling_config:
+      min_replicas: 1
+      max_replicas: 8
+      upscale_delay_s: 5
+      downscale_delay_s: 60
+      metrics_interval_s: 1
+      look_back_period_s: 5
+      policy:
+        policy_function: zipvl_ray.routing.autoscaling:KVDemandPolicy
+        policy_kwargs: {target_kv_utilization: 0.75}
+
+Serve builds the class once with ``policy_kwargs`` and calls it about ten times a second with an
+``AutoscalingContext``; the policies return the *raw* desired replica count and Serve applies the
+scaling factors, delays and ``min_replicas`` / ``max_replicas``. They do no logging and no I/O per call.
+
+The LLM replicas' metrics come from :func:`zipvl_ray.routing.replica_stats.autoscaling_stats`
+(``record_autoscaling_stats``), read as ``ctx.aggregated_metrics[name][replica_id]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve.config import AutoscalingContext
+
+
+class KVDemandPolicyConfig(BaseModel):
+    """Knobs of :class:`KVDemandPolicy`, given as ``policy_kwargs`` (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_kv_utilization: float = Field(
+        default=0.75,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of each replica's KV pool the fleet should run at: desired replicas = "
+        "KV demand / (target_kv_utilization x per-replica capacity).",
+    )
+    queued_request_kv_bytes: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Bytes a waiting request is assumed to need when no replica runs a request to measure "
+        "the mean from; 0 prices such requests with queued_requests_per_replica instead.",
+    )
+    queued_requests_per_replica: float = Field(
+        default=8.0,
+        gt=0.0,
+        description="When no request size is known, this many waiting requests ask for one replica.",
+    )
+    include_handle_queue: bool = Field(
+        default=True,
+        description="Count requests queued at the handles (not yet routed: ctx.total_queued_requests) as "
+        "waiting demand, besides those waiting inside the engines.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaKVMetrics:
+    """One replica's KV figures as the policy reads them (from ``autoscaling_stats``).
+
+    Attributes
+    ----------
+    capacity_bytes : float
+        KV pool size.
+    demand_bytes : float
+        Held plus promised bytes (``kv_bytes_used + reserved_bytes``).
+    num_running, num_waiting : float
+        Requests decoding / waiting for admission in the engine.
+    """
+
+    capacity_bytes: float
+    demand_bytes: float
+    num_running: float = 0.0
+    num_waiting: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class KVDemand:
+    """How :func:`desired_replicas_for_kv` arrived at its answer (kept in the policy state).
+
+    Attributes
+    ----------
+    desired_replicas : float
+        Unrounded desired count.
+    held_bytes : float
+        Sum of the replicas' demand bytes.
+    waiting_requests : float
+        Requests waiting in engines (plus at handles when counted).
+    mean_request_bytes : float
+        Bytes per running request used to price waiting ones (0 when unknown).
+    replica_capacity_bytes : float
+        Mean KV pool size of the reporting replicas.
+    """
+
+    desired_replicas: float
+    held_bytes: float
+    waiting_requests: float
+    mean_request_bytes: float
+    replica_capacity_bytes: float
+
+
+def desired_replicas_for_kv(
+    replicas: Iterable[ReplicaKVMetrics], handle_queued_requests: float, config: KVDemandPolicyConfig
+) -> KVDemand | None:
+    """Replicas needed to serve the held and waiting KV demand at ``target_kv_utilization``.
+
+    ``desired = (held + waiting x mean_request_bytes) / (target_kv_utilization x capacity)``, where
+    ``mean_request_bytes = held / running``. With nothing running to measure a request by, waiting
+    requests are priced at ``queued_request_kv_bytes`` or, if that is 0, at
+    ``1 / queued_requests_per_replica`` replica each.
+
+    Parameters
+    ----------
+    replicas : iterable of ReplicaKVMetrics
+        Replicas that reported metrics.
+    handle_queued_requests : float
+        Requests queued at handles (added when ``include_handle_queue``).
+    config : KVDemandPolicyConfig
+
+    Returns
+    -------
+    KVDemand or None
+        ``None`` when no replica reports a KV capacity (nothing to decide from).
+    """
+    capacity_sum = held = running = waiting = 0.0
+    reporting = 0
+    for r in replicas:
+        if r.capacity_bytes <= 0:
+            continue
+        reporting += 1
+        capacity_sum += r.capacity_bytes
+        held += max(0.0, r.demand_bytes)
+        running += max(0.0, r.num_running)
+        waiting += max(0.0, r.num_waiting)
+    if reporting == 0:
+        return None
+    if config.include_handle_queue:
+        waiting += max(0.0, handle_queued_requests)
+    capacity = capacity_sum / reporting
+    per_replica = config.target_kv_utilization * capacity
+    mean_request = held / running if running > 0 else config.queued_request_kv_bytes
+    if mean_request > 0:
+        desired = (held + waiting * mean_request) / per_replica
+    else:
+        desired = held / per_replica + waiting / config.queued_requests_per_replica
+    return KVDemand(desired, held, waiting, mean_request, capacity)
+
+
+def kv_metrics_from_context(
+    aggregated_metrics: Mapping[str, Mapping[Any, float]] | None,
+) -> list[ReplicaKVMetrics]:
+    """Per-replica :class:`ReplicaKVMetrics` from ``ctx.aggregated_metrics`` (replicas with a capacity)."""
+    metrics = aggregated_metrics or {}
+    capacity = metrics.get("kv_bytes_capacity") or {}
+    demand = metrics.get("kv_bytes_demand") or {}
+    running = metrics.get("num_running") or {}
+    waiting = metrics.get("num_waiting") or {}
+    return [
+        ReplicaKVMetrics(
+            capacity_bytes=float(cap),
+            demand_bytes=float(demand.get(replica, 0.0)),
+            num_running=float(running.get(replica, 0.0)),
+            num_waiting=float(waiting.get(replica, 0.0)),
+        )
+        for replica, cap in capacity.items()
+    ]
+
+
+def _ceil(value: float) -> int:
+    # Aggregated floats land a hair above whole numbers (2.0000000001 must not become 3).
+    return max(0, math.ceil(value - 1e-6))
+
+
+class KVDemandPolicy:
+    """``autoscaling_config.policy`` for LLM replicas: desired replicas from KV demand.
+
+    Parameters
+    ----------
+    **policy_kwargs
+        :class:`KVDemandPolicyConfig` fields.
+
+    Notes
+    -----
+    Until a replica has reported metrics it keeps the current target. The returned state carries only
+    the figures behind the decision (``kv_demand_bytes``, ``kv_waiting_requests``, ``kv_desired_raw``),
+    for inspection; Serve merges its own delay counters into it.
+    """
+
+    def __init__(self, **policy_kwargs: Any) -> None:
+        self.config = KVDemandPolicyConfig(**policy_kwargs)
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        demand = desired_replicas_for_kv(
+            kv_metrics_from_context(ctx.aggregated_metrics),
+            float(ctx.total_queued_requests or 0.0),
+            self.config,
+        )
+        if demand is None:
+            return ctx.target_num_replicas, {}
+        state = {
+            "kv_demand_bytes": demand.held_bytes,
+            "kv_waiting_requests": demand.waiting_requests,
+            "kv_desired_raw": demand.desired_replicas,
+        }
+        return _ceil(demand.desired_replicas), state
+
+
+class QueuePolicyConfig(BaseModel):
+    """Knobs of :class:`QueueLengthPolicy`, given as ``policy_kwargs``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_per_replica: float = Field(
+        default=4.0,
+        gt=0.0,
+        description="Load one replica should carry: desired replicas = load / target_per_replica.",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="Replica metric to sum as the load (e.g. pending image tokens reported by "
+        "record_autoscaling_stats); None uses Serve's ongoing requests (running + queued).",
+    )
+    queued_request_load: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="With a custom metric, load added per request queued at the handles.",
+    )
+
+
+def desired_replicas_for_queue(load: float, config: QueuePolicyConfig) -> float:
+    """``load / target_per_replica`` (unrounded)."""
+    return max(0.0, load) / config.target_per_replica
+
+
+class QueueLengthPolicy:
+    """``autoscaling_config.policy`` for the vision stage: replicas from its queue.
+
+    Parameters
+    ----------
+    **policy_kwargs
+        :class:`QueuePolicyConfig` fields. Without ``metric`` the load is Serve's ongoing-request count
+        (what the default policy uses, but with a target of its own); with ``metric`` it is the sum over
+        replicas of that ``record_autoscaling_stats`` value plus ``queued_request_load`` per request
+        queued at the handles, which lets the encoder scale on image tokens rather than requests.
+    """
+
+    def __init__(self, **policy_kwargs: Any) -> None:
+        self.config = QueuePolicyConfig(**policy_kwargs)
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        if self.config.metric is None:
+            load = float(ctx.total_num_requests or 0.0)
+        else:
+            values = (ctx.aggregated_metrics or {}).get(self.config.metric)
+            if not values:
+                return ctx.target_num_replicas, {}
+            queued = float(ctx.total_queued_requests or 0.0)
+            load = float(sum(values.values())) + queued * self.config.queued_request_load
+        return _ceil(desired_replicas_for_queue(load, self.config)), {"queue_load": load}
+
+
+__all__ = [
+    "KVDemand",
+    "KVDemandPolicy",
+    "KVDemandPolicyConfig",
+    "QueueLengthPolicy",
+    "QueuePolicyConfig",
+    "ReplicaKVMetrics",
+    "desired_replicas_for_kv",
+    "desired_replicas_for_queue",
+    "kv_metrics_from_context",
+]
