@@ -1,0 +1,282 @@
+"""Image intake: data URL parsing, decoding limits, remote URL policy (allowlist, SSRF guard, limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from tests.api.helpers import MIME, animated, data_url, encode, image_data_url, png_header_only, random_image
+from zipvl_ray.api.errors import APIError
+from zipvl_ray.api.images import (
+    ImageLimits,
+    address_is_public,
+    check_remote_url,
+    decode_image,
+    host_allowed,
+    load_image,
+    parse_data_url,
+)
+
+LIMITS = ImageLimits(max_image_bytes=200_000, max_image_pixels=512 * 512, max_image_side=1024)
+
+
+def _load(url: str, limits: ImageLimits = LIMITS) -> Image.Image:
+    return asyncio.run(load_image(url, limits, where="messages[0].content[0].image_url.url"))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_accepted_formats_decode_to_their_size(fmt):
+    image = _load(image_data_url(1, fmt, size=(33, 21)))
+    assert image.size == (33, 21)
+    assert image.format == fmt
+
+
+@pytest.mark.parametrize(
+    "url, code, fragment",
+    [
+        ("data:image/png;base64,", "invalid_image_data", "empty"),
+        ("data:image/png;base64,@@@@", "invalid_image_data", "not valid base64"),
+        ("data:image/png," + "abcd", "invalid_image_url", "base64-encoded"),
+        (
+            "data:image/gif;base64," + image_data_url(0, "GIF").split(",")[1],
+            "unsupported_image_type",
+            "image/gif",
+        ),
+        ("data:text/plain;base64,aGVsbG8=", "unsupported_image_type", "text/plain"),
+        ("data:image/svg+xml;base64,PHN2Zy8+", "unsupported_image_type", "image/svg+xml"),
+        (data_url(b"not an image at all"), "invalid_image_data", "not a decodable"),
+        (
+            data_url(encode(random_image(0), "JPEG"), "image/png"),
+            "unsupported_image_type",
+            "declared as image/png",
+        ),
+        (data_url(encode(random_image(0), "PNG")[:200]), "invalid_image_data", "truncated or corrupt"),
+        (data_url(png_header_only(100_000, 100_000)), "image_too_large", "pixels"),
+        (data_url(png_header_only(600, 600)), "image_too_large", "over the limit of 262144 pixels"),
+        (data_url(png_header_only(2000, 10)), "image_too_large", "per side"),
+        (data_url(png_header_only(0, 10)), "invalid_image_data", ""),
+        (data_url(encode(random_image(0, (300, 300)), "PNG")), "image_too_large", "bytes"),
+        (data_url(animated("PNG")), "unsupported_image_type", "animated"),
+        (data_url(animated("WEBP"), "image/webp"), "unsupported_image_type", "animated"),
+        (
+            data_url(encode(random_image(0).convert("CMYK"), "JPEG"), "image/jpeg"),
+            "unsupported_image_type",
+            "CMYK",
+        ),
+        (data_url(encode(random_image(0).convert("I;16"), "PNG")), "unsupported_image_type", "colour mode"),
+        ("ftp://example.com/cat.png", "url_not_allowed", "remote image URLs are disabled"),
+        ("file:///etc/passwd", "url_not_allowed", "disabled"),
+        ("https://example.com/cat.png", "url_not_allowed", "disabled"),
+    ],
+)
+def test_bad_images_are_refused_with_a_named_reason(url, code, fragment):
+    with pytest.raises(APIError) as info:
+        _load(url)
+    error = info.value
+    assert error.status_code == 400
+    assert error.code == code
+    assert fragment in error.message
+    assert error.message.startswith("messages[0].content[0].image_url.url:")
+    assert error.param == "messages[0].content[0].image_url.url"
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "1"])
+def test_rgb_like_modes_are_accepted(mode):
+    assert _load(data_url(encode(random_image(2).convert(mode), "PNG"))).mode == mode
+
+
+def test_base64_size_is_checked_before_decoding():
+    # 1 MB of base64 against a 1 KB limit: refused from the length alone.
+    limits = ImageLimits(max_image_bytes=1024)
+    with pytest.raises(APIError, match="over the limit of 1024"):
+        parse_data_url("data:image/png;base64," + "A" * 1_000_000, limits)
+
+
+def test_decode_image_checks_the_declared_mime_only_when_given():
+    png = encode(random_image(3), "PNG")
+    assert decode_image(png, LIMITS).format == "PNG"
+    with pytest.raises(APIError, match="declared as image/webp"):
+        decode_image(png, LIMITS, claimed_mime=MIME["WEBP"])
+
+
+@pytest.mark.parametrize(
+    "host, patterns, allowed",
+    [
+        ("images.example.com", ["images.example.com"], True),
+        ("IMAGES.example.com.", ["images.example.com"], True),
+        ("a.images.example.com", ["*.example.com"], True),
+        ("example.com", ["*.example.com"], False),
+        ("evil-example.com", ["*.example.com"], False),
+        ("example.com.evil.org", ["example.com"], False),
+        ("other.org", [], False),
+    ],
+)
+def test_host_allowlist(host, patterns, allowed):
+    assert host_allowed(host, patterns) is allowed
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+    ],
+)
+def test_ssrf_guard_address_classes(address, public):
+    assert address_is_public(address) is public
+
+
+@pytest.mark.parametrize(
+    "url, limits, fragment",
+    [
+        ("https://cdn.example.com/a.png", ImageLimits(), "disabled"),
+        (
+            "https://other.org/a.png",
+            ImageLimits(allowed_url_hosts=["cdn.example.com"]),
+            "not in the URL allowlist",
+        ),
+        (
+            "https://user:pw@cdn.example.com/a.png",
+            ImageLimits(allowed_url_hosts=["cdn.example.com"]),
+            "credentials",
+        ),
+        ("gopher://cdn.example.com/a.png", ImageLimits(allowed_url_hosts=["cdn.example.com"]), "http(s)"),
+        ("http://127.0.0.1/a.png", ImageLimits(allowed_url_hosts=["127.0.0.1"]), "SSRF"),
+        ("http://[::1]/a.png", ImageLimits(allowed_url_hosts=["::1"]), "SSRF"),
+        ("http://169.254.169.254/latest", ImageLimits(allowed_url_hosts=["169.254.169.254"]), "SSRF"),
+    ],
+)
+def test_remote_urls_refused_before_any_network_access(url, limits, fragment):
+    with pytest.raises(APIError) as info:
+        check_remote_url(url, limits)
+    assert fragment in info.value.message
+    assert info.value.status_code == 400
+
+
+def test_allowlist_entries_are_validated():
+    with pytest.raises(ValueError, match="wildcard"):
+        ImageLimits(allowed_url_hosts=["images.*.com"])
+    with pytest.raises(ValueError, match="host names"):
+        ImageLimits(allowed_url_hosts=["https://example.com/"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fetching from a real local HTTP server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def image_server():
+    """A local server: /ok.png, /big.png, /slow.png, /html, /missing, /redirect-out, /redirect-in."""
+    png = encode(random_image(7), "PNG")
+
+    async def ok(_):
+        return web.Response(body=png, content_type="image/png")
+
+    async def big(_):
+        return web.Response(body=b"\x89PNG" + b"0" * 300_000, content_type="image/png")
+
+    async def chunked_big(_):
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(_)
+        for _i in range(50):
+            await response.write(b"0" * 10_000)
+        return response
+
+    async def slow(_):
+        await asyncio.sleep(5)
+        return web.Response(body=png, content_type="image/png")
+
+    async def html(_):
+        return web.Response(text="<html></html>", content_type="text/html")
+
+    async def redirect_out(_):
+        raise web.HTTPFound("http://not-allowlisted.invalid/x.png")
+
+    async def redirect_in(request):
+        raise web.HTTPFound(f"http://localhost:{request.url.port}/ok.png")
+
+    app = web.Application()
+    for path, handler in [
+        ("/ok.png", ok),
+        ("/big.png", big),
+        ("/chunked.png", chunked_big),
+        ("/slow.png", slow),
+        ("/html", html),
+        ("/redirect-out", redirect_out),
+        ("/redirect-in", redirect_in),
+    ]:
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://localhost:{port}"
+    finally:
+        await runner.cleanup()
+
+
+TRUSTED = ImageLimits(
+    allowed_url_hosts=["localhost"],
+    allow_private_networks=True,
+    max_image_bytes=200_000,
+    url_fetch_timeout_s=1.0,
+)
+
+
+@pytest.mark.parametrize(
+    "path, limits, outcome",
+    [
+        ("/ok.png", TRUSTED, (40, 56)),
+        ("/redirect-in", TRUSTED, (40, 56)),
+        ("/ok.png", TRUSTED.model_copy(update={"allow_private_networks": False}), "SSRF"),
+        ("/big.png", TRUSTED, "over the limit of 200000"),
+        ("/chunked.png", TRUSTED, "over the limit of 200000"),
+        ("/slow.png", TRUSTED, "longer than 1.0 s"),
+        ("/html", TRUSTED, "text/html"),
+        ("/missing", TRUSTED, "HTTP 404"),
+        ("/redirect-out", TRUSTED, "not in the URL allowlist"),
+        ("/redirect-in", TRUSTED.model_copy(update={"max_redirects": 0}), "too many redirects"),
+    ],
+)
+def test_remote_fetch(path, limits, outcome):
+    async def run():
+        async with image_server() as base:
+            return await load_image(base + path, limits)
+
+    if isinstance(outcome, tuple):
+        assert run_image_size(run) == outcome
+    else:
+        with pytest.raises(APIError) as info:
+            asyncio.run(run())
+        assert outcome in info.value.message
+        assert info.value.status_code == 400
+
+
+def run_image_size(coroutine_factory) -> tuple[int, int]:
+    return asyncio.run(coroutine_factory()).size

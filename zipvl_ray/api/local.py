@@ -1,0 +1,87 @@
+"""An in-process :class:`~zipvl_ray.api.server.InferenceBackend`: one engine and one vision encoder, no Ray.
+
+Serves the same HTTP API as the Ray Serve application from a single process (``uvicorn`` on
+:func:`build_local_app`), which is handy for debugging and is what the Ray-free API tests run against
+(with fake engines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zipvl_ray.engine import EncodedPrompt
+from zipvl_ray.engine.types import RequestOutput, SamplingParams
+from zipvl_ray.multimodal import PreparedPrompt
+from zipvl_ray.routing.footprint import RoutingHints
+
+
+def make_encoded_prompt(token_ids: list[int], image_features: list[Any]) -> EncodedPrompt:
+    """The engine's prompt form for a split deployment: token ids + precomputed image features."""
+    return EncodedPrompt(token_ids=list(token_ids), image_features=list(image_features))
+
+
+async def stream_with_abort(
+    engine: Any, request_id: str, prompt: Any, sampling: SamplingParams, zipvl: dict | None
+):
+    """Iterate ``engine.generate(...)``; if the consumer stops early (disconnect, cancel), abort the request.
+
+    The abort runs when the generator is closed or cancelled before the final output, so the
+    request's KV blocks are freed whatever way the client left.
+    """
+    outputs = engine.generate(request_id, prompt, sampling, zipvl)
+    finished = False
+    try:
+        async for output in outputs:
+            finished = output.finished
+            yield output
+            if finished:
+                return
+    finally:
+        if not finished:
+            await asyncio.shield(engine.abort(request_id))
+        await outputs.aclose()
+
+
+class LocalBackend:
+    """Vision encoding and generation in this process.
+
+    Parameters
+    ----------
+    engine : AsyncLLMEngine-like
+        ``generate(request_id, prompt, sampling, zipvl)``, ``abort(request_id)``, ``stats()``.
+    encoder : VisionEncoder-like, optional
+        ``encode(images) -> features`` and ``cache_stats()``; needed only for requests with images.
+    """
+
+    def __init__(self, engine: Any, encoder: Any | None = None):
+        self.engine = engine
+        self.encoder = encoder
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        sampling: SamplingParams,
+        zipvl: dict[str, Any] | None,
+        hints: RoutingHints,
+    ) -> AsyncIterator[RequestOutput]:
+        features: list[Any] = []
+        if prompt.images:
+            if self.encoder is None:
+                raise RuntimeError("this backend has no vision encoder")
+            features = await asyncio.to_thread(self.encoder.encode, prompt.images)
+        encoded = make_encoded_prompt(prompt.token_ids, features)
+        async for output in stream_with_abort(self.engine, request_id, encoded, sampling, zipvl):
+            yield output
+
+    async def health(self) -> dict[str, str | None]:
+        stages: dict[str, str | None] = {"llm": None}
+        if self.encoder is not None:
+            stages["vision"] = None
+        return stages
+
+    async def stats(self) -> dict[str, Any]:
+        vision = [self.encoder.cache_stats()] if self.encoder is not None else []
+        return {"llm": [self.engine.stats().to_dict()], "vision": vision}

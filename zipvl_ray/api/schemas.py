@@ -1,0 +1,423 @@
+"""OpenAI-compatible request and response models of the chat completions API.
+
+Requests are strict: unknown parameters, wrong JSON types and values out of range are refused with a
+message naming the field (see :mod:`zipvl_ray.api.errors`). OpenAI parameters zipvl-ray does not
+implement are accepted only at their neutral value (``frequency_penalty: 0``, ``logprobs: false``...),
+so clients that always send them keep working while a request that relies on them is refused rather
+than silently answered differently. Per-request ZipVL knobs travel in the body as ``zipvl`` (OpenAI
+clients send them with ``extra_body={"zipvl": {...}}``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Most stop strings per request (OpenAI's limit).
+MAX_STOP_STRINGS = 4
+#: Longest stop string, in characters.
+MAX_STOP_CHARS = 256
+#: Largest seed (a signed 64-bit integer; torch generators take it as is).
+MAX_SEED = 2**63 - 1
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content."""
+
+    model_config = _STRICT
+
+    type: Literal["text"] = Field(description="Always 'text'.")
+    text: str = Field(description="The text.")
+
+
+class ImageURL(BaseModel):
+    """Where an image comes from: a ``data:image/...;base64,`` URL, or an allowlisted http(s) URL."""
+
+    model_config = _STRICT
+
+    url: str = Field(min_length=1, description="A base64 data URL (PNG, JPEG or WebP) or an http(s) URL.")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None,
+        description="Accepted for compatibility; the model's own image processor decides the resolution.",
+    )
+
+
+class ImagePart(BaseModel):
+    """An image part of a message's content (several per message are allowed; a video's frames too)."""
+
+    model_config = _STRICT
+
+    type: Literal["image_url"] = Field(description="Always 'image_url'.")
+    image_url: ImageURL = Field(description="The image's URL.")
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    """One message of the conversation."""
+
+    model_config = _STRICT
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who wrote the message ('developer' is treated as 'system'). Images only in 'user' messages."
+    )
+    content: str | list[ContentPart] = Field(
+        description="A string, or a list of text and image_url parts (user messages only for images)."
+    )
+    name: str | None = Field(None, description="Accepted for compatibility; not shown to the model.")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_is_string_or_parts(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("content is required (tool calls are not supported)")
+        if not isinstance(value, str | list):
+            raise ValueError("content must be a string or a list of content parts")
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if not isinstance(part, dict):
+                    raise ValueError(f"content[{i}] must be an object with a 'type'")
+                if part.get("type") not in ("text", "image_url"):
+                    raise ValueError(
+                        f"content[{i}] has unsupported type {str(part.get('type'))[:40]!r}; use 'text' or 'image_url'"
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _check_content(self) -> ChatMessage:
+        if isinstance(self.content, str):
+            if not self.content.strip():
+                raise ValueError("content is empty")
+            return self
+        if not self.content:
+            raise ValueError("content is an empty list")
+        if self.role != "user" and any(isinstance(p, ImagePart) for p in self.content):
+            raise ValueError(f"images are only allowed in user messages, not in a {self.role!r} message")
+        if not any(isinstance(p, ImagePart) or p.text.strip() for p in self.content):
+            raise ValueError("content has no text and no image")
+        return self
+
+    @property
+    def image_urls(self) -> list[str]:
+        """The URLs of this message's images, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as the chat template expects it (images become ``{"type": "image"}`` placeholders)."""
+        role = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        parts = [
+            {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+            for p in self.content
+        ]
+        return {"role": role, "content": parts}
+
+
+class StreamOptions(BaseModel):
+    """Options of a streamed response."""
+
+    model_config = _STRICT
+
+    include_usage: bool = Field(
+        False, description="Send a last chunk (before [DONE]) with empty choices and the request's usage."
+    )
+
+
+class ZipVLRequestOptions(BaseModel):
+    """Per-request ZipVL knobs; None keeps the server's default."""
+
+    model_config = _STRICT
+
+    tau: float | None = Field(
+        None, gt=0.0, le=1.0, description="Attention-mass threshold in (0, 1]; 1.0 keeps every token (dense)."
+    )
+    max_keep_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="Cap on the kept fraction of prompt tokens per layer, in [0, 1]."
+    )
+    enabled: bool | None = Field(None, description="False runs this request densely.")
+
+    def overrides(self) -> dict[str, Any]:
+        """The knobs the client set, as keyword overrides of ``ZipVLConfig``."""
+        return self.model_dump(exclude_none=True)
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body (OpenAI's, with the ``zipvl`` extension)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "tiny-llava",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+                                {"type": "text", "text": "What is in this image?"},
+                            ],
+                        }
+                    ],
+                    "max_tokens": 32,
+                    "zipvl": {"tau": 0.975},
+                }
+            ]
+        },
+    )
+
+    model: str = Field(description="The served model's name (see GET /v1/models).")
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest first.")
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (deprecated name).")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate; wins over max_tokens when both are set."
+    )
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy (default 1)."
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass (default 1).")
+    top_k: int | None = Field(
+        None, ge=0, description="Keep only the k most likely tokens; 0 turns it off (extension)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of the request's sampling: same seed, same tokens."
+    )
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
+    n: int | None = Field(None, description="Number of choices; only 1 is supported.")
+    stream: bool = Field(
+        False, description="Stream the answer as server-sent events ending with 'data: [DONE]'."
+    )
+    stream_options: StreamOptions | None = Field(
+        None, description="Options of a streamed answer (stream must be true)."
+    )
+    zipvl: ZipVLRequestOptions | None = Field(
+        None, description="Per-request ZipVL knobs (extension; send via extra_body)."
+    )
+    ignore_eos: bool = Field(
+        False, description="Generate max_tokens tokens even past end-of-sequence (extension)."
+    )
+    user: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    frequency_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
+    presence_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
+    logprobs: bool | None = Field(None, description="Not supported: only false is accepted.")
+    top_logprobs: int | None = Field(None, description="Not supported: only 0 is accepted.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Not supported: only an empty map is accepted."
+    )
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+        for s in stops:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
+        return stops
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError(f"only n=1 is supported (one choice per request), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> ChatCompletionRequest:
+        neutral = [
+            (
+                "frequency_penalty",
+                self.frequency_penalty in (None, 0, 0.0),
+                "must be 0 (penalties are not supported)",
+            ),
+            (
+                "presence_penalty",
+                self.presence_penalty in (None, 0, 0.0),
+                "must be 0 (penalties are not supported)",
+            ),
+            ("logprobs", not self.logprobs, "is not supported; send false or leave it out"),
+            ("top_logprobs", self.top_logprobs in (None, 0), "is not supported; send 0 or leave it out"),
+            ("logit_bias", not self.logit_bias, "is not supported; send {} or leave it out"),
+            (
+                "response_format",
+                self.response_format is None or self.response_format == {"type": "text"},
+                "only {'type': 'text'} is supported",
+            ),
+        ]
+        for name, ok, why in neutral:
+            if not ok:
+                raise ValueError(f"{name} {why}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` if set, else ``max_tokens`` (None: the server decides)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def image_urls(self) -> list[str]:
+        """Every image URL of the conversation, in the order the chat template places them."""
+        return [url for message in self.messages for url in message.image_urls]
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The conversation as the chat template expects it."""
+        return [message.to_template() for message in self.messages]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Responses
+
+
+class Usage(BaseModel):
+    """Token counts of one request."""
+
+    prompt_tokens: int = Field(description="Prompt tokens, image placeholders included.")
+    completion_tokens: int = Field(description="Generated tokens.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+
+
+class ZipVLReport(BaseModel):
+    """What ZipVL did to the request (extension of the response)."""
+
+    kept_ratio_per_layer: list[float] = Field(
+        description="Kept fraction of prompt tokens, per decoder layer."
+    )
+    mean_kept_ratio: float = Field(description="Mean of kept_ratio_per_layer.")
+    kv_bytes: int = Field(description="KV bytes the request held at the end (block-rounded, all layers).")
+    kv_bytes_dense: int = Field(description="KV bytes the same tokens would hold without ZipVL.")
+    image_tokens: int = Field(0, description="Prompt tokens that are image placeholders.")
+
+    @classmethod
+    def from_metrics(cls, metrics: Any) -> ZipVLReport:
+        """Build from an engine ``RequestMetrics``."""
+        return cls(
+            kept_ratio_per_layer=[round(r, 6) for r in metrics.kept_ratio_per_layer],
+            mean_kept_ratio=round(metrics.mean_kept_ratio, 6),
+            kv_bytes=int(metrics.kv_bytes),
+            kv_bytes_dense=int(metrics.kv_bytes_dense),
+            image_tokens=int(metrics.image_tokens),
+        )
+
+
+class AssistantMessage(BaseModel):
+    """The generated message."""
+
+    role: Literal["assistant"] = Field("assistant", description="Always 'assistant'.")
+    content: str = Field(description="The generated text.")
+
+
+class ChatCompletionChoice(BaseModel):
+    """One choice of a non-streamed answer (zipvl-ray always returns exactly one)."""
+
+    index: int = Field(0, description="Always 0.")
+    message: AssistantMessage = Field(description="The generated message.")
+    finish_reason: str | None = Field(description="'stop' (end of sequence or stop string) or 'length'.")
+    logprobs: None = Field(None, description="Always null (log-probabilities are not supported).")
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletionResponse(BaseModel):
+    """A non-streamed chat completion."""
+
+    id: str = Field(description="Request id ('chatcmpl-...').")
+    object: Literal["chat.completion"] = Field("chat.completion", description="Always 'chat.completion'.")
+    created: int = Field(default_factory=_now, description="Unix time the request arrived.")
+    model: str = Field(description="The served model's name.")
+    choices: list[ChatCompletionChoice] = Field(description="One choice.")
+    usage: Usage = Field(description="Token counts.")
+    zipvl: ZipVLReport | None = Field(None, description="What ZipVL did to the request (extension).")
+    system_fingerprint: str | None = Field(None, description="Always null.")
+
+
+class DeltaMessage(BaseModel):
+    """What one streamed chunk adds to the message."""
+
+    role: Literal["assistant"] | None = Field(None, description="'assistant' in the first chunk only.")
+    content: str | None = Field(None, description="New text.")
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    """The choice of a streamed chunk."""
+
+    index: int = Field(0, description="Always 0.")
+    delta: DeltaMessage = Field(description="New content.")
+    finish_reason: str | None = Field(None, description="Set in the last content chunk.")
+    logprobs: None = Field(None, description="Always null.")
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str = Field(description="Request id, the same in every chunk.")
+    object: Literal["chat.completion.chunk"] = Field("chat.completion.chunk", description="Always this.")
+    created: int = Field(description="Unix time the request arrived.")
+    model: str = Field(description="The served model's name.")
+    choices: list[ChatCompletionChunkChoice] = Field(description="One choice; empty in the usage chunk.")
+    usage: Usage | None = Field(
+        None, description="Only in the final usage chunk (stream_options.include_usage)."
+    )
+    zipvl: ZipVLReport | None = Field(None, description="In the chunk carrying finish_reason (extension).")
+
+
+class ModelCard(BaseModel):
+    """A served model."""
+
+    id: str = Field(description="Name to put in the request's 'model'.")
+    object: Literal["model"] = Field("model", description="Always 'model'.")
+    created: int = Field(default_factory=_now, description="Unix time the service started.")
+    owned_by: str = Field("zipvl-ray", description="Always 'zipvl-ray'.")
+    root: str | None = Field(None, description="The checkpoint (built-in name, path or hub id) behind it.")
+    max_model_len: int | None = Field(None, description="Longest prompt + generation, in tokens.")
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = Field("list", description="Always 'list'.")
+    data: list[ModelCard] = Field(description="The served models.")
+
+
+class ErrorDetail(BaseModel):
+    """The body of an error."""
+
+    message: str = Field(description="What went wrong, naming the field or value at fault.")
+    type: str = Field(description="OpenAI error type ('invalid_request_error', 'server_error', ...).")
+    param: str | None = Field(None, description="The request field at fault.")
+    code: str | None = Field(None, description="A stable machine-readable code.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body."""
+
+    error: ErrorDetail = Field(description="The error.")
+
+
+class HealthResponse(BaseModel):
+    """``GET /health``: 200 when every stage answers, else 503."""
+
+    status: Literal["ok", "unavailable"] = Field(description="'ok' when every stage is ready.")
+    stages: dict[str, bool] = Field(description="Readiness per stage (ingress, vision, llm).")
+    detail: dict[str, str] = Field(default_factory=dict, description="Why a stage is not ready.")
