@@ -23,6 +23,7 @@ from zipvl_ray.config import EngineConfig, ZipVLConfig
 from zipvl_ray.kv import KVCacheManager, KVLayout, KVPool, OutOfBlocks, pool_blocks
 from zipvl_ray.models.adapters import VLMAdapter
 from zipvl_ray.sparsity import (
+    adaptive_count,
     attention_backend,
     causal_attention_varlen,
     dense_selection,
@@ -58,6 +59,7 @@ class StepKV(Cache):
         seq_ids=None,
         new_slots=None,
         lengths=None,
+        compress=None,
     ):
         super().__init__(layers=[])
         self.runner = runner
@@ -65,6 +67,7 @@ class StepKV(Cache):
         self.seq_ids = seq_ids
         self.new_slots = new_slots
         self.lengths = lengths
+        self.compress = compress or []  # (row, ZipVLConfig) of sequences due for decode compression
 
     # transformers' Cache interface: nothing is stored here, positions are given explicitly.
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -129,7 +132,8 @@ class StepKV(Cache):
         runner = self.runner
         runner.pool.write(self.new_slots[layer], key[:, :, 0], value[:, :, 0])
         lengths = self.lengths[layer]
-        if runner.paged_flash:
+        due = [(row, cfg) for row, cfg in self.compress if not cfg.is_dense_layer(layer)]
+        if runner.paged_flash and not due:
             from flash_attn import flash_attn_with_kvcache
 
             table = runner.kv.block_table(self.seq_ids, layer, max(lengths))
@@ -154,7 +158,37 @@ class StepKV(Cache):
             scale=scaling,
             enable_gqa=group > 1,
         )
+        for row, cfg in due:
+            self._compress_recent(layer, row, query[row, :, 0], k[row, : lengths[row]], scaling, cfg)
         return out.transpose(1, 2)
+
+    def _compress_recent(self, layer: int, row: int, query, keys, scaling: float, cfg: ZipVLConfig) -> None:
+        """``decode_compress_interval``: keep the important ones among the last ``interval`` tokens of a layer.
+
+        ``query``: ``(H, d)`` of the token just fed; ``keys``: ``(L, Hkv, d)`` of this layer (new token included).
+        """
+        window = min(cfg.decode_compress_interval, keys.shape[0])
+        if window <= 1:
+            return
+        group = query.shape[0] // keys.shape[1]
+        expanded = keys.float().repeat_interleave(group, dim=1)  # (L, H, d)
+        logits = torch.einsum("hd,lhd->hl", query.float(), expanded) * scaling
+        scores = torch.softmax(logits, dim=-1).sum(dim=0)[-window:]  # (window,)
+        p = adaptive_count(scores, cfg.tau)
+        keep = torch.zeros(window, dtype=torch.bool, device=scores.device)
+        keep[torch.topk(scores, p).indices] = True
+        keep[-1] = True
+        if bool(keep.all()):
+            return
+        runner = self.runner
+        seq_id = self.seq_ids[row]
+        length = keys.shape[0]
+        start = length - window
+        kept_slots = runner.kv.layer_slots(seq_id, layer, start, length)[keep]
+        k_kept, v_kept = runner.pool.gather(kept_slots)
+        new_length = start + int(keep.sum())
+        runner.pool.write(runner.kv.layer_slots(seq_id, layer, start, new_length), k_kept, v_kept)
+        runner.kv.truncate(seq_id, layer, new_length)
 
 
 class ModelRunner:
@@ -235,7 +269,12 @@ class ModelRunner:
         embeds = self.adapter.embed(token_ids, [])[:, None, :]  # (B, 1, hidden)
         pos = torch.tensor([s.decode_position() for s in seqs], device=self.device)[:, None]  # (B, 1)
         position_ids = pos[None].expand(3, -1, -1) if self.adapter.uses_mrope else pos
-        context = StepKV(self, seq_ids=seq_ids, new_slots=new_slots, lengths=lengths)
+        compress = [
+            (row, s.zipvl)
+            for row, s in enumerate(seqs)
+            if s.zipvl.decode_compress_interval and (s.num_fed + 1) % s.zipvl.decode_compress_interval == 0
+        ]
+        context = StepKV(self, seq_ids=seq_ids, new_slots=new_slots, lengths=lengths, compress=compress)
         hidden = self.adapter.language_model(
             inputs_embeds=embeds, position_ids=position_ids, past_key_values=context, use_cache=True
         ).last_hidden_state[:, -1]

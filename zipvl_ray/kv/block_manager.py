@@ -206,6 +206,26 @@ class KVCacheManager:
             )
         return slots.to(self.block_tables.device)
 
+    def layer_slots(self, seq_id: str, layer: int, start: int, end: int) -> torch.Tensor:
+        """Flat slots of tokens ``[start, end)`` of one layer of one sequence, ``(end - start,)``."""
+        table = torch.tensor(self.seqs[seq_id].tables[layer], dtype=torch.long)
+        pos = torch.arange(start, end)
+        slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
+        return slots.to(self.block_tables.device)
+
+    def truncate(self, seq_id: str, layer: int, new_length: int) -> int:
+        """Drop the tokens of ``layer`` beyond ``new_length`` and free the blocks no longer needed."""
+        seq = self.seqs[seq_id]
+        if new_length > seq.lengths[layer]:
+            raise ValueError("truncate cannot grow a layer")
+        keep_blocks = -(-new_length // self.block_size)
+        table = seq.tables[layer]
+        freed = table[keep_blocks:]
+        del table[keep_blocks:]
+        self.allocator.release(freed)
+        seq.lengths[layer] = new_length
+        return len(freed)
+
     # -- reading -------------------------------------------------------------------------------------
     def lengths(self, seq_ids: list[str]) -> list[list[int]]:
         """``[layer][b]`` tokens held."""

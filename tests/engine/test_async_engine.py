@@ -1,0 +1,145 @@
+"""AsyncLLMEngine: streaming deltas, concurrency, abort frees KV, bad requests leave it serving."""
+
+import asyncio
+
+import pytest
+
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine import AsyncLLMEngine, LLMEngine, RequestError, SamplingParams
+
+from .conftest import mixed_prompts
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llava):
+    model, processor = tiny_llava
+    core = LLMEngine(
+        model,
+        processor,
+        zipvl=ZipVLConfig(tau=0.9),
+        engine=EngineConfig(kv_cache_bytes=8 << 20, max_model_len=2048),
+    )
+    eng = AsyncLLMEngine(core)
+    yield eng
+    eng.shutdown()
+
+
+async def collect(eng, request_id, prompt, sampling):
+    outs = [out async for out in eng.generate(request_id, prompt, sampling)]
+    return outs
+
+
+def test_streaming_deltas_add_up(engine):
+    outs = asyncio.run(
+        collect(engine, "s1", mixed_prompts(n_images=(2,))[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    )
+    final = outs[-1]
+    assert final.finished and final.finish_reason == "length"
+    assert sum((o.delta_token_ids for o in outs), []) == final.token_ids
+    assert "".join(o.delta_text for o in outs) == final.text
+    assert final.metrics.ttft_s is not None and final.metrics.ttft_s > 0
+
+
+def test_concurrent_requests_each_get_their_own_answer(engine):
+    prompts = mixed_prompts(n_images=(0, 1, 2, 3, 1, 2, 0, 3))
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, f"c{i}", p, sampling) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(main())
+    alone = [asyncio.run(collect(engine, f"a{i}", p, sampling))[-1].token_ids for i, p in enumerate(prompts)]
+    assert [r[-1].token_ids for r in results] == alone
+    assert engine.stats().kv_bytes_used == 0
+
+
+def test_closing_the_stream_aborts_and_frees_kv(engine):
+    async def main():
+        stream = engine.generate(
+            "gone", mixed_prompts(n_images=(3,))[0], SamplingParams(max_tokens=500, ignore_eos=True)
+        )
+        seen = 0
+        async for out in stream:
+            seen += 1
+            assert engine.stats().kv_bytes_used > 0 or out.finished
+            if seen == 3:
+                break
+        await stream.aclose()
+        return engine.stats()
+
+    stats = asyncio.run(main())
+    assert stats.kv_bytes_used == 0 and stats.num_running == 0
+
+
+def test_explicit_abort(engine):
+    async def main():
+        outs = []
+
+        async def consume():
+            async for out in engine.generate(
+                "ab", mixed_prompts(n_images=(1,))[0], SamplingParams(max_tokens=500, ignore_eos=True)
+            ):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        await engine.abort("ab")
+        await asyncio.wait_for(task, 10)
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finish_reason == "abort"
+    assert engine.stats().kv_bytes_used == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "sampling", "zipvl", "message"),
+    [
+        ("", SamplingParams(), None, "empty"),
+        (
+            {
+                "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+                "images": [],
+            },
+            SamplingParams(),
+            None,
+            "placeholder",
+        ),
+        ({"prompt": "x " * 3000}, SamplingParams(), None, "max_model_len"),
+        ({"prompt": "hello"}, SamplingParams(max_tokens=5000), None, "max_model_len"),
+        ({"prompt": "hello"}, SamplingParams(), {"tau": 1.5}, "tau"),
+        ({"prompt": "hello"}, SamplingParams(), {"max_keep_ratio": -1}, "max_keep_ratio"),
+        ({"nothing": 1}, SamplingParams(), None, "prompt"),
+    ],
+)
+def test_bad_requests_raise_and_the_engine_keeps_serving(engine, prompt, sampling, zipvl, message):
+    async def bad():
+        async for _ in engine.generate("bad", prompt, sampling, zipvl):
+            pass
+
+    with pytest.raises(RequestError, match=message):
+        asyncio.run(bad())
+    ok = asyncio.run(
+        collect(engine, "after-bad", {"prompt": "hello"}, SamplingParams(max_tokens=2, ignore_eos=True))
+    )
+    assert ok[-1].finished and len(ok[-1].token_ids) == 2
+    assert engine.stats().kv_bytes_used == 0
+
+
+def test_per_request_zipvl_override_dense_equals_tau_one(engine, tiny_llava):
+    model, processor = tiny_llava
+    prompt = mixed_prompts(n_images=(2,))[0]
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+
+    async def run(override):
+        return [o async for o in engine.generate(f"o{override}", prompt, sampling, override)][-1]
+
+    dense = asyncio.run(run({"tau": 1.0}))
+    disabled = asyncio.run(run({"enabled": False}))
+    pruned = asyncio.run(run({"max_keep_ratio": 0.3}))
+    assert dense.token_ids == disabled.token_ids
+    assert dense.metrics.kept_tokens_per_layer == [dense.metrics.prompt_tokens] * len(
+        dense.metrics.kept_tokens_per_layer
+    )
+    assert pruned.metrics.kv_bytes < dense.metrics.kv_bytes

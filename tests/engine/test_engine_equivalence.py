@@ -1,0 +1,87 @@
+"""The paged engine produces exactly what the reference model.generate + ZipVLCache produces."""
+
+import pytest
+
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine import LLM, EncodedPrompt, SamplingParams
+from zipvl_ray.models import load_model
+from zipvl_ray.models.adapters import VLMAdapter
+from zipvl_ray.multimodal import PromptProcessor
+from zipvl_ray.vision import VisionEncoder
+
+from ..conftest import TINY_ARCHS
+from .conftest import mixed_prompts, reference_tokens
+
+CONFIGS = {
+    "tau1.0": ZipVLConfig(tau=1.0),
+    "tau0.9": ZipVLConfig(tau=0.9, probe_recent=8, probe_random=8),
+    "max_keep_ratio0.3": ZipVLConfig(max_keep_ratio=0.3),
+}
+STEPS = 10
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def arch(request):
+    model, processor = load_model(request.param)
+    return request.param, model, processor
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_engine_matches_reference_on_a_mixed_batch(arch, config_name):
+    _, model, processor = arch
+    config = CONFIGS[config_name]
+    llm = LLM(
+        model,
+        processor=processor,
+        zipvl=config,
+        engine=EngineConfig(kv_cache_bytes=8 << 20, max_model_len=4096),
+    )
+    prompts = mixed_prompts()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=STEPS, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference_tokens(model, processor, prompt, config, STEPS)
+        assert out.finish_reason == "length"
+        assert len(out.metrics.kept_tokens_per_layer) == model.config.get_text_config().num_hidden_layers
+    if config_name == "tau1.0":
+        assert all(k == out.metrics.prompt_tokens for out in outs for k in out.metrics.kept_tokens_per_layer)
+    assert llm.stats().kv_bytes_used == 0
+    llm.engine.runner.kv.check_consistency()
+
+
+def test_precomputed_features_equal_pixels(arch):
+    """The LLM stage without a vision tower, fed by a separate VisionEncoder, gives the same tokens."""
+    name, model, processor = arch
+    config = CONFIGS["tau0.9"]
+    prompts = mixed_prompts(n_images=(1, 2, 3))
+    with_pixels = LLM(model, processor=processor, zipvl=config, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    expected = [
+        o.token_ids for o in with_pixels.generate(prompts, SamplingParams(max_tokens=STEPS, ignore_eos=True))
+    ]
+
+    encoder = VisionEncoder.from_pretrained(name)
+    text_only = LLM(name, zipvl=config, engine=EngineConfig(kv_cache_bytes=8 << 20))
+
+    VLMAdapter(text_only.engine.runner.model).drop_vision_tower()  # the LLM stage has no vision tower
+    text_only.engine.vision = None
+    pp = PromptProcessor(processor)
+    encoded = []
+    for p in prompts:
+        prepared = pp.prepare(p["messages"], p["images"])
+        encoded.append(EncodedPrompt(prepared.token_ids, encoder.encode(prepared.images)))
+    got = [
+        o.token_ids for o in text_only.generate(encoded, SamplingParams(max_tokens=STEPS, ignore_eos=True))
+    ]
+    assert got == expected
+
+
+def test_decode_compression_matches_reference(arch):
+    _, model, processor = arch
+    config = ZipVLConfig(tau=0.6, probe_recent=8, probe_random=8, decode_compress_interval=4)
+    llm = LLM(
+        model, processor=processor, zipvl=config, engine=EngineConfig(kv_cache_bytes=8 << 20, block_size=4)
+    )
+    prompts = mixed_prompts(n_images=(1, 2))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=14, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference_tokens(model, processor, prompt, config, 14)
+    llm.engine.runner.kv.check_consistency()

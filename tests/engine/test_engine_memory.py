@@ -1,0 +1,174 @@
+"""KV pool accounting, preemption under a small pool, continuous batching, abort."""
+
+import pytest
+
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine import LLMEngine, SamplingParams
+
+from .conftest import mixed_prompts
+
+CONFIG = ZipVLConfig(tau=0.9, probe_recent=8, probe_random=8)
+
+
+def engine(tiny_llava, **kwargs):
+    model, processor = tiny_llava
+    kwargs.setdefault("kv_cache_bytes", 8 << 20)
+    return LLMEngine(model, processor, zipvl=CONFIG, engine=EngineConfig(**kwargs))
+
+
+def run_all(eng, prompts, sampling, check=None):
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, sampling)
+    final = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+        if check:
+            check(eng)
+    return [final[f"r{i}"] for i in range(len(prompts))]
+
+
+def assert_accounting(eng):
+    kv = eng.runner.kv
+    block_bytes = eng.runner.layout.block_bytes
+    held = sum(len(t) for seq in kv.seqs.values() for t in seq.tables)
+    assert kv.used_bytes == held * block_bytes
+    assert eng.stats().kv_bytes_used == sum(kv.seq_bytes(s) for s in kv.seqs)
+    kv.check_consistency()
+
+
+def test_pool_accounting_and_return_to_zero(tiny_llava):
+    eng = engine(tiny_llava)
+    outs = run_all(
+        eng, mixed_prompts(), SamplingParams(max_tokens=6, ignore_eos=True), check=assert_accounting
+    )
+    assert eng.stats().kv_bytes_used == 0 and eng.runner.kv.num_used_blocks == 0
+    for out in outs:  # bytes per request = block-rounded kept + generated tokens per layer
+        m = out.metrics
+        assert 0 < m.kv_bytes <= m.kv_bytes_dense
+
+
+def test_blocks_freed_by_one_request_are_reused(tiny_llava):
+    eng = engine(tiny_llava, kv_cache_bytes=1 << 20)
+    sampling = SamplingParams(max_tokens=2, ignore_eos=True)
+    eng.add_request("first", mixed_prompts(n_images=(3,))[0], sampling)
+    eng.step()  # prefill
+    first = {b for t in eng.runner.kv.seqs["first"].tables for b in t}
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.runner.kv.num_used_blocks == 0
+    eng.add_request("again", mixed_prompts(n_images=(3,), seed=5)[0], sampling)
+    eng.step()
+    held = {b for t in eng.runner.kv.seqs["again"].tables for b in t}
+    assert len(held & first) >= len(first) // 2
+
+
+def test_small_pool_preempts_and_still_returns_identical_outputs(tiny_llava):
+    prompts = mixed_prompts(n_images=(3, 2, 3, 1, 2, 3))
+    sampling = SamplingParams(max_tokens=24, ignore_eos=True)
+    big = run_all(engine(tiny_llava), prompts, sampling)
+    small_engine = engine(tiny_llava, kv_cache_bytes=300_000, decode_headroom_tokens=0)
+    small = run_all(small_engine, prompts, sampling, check=assert_accounting)
+    assert [o.token_ids for o in small] == [o.token_ids for o in big]
+    stats = small_engine.stats()
+    assert stats.num_preemptions > 0
+    assert sum(o.metrics.num_preemptions for o in small) == stats.num_preemptions
+    assert stats.kv_bytes_used == 0
+
+
+def test_sampled_outputs_survive_preemption(tiny_llava):
+    prompts = mixed_prompts(n_images=(3, 3, 3, 3))
+    sampling = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
+    big = run_all(engine(tiny_llava), prompts, sampling)
+    # Two prompts fit after prefill (~44 blocks each) but not their decode growth: preemption must happen.
+    small_engine = engine(tiny_llava, kv_cache_bytes=100 * 4096, decode_headroom_tokens=0)
+    small = run_all(small_engine, prompts, sampling)
+    assert small_engine.stats().num_preemptions > 0
+    assert [o.token_ids for o in small] == [o.token_ids for o in big]
+
+
+def test_requests_join_a_running_batch(tiny_llava):
+    prompts = mixed_prompts()
+    sampling = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = run_all(engine(tiny_llava), prompts, sampling)
+    eng = engine(tiny_llava)
+    eng.add_request("r0", prompts[0], sampling)
+    eng.add_request("r1", prompts[1], sampling)
+    final, running_seen = {}, []
+    step = 0
+    while eng.has_unfinished():
+        if step == 3:  # while r0 and r1 decode
+            eng.add_request("r2", prompts[2], sampling)
+            eng.add_request("r3", prompts[3], sampling)
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+        running_seen.append(eng.stats().num_running)
+        step += 1
+    assert max(running_seen) == 4  # the late requests decoded together with the early ones
+    assert eng.stats().max_concurrent_seqs == 4
+    assert [final[f"r{i}"].token_ids for i in range(4)] == [o.token_ids for o in alone]
+
+
+def test_abort_frees_blocks_at_once(tiny_llava):
+    eng = engine(tiny_llava)
+    prompts = mixed_prompts()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    before = eng.runner.kv.used_bytes
+    held = eng.runner.kv.seq_bytes("r2")
+    assert held > 0
+    out = eng.abort_request("r2")
+    assert out.finished and out.finish_reason == "abort"
+    assert eng.runner.kv.used_bytes == before - held
+    assert eng.abort_request("r2") is None
+    assert eng.abort_request("unknown") is None
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.runner.kv.used_bytes == 0
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5])
+def test_max_tokens_and_stop_conditions(tiny_llava, max_tokens):
+    eng = engine(tiny_llava)
+    out = run_all(eng, mixed_prompts(n_images=(1,)), SamplingParams(max_tokens=max_tokens, ignore_eos=True))[
+        0
+    ]
+    assert len(out.token_ids) == max_tokens and out.finish_reason == "length"
+    # The greedy continuation's 3rd token as a stop token: generation ends before it.
+    third = out.token_ids[2] if max_tokens == 5 else None
+    if third is not None:
+        stopped = run_all(
+            engine(tiny_llava),
+            mixed_prompts(n_images=(1,)),
+            SamplingParams(max_tokens=5, stop_token_ids=[third], ignore_eos=True),
+        )[0]
+        assert stopped.finish_reason == "stop" and third not in stopped.token_ids
+        assert stopped.token_ids == out.token_ids[: out.token_ids.index(third)]
+
+
+def test_stop_strings_cut_the_text(tiny_llava):
+    model, processor = tiny_llava
+    full = run_all(
+        engine(tiny_llava), mixed_prompts(n_images=(1,)), SamplingParams(max_tokens=12, ignore_eos=True)
+    )[0]
+    text = full.text
+    probe = next(
+        (
+            text[i : i + 2]
+            for i in range(3, len(text) - 2)
+            if text[i : i + 2].isprintable() and text[i : i + 2].strip()
+        ),
+        None,
+    )
+    if probe is None:
+        pytest.skip("the random model produced no printable pair of characters")
+    stopped = run_all(
+        engine(tiny_llava),
+        mixed_prompts(n_images=(1,)),
+        SamplingParams(max_tokens=12, stop=[probe], ignore_eos=True),
+    )[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.find(probe)]

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from zipvl_ray.engine.sampler import make_generator, sample
+from zipvl_ray.engine.types import RequestError, SamplingParams
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    tokens, _ = sample(logits, [SamplingParams(), SamplingParams()], [None, None])
+    assert tokens == [1, 0]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = torch.randn(1, 50)
+    p = SamplingParams(temperature=1.0, seed=7)
+    a = [sample(logits, [p], [g])[0][0] for g in [make_generator(7)] for _ in range(20)]
+    g = make_generator(7)
+    b = [sample(logits, [p], [g])[0][0] for _ in range(20)]
+    g2 = make_generator(8)
+    c = [sample(logits, [p], [g2])[0][0] for _ in range(20)]
+    assert a[0] == b[0] and b != c
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "allowed"), [(1, 1.0, {2}), (2, 1.0, {1, 2}), (0, 0.5, {2}), (0, 0.8, {1, 2})]
+)
+def test_top_k_top_p_restrict_the_support(top_k, top_p, allowed):
+    logits = torch.log(torch.tensor([[0.05, 0.3, 0.6, 0.05]]))
+    p = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    g = make_generator(0)
+    seen = {sample(logits, [p], [g])[0][0] for _ in range(200)}
+    assert seen <= allowed and len(seen) >= 1
+
+
+def test_logprobs():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    _, lp = sample(logits, [SamplingParams(logprobs=2)], [None])
+    expected = torch.log_softmax(logits[0], -1)
+    assert lp[0]["token_id"] == 2 and lp[0]["logprob"] == pytest.approx(expected[2].item())
+    assert [t for t, _ in lp[0]["top"]] == [2, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_tokens": 0},
+        {"temperature": -1},
+        {"temperature": 3},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"logprobs": 21},
+        {"stop": [""]},
+        {"temperature": float("nan")},
+    ],
+)
+def test_bad_sampling_params(kwargs):
+    with pytest.raises(RequestError):
+        SamplingParams(**kwargs)

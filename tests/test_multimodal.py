@@ -1,0 +1,39 @@
+"""Prompt preparation gives what the model's processor gives, image by image."""
+
+import pytest
+
+from zipvl_ray.models import BUILTIN_MODELS
+from zipvl_ray.multimodal import PromptError, PromptProcessor, image_content_hash
+
+from .conftest import TINY_ARCHS, chat, make_image
+
+
+@pytest.mark.parametrize("name", TINY_ARCHS)
+@pytest.mark.parametrize("n_images", [0, 1, 3])
+def test_prepare_matches_the_processor(name, n_images):
+    _, processor = BUILTIN_MODELS[name]()
+    pp = PromptProcessor(processor)
+    images = [make_image(i, (80 + 30 * i, 140 - 20 * i)) for i in range(n_images)]
+    messages = chat("What is in these pictures?", n_images)
+    prepared = pp.prepare(messages, images)
+    expected = processor(text=[pp.render(messages)], images=images or None, return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
+    assert prepared.token_ids == expected
+    assert prepared.num_image_tokens == sum(1 for t in expected if t == processor.image_token_id)
+
+
+def test_placeholder_count_must_match():
+    _, processor = BUILTIN_MODELS["tiny-llava"]()
+    pp = PromptProcessor(processor)
+    with pytest.raises(PromptError, match="2 images"):
+        pp.prepare(chat("x", 1), [make_image(0), make_image(1)])
+    with pytest.raises(PromptError, match="empty"):
+        pp.prepare("", [])
+
+
+def test_content_hash_depends_on_pixels_and_size():
+    a, b = make_image(0), make_image(1)
+    assert image_content_hash(a) == image_content_hash(make_image(0))
+    assert image_content_hash(a) != image_content_hash(b)
+    assert image_content_hash(a) != image_content_hash(a.resize((10, 10)))
