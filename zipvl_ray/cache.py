@@ -35,8 +35,8 @@ from zipvl_ray.sparsity import (
     adaptive_count,
     attention_backend,
     dense_selection,
+    gather_causal_attention,
     masked_dense_attention,
-    sparse_causal_attention,
     zipvl_select,
 )
 
@@ -277,6 +277,11 @@ class ZipVLLayer(CacheLayerMixin):
 def _prefill_batch(query, key, value, pad2d, scaling, config, layer_idx, *, masked_oracle=False, layer=None):
     """Per-sequence ZipVL prefill of a padded batch.
 
+    Every tensor is read in the layout transformers hands over (views, no transposing copies); each
+    sequence's query, key and value are gathered once, to the kept tokens, and the gathered keys and
+    values are what the cache stores. A single unpadded sequence (the serving case) stores them as
+    they are, without the padded re-copy.
+
     Parameters
     ----------
     query : torch.Tensor
@@ -294,18 +299,20 @@ def _prefill_batch(query, key, value, pad2d, scaling, config, layer_idx, *, mask
     batch, num_heads, q_len, head_dim = query.shape
     device = query.device
     backend = attention_backend(device, query.dtype)
-    q_tok = query.transpose(1, 2)  # (B, q, H, d)
+    q_tok = query.transpose(1, 2)  # (B, q, H, d) views
     k_tok = key.transpose(1, 2)
     v_tok = value.transpose(1, 2)
-    out = query.new_zeros(batch, q_len, num_heads, head_dim)
-    per_seq = []
+    out = None
+    per_seq = []  # (keys (c, Hkv, d), values, slots (c,), kept count, valid count)
     for b in range(batch):
-        cols = _valid_columns(pad2d, b, 0, q_len, device)
-        n = cols.numel()
-        padded = n != q_len
+        cols = _valid_columns(pad2d, b, 0, q_len, device) if pad2d is not None else None
+        padded = cols is not None and cols.numel() != q_len
         qb = q_tok[b].index_select(0, cols) if padded else q_tok[b]
         kb = k_tok[b].index_select(0, cols) if padded else k_tok[b]
         vb = v_tok[b].index_select(0, cols) if padded else v_tok[b]
+        n = qb.shape[0]
+        if cols is None:
+            cols = torch.arange(q_len, device=device)
         if n == 0:
             per_seq.append((kb, vb, cols, 0, 0))
             continue
@@ -316,31 +323,39 @@ def _prefill_batch(query, key, value, pad2d, scaling, config, layer_idx, *, mask
         if layer is not None and sel.guard_fired:
             layer.guard_fired += 1
         if masked_oracle:
-            ob = masked_dense_attention(qb, kb, vb, sel.kept, scaling)
-        else:
-            ob = sparse_causal_attention(qb, kb, vb, sel.kept, scaling, backend=backend)
-        if padded:
-            out[b].index_copy_(0, cols, ob)
-        else:
-            out[b].copy_(ob)
-        if masked_oracle:
+            ob, rows = masked_dense_attention(qb, kb, vb, sel.kept, scaling), cols
             slots = torch.full_like(cols, -1)
             slots[sel.kept] = cols[sel.kept]
             per_seq.append((kb, vb, slots, sel.num_kept, n))
         else:
-            per_seq.append(
-                (kb.index_select(0, sel.kept), vb.index_select(0, sel.kept), cols[sel.kept], sel.num_kept, n)
-            )
-    width = max(entry[0].shape[0] for entry in per_seq)
-    num_kv = key.shape[1]
-    store_k = key.new_zeros(batch, num_kv, width, head_dim)
-    store_v = value.new_zeros(batch, num_kv, width, head_dim)
-    store_slots = torch.full((batch, width), -1, dtype=torch.long, device=device)
-    for b, (kb, vb, slots, _, _) in enumerate(per_seq):
-        c = kb.shape[0]
-        store_k[b, :, :c] = kb.transpose(0, 1)
-        store_v[b, :, :c] = vb.transpose(0, 1)
-        store_slots[b, :c] = slots
+            ob, kept_k, kept_v = gather_causal_attention(qb, kb, vb, sel.kept, scaling, backend=backend)
+            rows = cols if sel.num_kept == n else cols[sel.kept]
+            per_seq.append((kept_k, kept_v, rows, sel.num_kept, n))
+        if batch == 1 and not padded and rows.numel() == q_len:
+            out = ob[None]  # every row computed: no zero-filled buffer, no scatter
+            continue
+        if out is None:
+            out = query.new_zeros(batch, q_len, num_heads, head_dim)
+        if rows.numel() == q_len:
+            out[b].copy_(ob)
+        else:
+            out[b].index_copy_(0, rows, ob)
+    if out is None:
+        out = query.new_zeros(batch, q_len, num_heads, head_dim)
+    if batch == 1:
+        kb, vb, slots, _, _ = per_seq[0]
+        store_k, store_v, store_slots = kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], slots[None]
+    else:
+        width = max(entry[0].shape[0] for entry in per_seq)
+        num_kv = key.shape[1]
+        store_k = key.new_zeros(batch, num_kv, width, head_dim)
+        store_v = value.new_zeros(batch, num_kv, width, head_dim)
+        store_slots = torch.full((batch, width), -1, dtype=torch.long, device=device)
+        for b, (kb, vb, slots, _, _) in enumerate(per_seq):
+            c = kb.shape[0]
+            store_k[b, :, :c] = kb.transpose(0, 1)
+            store_v[b, :, :c] = vb.transpose(0, 1)
+            store_slots[b, :c] = slots
     kept_counts = [entry[3] for entry in per_seq]
     seen = [entry[4] for entry in per_seq]
     return out, store_k, store_v, store_slots, kept_counts, seen

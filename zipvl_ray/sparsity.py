@@ -32,6 +32,11 @@ from zipvl_ray.config import ZipVLConfig
 #: processed in chunks of key-value heads.
 PROBE_SCORE_CHUNK_BYTES = 256 * 1024 * 1024
 
+#: Score rows (probes x query heads) per block on CPU. A block of about 128 rows over 16K keys (8 MiB
+#: in fp32) stays in the last-level cache between the matmul, the softmax and the column sum; one big
+#: block is about 3.5x slower at 16K tokens (measured: ``docs/performance.md``).
+PROBE_SCORE_CPU_ROWS = 128
+
 
 @dataclass(frozen=True, slots=True)
 class Selection:
@@ -116,6 +121,20 @@ def select_probes(
     return probes.to(device)
 
 
+def probe_block_size(num_heads: int, n: int, device: torch.device, chunk_bytes: int) -> int:
+    """Probes scored together by :func:`probe_attention_scores`.
+
+    On CPU a block holds about :data:`PROBE_SCORE_CPU_ROWS` score rows (probes x heads), so that the
+    matmul, the softmax and the column sum of one block work in cache. Elsewhere (CUDA) the block is
+    as large as ``chunk_bytes`` allows. Never less than one probe.
+    """
+    per_probe = num_heads * n * 4
+    limit = max(1, chunk_bytes // max(per_probe, 1))
+    if device.type == "cpu":
+        limit = min(limit, max(1, PROBE_SCORE_CPU_ROWS // max(num_heads, 1)))
+    return limit
+
+
 def probe_attention_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -128,10 +147,15 @@ def probe_attention_scores(
 
     ``a_j = sum_{h, i} softmax_j(q_{h, probes_i} . k_{g(h), j} * scaling + causal(probes_i, j))``, in fp32.
 
+    The probes are scored in blocks of consecutive (ascending) probes, all heads at once. A block only
+    computes the keys its last probe can see (random probes early in the prompt skip most of the
+    sequence) and masks the few keys between its first and last probe; the ``n x n`` map and the
+    ``m x n`` causal bias are never built. On CPU the block's scores are normalised in place.
+
     Parameters
     ----------
     query : torch.Tensor
-        Shape ``(num_heads, n, head_dim)``, post-RoPE.
+        Shape ``(num_heads, n, head_dim)``, post-RoPE, any strides.
     key : torch.Tensor
         Shape ``(num_kv_heads, n, head_dim)``, post-RoPE; ``num_heads`` is a multiple of it (GQA).
     probes : torch.LongTensor
@@ -139,7 +163,8 @@ def probe_attention_scores(
     scaling : float
         Softmax scale (usually ``head_dim ** -0.5``).
     chunk_bytes : int
-        Largest fp32 score block to materialise; key-value heads are processed in chunks under it.
+        Largest fp32 score block to materialise (``probes x num_heads x n x 4`` bytes, at least one
+        probe); see :func:`probe_block_size`.
 
     Returns
     -------
@@ -150,22 +175,48 @@ def probe_attention_scores(
     num_kv_heads = key.shape[0]
     group = num_heads // num_kv_heads
     m = probes.numel()
-    # (num_kv_heads, group * m, head_dim): the probe rows of the query heads sharing one KV head.
-    q_probe = query.index_select(1, probes).float().mul_(scaling).view(num_kv_heads, group * m, head_dim)
-    # Causal rows: probe i sees keys j <= probes[i]. Additive bias of shape (m, n).
-    bias = torch.zeros(m, n, dtype=torch.float32, device=query.device)
-    bias.masked_fill_(torch.arange(n, device=query.device)[None, :] > probes[:, None], float("-inf"))
-    bias = bias.repeat(group, 1)  # (group * m, n), row order matches q_probe
-    per_head = group * m * n * 4
-    heads_per_chunk = max(1, min(num_kv_heads, chunk_bytes // max(per_head, 1)))
-    total = torch.zeros(n, dtype=torch.float32, device=query.device)
-    for start in range(0, num_kv_heads, heads_per_chunk):
-        stop = min(start + heads_per_chunk, num_kv_heads)
-        k_chunk = key[start:stop].float()
-        logits = torch.baddbmm(
-            bias.expand(stop - start, -1, -1), q_probe[start:stop], k_chunk.transpose(1, 2)
+    device = query.device
+    total = torch.zeros(n, dtype=torch.float32, device=device)
+    if m == 0 or n == 0:
+        return total
+    # (num_kv_heads, m, group, head_dim): a block of probes is then one contiguous slice per KV head,
+    # holding the rows of every query head that shares that KV head.
+    q_probe = (
+        query.index_select(1, probes)
+        .to(torch.float32)
+        .mul_(scaling)
+        .view(num_kv_heads, group, m, head_dim)
+        .transpose(1, 2)
+        .contiguous()
+    )
+    k_t = key.to(torch.float32).transpose(1, 2)  # (num_kv_heads, head_dim, n)
+    per_block = probe_block_size(num_heads, n, device, chunk_bytes)
+    positions = probes.tolist()  # block bounds on the host (one transfer)
+    in_place = device.type == "cpu"
+    buffer = torch.empty(min(per_block, m) * num_heads * n, dtype=torch.float32, device=device)
+    for start in range(0, m, per_block):
+        stop = min(start + per_block, m)
+        rows = stop - start
+        visible = positions[stop - 1] + 1  # keys the last probe of the block sees
+        shared = positions[start] + 1  # keys every probe of the block sees
+        logits = buffer[: num_heads * rows * visible].view(num_kv_heads, rows * group, visible)
+        torch.matmul(
+            q_probe[:, start:stop].reshape(num_kv_heads, rows * group, head_dim),
+            k_t[:, :, :visible],
+            out=logits,
         )
-        total += torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+        if shared < visible:
+            tail = torch.arange(shared, visible, device=device)
+            hidden = tail[None, :] > probes[start:stop, None]  # (rows, visible - shared)
+            logits.view(num_kv_heads, rows, group, visible)[..., shared:].masked_fill_(
+                hidden[:, None, :], float("-inf")
+            )
+        if in_place:
+            # Row-wise kernel that reads each element before writing it: safe in place, no new block.
+            probs = torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        total[:visible] += probs.view(-1, visible).sum(dim=0)
     return total
 
 
@@ -360,6 +411,25 @@ def attention_backend(device: torch.device, dtype: torch.dtype, requested: str =
     return "flash" if flash_ok else "sdpa"
 
 
+def _sdpa_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal SDPA of one token-major sequence: ``(n, H, d)``, ``(n, Hkv, d)`` -> ``(n, H, d)`` (a view).
+
+    The inputs go in as 4-D head-major views (no copy): torch's fused CPU kernel (flash attention for
+    CPU, which skips the blocks above the diagonal) only takes 4-D inputs; 3-D inputs fall back to
+    the math path that materialises the ``n x n`` map (6x slower at 4K tokens, measured).
+    """
+    group = query.shape[1] // key.shape[1]
+    o = F.scaled_dot_product_attention(
+        query.transpose(0, 1)[None],
+        key.transpose(0, 1)[None],
+        value.transpose(0, 1)[None],
+        is_causal=True,
+        scale=scaling,
+        enable_gqa=group > 1,
+    )
+    return o[0].transpose(0, 1)  # a view: the CPU kernel writes head-major memory
+
+
 def causal_attention_varlen(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -373,7 +443,7 @@ def causal_attention_varlen(
     Parameters
     ----------
     query : torch.Tensor
-        Shape ``(total, num_heads, head_dim)``: the sequences concatenated.
+        Shape ``(total, num_heads, head_dim)``: the sequences concatenated (any strides).
     key, value : torch.Tensor
         Shape ``(total, num_kv_heads, head_dim)``.
     cu_seqlens : list[int]
@@ -382,12 +452,12 @@ def causal_attention_varlen(
         Softmax scale.
     backend : {"sdpa", "flash"}
         ``flash`` calls ``flash_attn_varlen_func`` once; ``sdpa`` calls torch SDPA per sequence with
-        ``is_causal=True``.
+        ``is_causal=True`` (4-D, so the fused kernel runs).
 
     Returns
     -------
     torch.Tensor
-        Shape ``(total, num_heads, head_dim)``.
+        Shape ``(total, num_heads, head_dim)``, contiguous.
     """
     if backend == "flash":
         from flash_attn import flash_attn_varlen_func
@@ -395,19 +465,69 @@ def causal_attention_varlen(
         cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=query.device)
         max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True))
         return flash_attn_varlen_func(
-            query, key, value, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True
+            query.contiguous(),
+            key.contiguous(),
+            value.contiguous(),
+            cu,
+            cu,
+            max_len,
+            max_len,
+            softmax_scale=scaling,
+            causal=True,
         )
-    group = query.shape[1] // key.shape[1]
-    out = torch.empty_like(query)
-    for start, stop in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
-        if stop == start:
-            continue
-        q = query[start:stop].transpose(0, 1)
-        k = key[start:stop].transpose(0, 1)
-        v = value[start:stop].transpose(0, 1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=group > 1)
-        out[start:stop] = o.transpose(0, 1)
+    bounds = list(zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True))
+    if len(bounds) == 1 and bounds[0] == (0, query.shape[0]) and query.shape[0] > 0:
+        return _sdpa_causal(query, key, value, scaling).contiguous()
+    out = query.new_empty(query.shape)
+    for start, stop in bounds:
+        if stop > start:
+            out[start:stop] = _sdpa_causal(query[start:stop], key[start:stop], value[start:stop], scaling)
     return out
+
+
+def gather_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kept: torch.Tensor,
+    scaling: float,
+    *,
+    backend: str = "sdpa",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention among the kept tokens, returning only their rows and their gathered keys / values.
+
+    The gathered keys and values are what an evicting cache stores, so a prefill gathers each tensor
+    exactly once. When every token is kept nothing is gathered (the inputs are returned as they are).
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        Shape ``(n, num_heads, head_dim)``, token-major (any strides).
+    key, value : torch.Tensor
+        Shape ``(n, num_kv_heads, head_dim)``.
+    kept : torch.LongTensor
+        Kept positions, shape ``(p,)``, strictly ascending.
+    scaling : float
+        Softmax scale.
+    backend : {"sdpa", "flash"}
+        Kernel, see :func:`attention_backend`.
+
+    Returns
+    -------
+    out_kept : torch.Tensor
+        Shape ``(p, num_heads, head_dim)``, any strides: the attention output of the kept rows.
+    key_kept, value_kept : torch.Tensor
+        Shape ``(p, num_kv_heads, head_dim)``.
+    """
+    if kept.numel() != query.shape[0]:
+        query = query.index_select(0, kept)
+        key = key.index_select(0, kept)
+        value = value.index_select(0, kept)
+    if backend == "sdpa" and kept.numel() > 0:
+        out_kept = _sdpa_causal(query, key, value, scaling)  # a view; the caller scatters it
+    else:
+        out_kept = causal_attention_varlen(query, key, value, [0, kept.numel()], scaling, backend)
+    return out_kept, key, value
 
 
 def sparse_causal_attention(
@@ -446,17 +566,14 @@ def sparse_causal_attention(
         Shape ``(n, num_heads, head_dim)``.
     """
     n = query.shape[0]
+    out_kept, _, _ = gather_causal_attention(query, key, value, kept, scaling, backend=backend)
     if kept.numel() == n:
-        dense = causal_attention_varlen(query, key, value, [0, n], scaling, backend)
-        return dense if out is None else out.copy_(dense)
+        return out_kept.contiguous() if out is None else out.copy_(out_kept)
     if out is None:
         out = query.new_zeros(query.shape)
     else:
         out.zero_()
-    q = query.index_select(0, kept)
-    k = key.index_select(0, kept)
-    v = value.index_select(0, kept)
-    out.index_copy_(0, kept, causal_attention_varlen(q, k, v, [0, kept.numel()], scaling, backend))
+    out.index_copy_(0, kept, out_kept)
     return out
 
 
@@ -479,13 +596,13 @@ def masked_dense_attention(
     mask |= ~keep[:, None]  # rows that are dropped anyway: any valid row avoids NaN
     group = query.shape[1] // key.shape[1]
     o = F.scaled_dot_product_attention(
-        query.transpose(0, 1),
-        key.transpose(0, 1),
-        value.transpose(0, 1),
+        query.transpose(0, 1)[None],
+        key.transpose(0, 1)[None],
+        value.transpose(0, 1)[None],
         attn_mask=mask,
         scale=scaling,
         enable_gqa=group > 1,
-    ).transpose(0, 1)
+    )[0].transpose(0, 1)
     return o * keep[:, None, None].to(o.dtype)
 
 
@@ -509,8 +626,10 @@ __all__ = [
     "ceil_div",
     "dense_selection",
     "flash_attn_available",
+    "gather_causal_attention",
     "masked_dense_attention",
     "probe_attention_scores",
+    "probe_block_size",
     "probe_row_counts",
     "select_important",
     "select_probes",
