@@ -89,6 +89,7 @@ class LLMEngine:
         self._totals = {"finished": 0, "aborted": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_batch": 0}
         self._prediction_error = 0.0
         self._seen_prefills = 0
+        self.last_step: tuple[str, int, float] | None = None  # (kind, sequences, seconds) of the latest step
 
     @classmethod
     def from_pretrained(
@@ -258,9 +259,10 @@ class LLMEngine:
         if scheduled is None:
             return []
         kind, seqs = scheduled
-        if kind == "prefill":
-            return self._prefill_step(seqs)
-        return self._decode_step()
+        start = time.perf_counter()
+        outputs = self._prefill_step(seqs) if kind == "prefill" else self._decode_step()
+        self.last_step = (kind, len(seqs), time.perf_counter() - start)
+        return outputs
 
     def _prefill_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         now = time.perf_counter()

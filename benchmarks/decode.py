@@ -1,0 +1,173 @@
+"""Decode throughput at a fixed KV pool size: dense vs ZipVL, side by side in one process.
+
+Many concurrent long-image requests are submitted at once to the paged engine with the same KV pool.
+Dense attention keeps every prompt token in every layer, so few sequences fit; ZipVL keeps a fraction,
+so more fit in one decode batch. Reported per configuration: the most sequences decoded together,
+decode tokens/s (decode tokens over time spent in decode steps), end-to-end tokens/s, preemptions,
+and the ratios against dense.
+
+    python -m benchmarks.decode                 # the full run (a few minutes on 2 CPU cores)
+    python -m benchmarks.decode --smoke         # seconds, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import write_results
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine import LLMEngine, SamplingParams
+from zipvl_ray.models import load_model
+
+
+def long_image_prompt(i: int, n_images: int) -> dict:
+    rng = np.random.default_rng(i)
+    images = [Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)) for _ in range(n_images)]
+    content = [{"type": "image"} for _ in range(n_images)] + [
+        {"type": "text", "text": f"Request {i}: what changes?"}
+    ]
+    return {"messages": [{"role": "user", "content": content}], "images": images}
+
+
+def run(model, processor, zipvl: ZipVLConfig, prompts, args) -> dict:
+    engine = LLMEngine(
+        model,
+        processor,
+        zipvl=zipvl,
+        engine=EngineConfig(
+            kv_cache_bytes=args.kv_mb * 1024 * 1024,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=8192,
+            max_num_batched_tokens=16384,
+            decode_headroom_tokens=args.headroom,
+        ),
+    )
+    sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, sampling)
+    decode_time = prefill_time = 0.0
+    decode_tokens = 0
+    batch_sizes = []
+    start = time.perf_counter()
+    finished = 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        finished += sum(o.finished for o in outs)
+        kind, n, seconds = engine.last_step
+        if kind == "decode":
+            decode_time += seconds
+            decode_tokens += n
+            batch_sizes.append(n)
+        else:
+            prefill_time += seconds
+    wall = time.perf_counter() - start
+    stats = engine.stats()
+    generated = len(prompts) * args.max_tokens
+    return {
+        "max_concurrent_seqs": stats.max_concurrent_seqs,
+        "mean_decode_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
+        "decode_tokens_per_s": decode_tokens / decode_time if decode_time else 0.0,
+        "e2e_tokens_per_s": generated / wall,
+        "decode_time_s": decode_time,
+        "prefill_time_s": prefill_time,
+        "wall_s": wall,
+        "preemptions": stats.num_preemptions,
+        "mean_kept_fraction": stats.mean_kept_fraction,
+        "kv_pool_mb": stats.kv_bytes_capacity / 2**20,
+        "finished": finished,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny-llava")
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument(
+        "--images", type=int, default=32, help="images per request (64 tokens each on tiny-llava)"
+    )
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--kv-mb", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument(
+        "--headroom", type=int, default=16, help="decode tokens reserved per layer at admission"
+    )
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.requests, args.images, args.max_tokens, args.kv_mb = 6, 2, 4, 1
+    torch.manual_seed(0)
+    model, processor = load_model(args.model)
+    prompts = [long_image_prompt(i, args.images) for i in range(args.requests)]
+    configs = {
+        "dense": ZipVLConfig(enabled=False),
+        "zipvl r=0.35": ZipVLConfig(max_keep_ratio=0.35),
+        "zipvl adaptive (tau=0.975)": ZipVLConfig(),
+    }
+    rows = []
+    for name, cfg in configs.items():
+        result = run(model, processor, cfg, prompts, args)
+        rows.append({"config": name, **result})
+    dense = rows[0]
+    for row in rows:
+        row["concurrency_x"] = row["max_concurrent_seqs"] / max(dense["max_concurrent_seqs"], 1)
+        row["decode_throughput_x"] = row["decode_tokens_per_s"] / max(dense["decode_tokens_per_s"], 1e-9)
+        row["e2e_throughput_x"] = row["e2e_tokens_per_s"] / max(dense["e2e_tokens_per_s"], 1e-9)
+    prompt_tokens = len(
+        processor(
+            text=[
+                processor.apply_chat_template(
+                    prompts[0]["messages"], add_generation_prompt=True, tokenize=False
+                )
+            ],
+            images=prompts[0]["images"],
+        )["input_ids"][0]
+    )
+    summary = {
+        "model": args.model,
+        "requests": args.requests,
+        "prompt_tokens": prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "kv_pool_mb": args.kv_mb,
+        "decode_throughput_x_at_r0.35": rows[1]["decode_throughput_x"],
+        "target_x": 2.8,
+    }
+    columns = [
+        "config",
+        "max_concurrent_seqs",
+        "mean_decode_batch",
+        "decode_tokens_per_s",
+        "decode_throughput_x",
+        "concurrency_x",
+        "e2e_tokens_per_s",
+        "e2e_throughput_x",
+        "preemptions",
+        "mean_kept_fraction",
+        "wall_s",
+    ]
+    name = "decode_smoke" if args.smoke else "decode"
+    write_results(
+        name,
+        rows,
+        columns=columns,
+        summary=summary,
+        title="Decode throughput at a fixed KV pool: dense vs ZipVL",
+        notes=__doc__.split("\n\n")[1],
+        out_dir=args.out_dir,
+    )
+    for row in rows:
+        print(
+            f"{row['config']:>28}: {row['max_concurrent_seqs']:4d} seqs  {row['decode_tokens_per_s']:8.1f} tok/s  x{row['decode_throughput_x']:.2f}"
+        )
+    return {"rows": rows, "summary": summary}
+
+
+if __name__ == "__main__":
+    main()
