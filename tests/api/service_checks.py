@@ -94,7 +94,6 @@ def check_chat_with_image(target: Target) -> dict:
     body = response.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["model"] == target.model
-    assert response.headers["x-request-id"] == body["id"]
     assert text, "empty answer"
     usage = body["usage"]
     assert usage["completion_tokens"] >= 1

@@ -190,6 +190,7 @@ class FakeEngine:
                 self._held[request_id] += len(delta) * NUM_LAYERS * BYTES_PER_TOKEN_LAYER
                 last = i >= len(budget) - 1
                 if last:
+                    self.finished += 1
                     metrics.kv_bytes = self._held[request_id]
                     metrics.kv_bytes_dense = (
                         (len(token_ids) + len(generated)) * NUM_LAYERS * BYTES_PER_TOKEN_LAYER
@@ -206,7 +207,6 @@ class FakeEngine:
                     metrics=metrics,
                 )
                 if last:
-                    self.finished += 1
                     return
         finally:
             if not finished and request_id in self._held:

@@ -404,7 +404,7 @@ class ChatCompletionHandler:
             return StreamingResponse(
                 self._stream(chat, request, created, first, outputs),
                 media_type=SSE_MEDIA_TYPE,
-                headers={**SSE_HEADERS, "X-Request-Id": chat.request_id},
+                headers=SSE_HEADERS,
             )
         try:
             final = first
@@ -433,7 +433,7 @@ class ChatCompletionHandler:
             zipvl=ZipVLReport.from_metrics(final.metrics),
         )
         self.counters.completed += 1
-        return JSONResponse(response.model_dump(mode="json"), headers={"X-Request-Id": chat.request_id})
+        return JSONResponse(response.model_dump(mode="json"))
 
     async def _stream(
         self,

@@ -1,0 +1,285 @@
+"""The Ray Serve application: ``deployments.app:build_app`` with typed, validated arguments.
+
+``serve run configs/zipvl.yaml`` calls :func:`build_app` with the YAML's ``args:`` validated as
+:class:`AppArgs` at deploy time (unknown or out-of-range keys fail the deploy with a message naming
+them). Three deployments::
+
+    HTTP -> OpenAIIngress --pixels--> VisionEncoder --features (object store)--+
+                  |                                                            v
+                  +--------------token ids + routing hints----------------> LLMServer --tokens--> ingress -> client
+
+Python callers may inject the engine, encoder and processor loader (tests use fakes) with
+:func:`build_application`.
+
+No ``from __future__ import annotations`` here on purpose: Serve reads :func:`build_app`'s parameter
+annotation as a class to validate ``args`` with it.
+"""
+
+import importlib
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.serve import Application
+
+from deployments.ingress import OpenAIIngress
+from deployments.llm import LLMServer
+from deployments.schema_check import unknown_keys
+from deployments.vision import VisionEncoderServer
+from zipvl_ray.api.images import ImageLimits
+from zipvl_ray.api.server import ServingSettings
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+
+#: Set in every replica: torch tensors cross the object store without a copy (features, pixels).
+ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+DTYPE_NAMES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
+
+
+class StageOptions(BaseModel):
+    """Replicas and resources of one deployment (``None`` keeps Serve's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | Literal["auto"] | None = Field(
+        None, description="Fixed replica count, or 'auto' for Serve's default autoscaling. None: 1."
+    )
+    num_cpus: float | None = Field(
+        None,
+        ge=0,
+        description="CPUs reserved per replica. None: Ray's default (1). Use 0 on a small CPU machine.",
+    )
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica (fractions share a GPU).")
+    memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica for scheduling.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica runs at once.")
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Requests a caller may queue for this deployment before 503s (-1: no limit)."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config (checked strictly against Ray's AutoscalingConfig)."
+    )
+    request_router_config: dict[str, Any] | None = Field(
+        None, description="Serve request_router_config (checked strictly against Ray's RequestRouterConfig)."
+    )
+    health_check_period_s: float | None = Field(
+        None, gt=0, description="Seconds between Serve health checks."
+    )
+    health_check_timeout_s: float | None = Field(None, gt=0, description="Seconds a health check may take.")
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="Seconds a stopping replica waits for in-flight requests."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables of the replicas."
+    )
+
+    @model_validator(mode="after")
+    def _check_serve_blocks(self) -> "StageOptions":
+        from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+        for name, model in (
+            ("autoscaling_config", AutoscalingConfig),
+            ("request_router_config", RequestRouterConfig),
+        ):
+            block = getattr(self, name)
+            if block is None:
+                continue
+            unknown = unknown_keys(block, model, name)
+            if unknown:
+                raise ValueError(f"unknown keys (misspelled?): {', '.join(unknown)}")
+            model.model_validate(block)
+        if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
+            raise ValueError("set either num_replicas (a number) or autoscaling_config, not both")
+        return self
+
+    def deployment_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options(...)``."""
+        actor: dict[str, Any] = {"runtime_env": {"env_vars": {**env_vars, **self.env_vars}}}
+        for key in ("num_cpus", "num_gpus", "memory", "accelerator_type"):
+            value = getattr(self, key)
+            if value is not None:
+                actor[key] = value
+        options: dict[str, Any] = {"ray_actor_options": actor}
+        for key in (
+            "num_replicas",
+            "max_ongoing_requests",
+            "max_queued_requests",
+            "autoscaling_config",
+            "request_router_config",
+            "health_check_period_s",
+            "health_check_timeout_s",
+            "graceful_shutdown_timeout_s",
+        ):
+            value = getattr(self, key)
+            if value is not None:
+                options[key] = value
+        return options
+
+
+class VisionStageOptions(StageOptions):
+    """The vision stage's replicas and resources, plus batching and the encoder cache."""
+
+    max_batch_size: int = Field(8, ge=1, le=512, description="Most requests batched into one vision forward.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=1, description="How long the first request of a batch waits for more."
+    )
+    cache_size: int = Field(
+        256, ge=0, description="Entries of the encoder's LRU cache per replica (0 disables it)."
+    )
+
+    @model_validator(mode="after")
+    def _check_batch_fits(self) -> "VisionStageOptions":
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or batches never fill"
+            )
+        return self
+
+    def deployment_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
+        options = super().deployment_options(env_vars)
+        # A replica must accept a whole batch at once, or batches never fill.
+        options.setdefault("max_ongoing_requests", max(5, 2 * self.max_batch_size))
+        return options
+
+
+def _check_import_path(path: str) -> str:
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"expected 'package.module:Attribute', got {path!r}")
+    return path
+
+
+def import_attr(path: str) -> Any:
+    """``"package.module:Attribute"`` -> the attribute."""
+    module, _, attr = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class AppArgs(BaseModel):
+    """Arguments of the zipvl-ray Serve application (the ``args:`` of ``configs/zipvl.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tiny-llava",
+        min_length=1,
+        description="Built-in model name (tiny-llava, zipvl-tiny, ...), local checkpoint directory or hub id.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients send as 'model' (default: the model value)."
+    )
+    dtype: str | None = Field(
+        None, description="Weights dtype: auto, float32, float16, bfloat16 (None: the checkpoint's)."
+    )
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'... (None: CUDA when available).")
+    zipvl: ZipVLConfig = Field(default_factory=ZipVLConfig, description="Server-side ZipVL defaults.")
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="KV pool and batching of each LLM replica."
+    )
+    images: ImageLimits = Field(
+        default_factory=ImageLimits, description="Image limits and remote URL policy."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="Generation budget when a request sets none.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest HTTP request body (413 above)."
+    )
+    health_timeout_s: float = Field(5.0, gt=0, description="How long GET /health waits for each stage.")
+    ingress: StageOptions = Field(default_factory=StageOptions, description="The HTTP ingress deployment.")
+    vision: VisionStageOptions = Field(
+        default_factory=VisionStageOptions, description="The vision deployment."
+    )
+    llm: StageOptions = Field(default_factory=StageOptions, description="The LLM deployment.")
+    zero_copy_tensors: bool = Field(
+        True,
+        description="Set RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1 in every replica (tensors cross without a copy).",
+    )
+    engine_class: str = Field(
+        "zipvl_ray.engine:AsyncLLMEngine", description="Engine class of the LLM stage ('module:Class')."
+    )
+    encoder_class: str = Field(
+        "zipvl_ray.vision:VisionEncoder", description="Encoder class of the vision stage ('module:Class')."
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPE_NAMES)}")
+        return value
+
+    @field_validator("engine_class", "encoder_class")
+    @classmethod
+    def _check_paths(cls, value: str) -> str:
+        return _check_import_path(value)
+
+    @property
+    def name(self) -> str:
+        """The served model name."""
+        return self.served_model_name or self.model
+
+    def serving_settings(self) -> ServingSettings:
+        """What the HTTP layer needs."""
+        return ServingSettings(
+            served_model_name=self.name,
+            model_source=self.model,
+            max_model_len=self.engine.max_model_len,
+            default_max_tokens=self.default_max_tokens,
+            zipvl=self.zipvl,
+            images=self.images,
+            max_request_bytes=self.max_request_bytes,
+            health_timeout_s=self.health_timeout_s,
+        )
+
+    def env_vars(self) -> dict[str, str]:
+        return dict(ZERO_COPY_ENV) if self.zero_copy_tensors else {}
+
+
+def build_application(
+    args: AppArgs,
+    *,
+    engine_cls: type | None = None,
+    encoder_cls: type | None = None,
+    processor_loader: Callable[[str], Any] | None = None,
+) -> Application:
+    """The application, with optional injected engine and encoder classes and processor loader.
+
+    Parameters
+    ----------
+    args : AppArgs
+    engine_cls, encoder_cls : type, optional
+        Override ``args.engine_class`` / ``args.encoder_class`` (which are imported otherwise).
+    processor_loader : callable, optional
+        ``model name -> processor`` used by the ingress.
+    """
+    engine_cls = engine_cls or import_attr(args.engine_class)
+    encoder_cls = encoder_cls or import_attr(args.encoder_class)
+    env = args.env_vars()
+    vision = VisionEncoderServer.options(**args.vision.deployment_options(env)).bind(
+        encoder_cls,
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        cache_size=args.vision.cache_size,
+        max_batch_size=args.vision.max_batch_size,
+        batch_wait_timeout_s=args.vision.batch_wait_timeout_s,
+    )
+    llm = LLMServer.options(**args.llm.deployment_options(env)).bind(
+        engine_cls, args.model, dtype=args.dtype, device=args.device, zipvl=args.zipvl, engine=args.engine
+    )
+    return OpenAIIngress.options(**args.ingress.deployment_options(env)).bind(
+        vision, llm, args.serving_settings(), args.model, processor_loader
+    )
+
+
+def build_app(args: AppArgs) -> Application:
+    """Serve application builder (``import_path: deployments.app:build_app``)."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
+    return build_application(args)
+
+
+__all__ = ["AppArgs", "StageOptions", "VisionStageOptions", "build_app", "build_application"]

@@ -1,0 +1,139 @@
+"""``configs/*.yaml`` against Ray's config schema (strictly: unknown keys are errors) and ``AppArgs``."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import AppArgs, StageOptions, VisionStageOptions, build_app
+from deployments.schema_check import unknown_keys
+from zipvl_ray.models import builtin_model_names
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = ["zipvl.yaml", "zipvl-gpu.yaml"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CONFIG_DIR / name).read_text())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_key_is_known_to_ray(name):
+    config = load(name)
+    assert unknown_keys(config, ServeDeploySchema) == []
+    ServeDeploySchema.model_validate(config)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_args_validate_and_build(name):
+    (app,) = load(name)["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    assert app["runtime_env"]["env_vars"]["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
+    args = AppArgs.model_validate(app["args"])
+    assert args.zero_copy_tensors
+    # What Serve does at deploy time: validate ``args`` with the builder's annotation, then build.
+    (parameter,) = inspect.signature(build_app).parameters.values()
+    assert parameter.annotation is AppArgs
+    application = build_app(parameter.annotation.model_validate(app["args"]))
+    assert type(application).__name__ == "Application"
+
+
+def test_cpu_config_fits_two_cores_with_a_builtin_model():
+    args = AppArgs.model_validate(load("zipvl.yaml")["applications"][0]["args"])
+    assert args.model in builtin_model_names()
+    assert args.device == "cpu"
+    assert [s.num_cpus for s in (args.ingress, args.vision, args.llm)] == [0, 0, 0]
+    assert load("zipvl.yaml")["http_options"]["host"] == "127.0.0.1"
+    assert args.images.allowed_url_hosts == []
+
+
+def test_gpu_config_runs_llava_next_on_several_gpu_replicas():
+    args = AppArgs.model_validate(load("zipvl-gpu.yaml")["applications"][0]["args"])
+    assert "llava-v1.6" in args.model
+    assert args.device == "cuda" and args.dtype == "bfloat16"
+    assert args.llm.num_gpus == 1 and isinstance(args.llm.num_replicas, int) and args.llm.num_replicas > 1
+    assert args.vision.num_gpus and args.vision.num_gpus > 0
+
+
+@pytest.mark.parametrize(
+    "path, typo, expected",
+    [
+        (("applications", 0), "routeprefix", "applications[0].routeprefix"),
+        (("http_options",), "prot", "http_options.prot"),
+        ((), "proxy_locaton", "proxy_locaton"),
+    ],
+)
+def test_strict_check_catches_misspelled_keys(path, typo, expected):
+    config = copy.deepcopy(load("zipvl.yaml"))
+    node = config
+    for step in path:
+        node = node[step]
+    node[typo] = "x"
+    ServeDeploySchema.model_validate(config)  # Ray itself accepts the typo...
+    assert unknown_keys(config, ServeDeploySchema) == [expected]  # ...the strict check does not.
+
+
+def test_strict_check_walks_deployment_overrides():
+    config = copy.deepcopy(load("zipvl.yaml"))
+    config["applications"][0]["deployments"] = [
+        {
+            "name": "LLMServer",
+            "num_replica": 2,
+            "autoscaling_config": {"min_replica": 1},
+            "ray_actor_options": {"num_gpu": 1},
+        }
+    ]
+    assert unknown_keys(config, ServeDeploySchema) == [
+        "applications[0].deployments[0].num_replica",
+        "applications[0].deployments[0].autoscaling_config.min_replica",
+        "applications[0].deployments[0].ray_actor_options.num_gpu",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ({"modle": "tiny-llava"}, "modle"),
+        ({"zipvl": {"tau": 2}}, "tau"),
+        ({"zipvl": {"tua": 0.9}}, "tua"),
+        ({"engine": {"max_model_len": 1}}, "max_model_len"),
+        ({"images": {"max_image_bytes": 0}}, "max_image_bytes"),
+        ({"images": {"allowed_url_hosts": ["http://x/"]}}, "allowed_url_hosts"),
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"engine_class": "zipvl_ray.engine.AsyncLLMEngine"}, "module:Attribute"),
+        ({"llm": {"num_gpu": 1}}, "num_gpu"),
+        ({"llm": {"autoscaling_config": {"min_replica": 1}}}, "autoscaling_config.min_replica"),
+        ({"llm": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 1}}}, "max_replicas"),
+        ({"llm": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
+        ({"llm": {"request_router_config": {"request_router_klass": "a:B"}}}, "request_router_klass"),
+        ({"vision": {"max_batch_size": 32, "max_ongoing_requests": 8}}, "max_batch_size"),
+    ],
+)
+def test_bad_args_fail_at_deploy_time_naming_the_key(args, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        AppArgs.model_validate(args)
+
+
+def test_stage_options_map_to_deployment_options():
+    stage = StageOptions(
+        num_replicas=3, num_cpus=0.5, num_gpus=1, max_ongoing_requests=16, env_vars={"A": "1"}
+    )
+    assert stage.deployment_options({"Z": "2"}) == {
+        "num_replicas": 3,
+        "max_ongoing_requests": 16,
+        "ray_actor_options": {
+            "num_cpus": 0.5,
+            "num_gpus": 1,
+            "runtime_env": {"env_vars": {"Z": "2", "A": "1"}},
+        },
+    }
+    assert StageOptions().deployment_options({}) == {"ray_actor_options": {"runtime_env": {"env_vars": {}}}}
+    # The vision stage accepts a whole batch at once unless told otherwise.
+    assert VisionStageOptions(max_batch_size=16).deployment_options({})["max_ongoing_requests"] == 32
+    assert AppArgs(zero_copy_tensors=False).env_vars() == {}
