@@ -1,0 +1,155 @@
+"""End to end: ``serve run configs/zipvl.yaml`` in a subprocess, the real engine and encoder, real HTTP.
+
+This is the command ``make serve`` runs and the README documents. The config is copied with only the
+HTTP port changed (a free one: other clusters may hold 8000), and ``RAY_ADDRESS=local`` makes
+``serve run`` start its own cluster instead of joining one another process started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.api import service_checks as checks
+from tests.api.helpers import image_data_url
+from tests.deployments.conftest import REPO_ROOT, free_port, ray_test_env
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STARTUP_TIMEOUT_S = 240
+
+
+def _require_real_stack() -> None:
+    engine = pytest.importorskip(
+        "zipvl_ray.engine", reason="the paged engine (zipvl_ray/engine) is not there yet"
+    )
+    if not hasattr(engine, "AsyncLLMEngine"):
+        pytest.skip("zipvl_ray.engine has no AsyncLLMEngine yet")
+    pytest.importorskip(
+        "zipvl_ray.vision", reason="the vision encoder (zipvl_ray/vision.py) is not there yet"
+    )
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    _require_real_stack()
+    config = yaml.safe_load((REPO_ROOT / "configs" / "zipvl.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    path = Path(tmp_path_factory.mktemp("serve")) / "zipvl.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (path.parent / "serve.log").open("w")
+    env = {**os.environ, **ray_test_env(), "RAY_ADDRESS": "local"}
+    serve_bin = Path(sys.executable).parent / "serve"
+    process = subprocess.Popen(
+        [str(serve_bin), "run", str(path)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert process.poll() is None, (
+                f"serve run exited:\n{(path.parent / 'serve.log').read_text()[-4000:]}"
+            )
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (
+                f"not healthy in time:\n{(path.parent / 'serve.log').read_text()[-4000:]}"
+            )
+            time.sleep(1)
+        args = config["applications"][0]["args"]
+        from zipvl_ray.api.images import ImageLimits
+
+        yield checks.Target(
+            base_url=base,
+            model=args["model"],
+            max_model_len=args["engine"]["max_model_len"],
+            limits=ImageLimits.model_validate(args["images"]),
+            fake=False,
+            timeout_s=180,
+        )
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()
+
+
+def test_health_and_models(served):
+    checks.check_models_and_health(served)
+
+
+def test_chat_completion_with_an_image(served):
+    checks.check_chat_with_image(served)
+
+
+def test_openai_client_streaming_and_not(served):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(31)}},
+                {"type": "text", "text": "What do you see?"},
+            ],
+        }
+    ]
+    common = dict(model=served.model, messages=messages, max_tokens=10, temperature=0.7, seed=3)
+    extra = {"ignore_eos": True, "zipvl": {"tau": 0.95}}
+    whole = client.chat.completions.create(**common, extra_body=extra)
+    assert whole.usage.completion_tokens == 10 and whole.choices[0].finish_reason == "length"
+    assert 0 < whole.model_extra["zipvl"]["mean_kept_ratio"] <= 1
+    chunks = list(
+        client.chat.completions.create(
+            **common, extra_body=extra, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_stream_matches_non_stream_for_a_fixed_seed(served):
+    checks.check_stream_matches_non_stream(served)
+
+
+def test_concurrent_requests(served):
+    checks.check_concurrent_requests(served, n=16)
+
+
+def test_encoder_cache_hit_keeps_the_answer(served):
+    checks.check_encoder_cache_hit(served)
+
+
+def test_disconnect_returns_kv_to_baseline(served):
+    checks.check_disconnect_frees_kv(served, max_tokens=3000)
+
+
+def test_tau_one_equals_dense(served):
+    checks.check_tau_one_is_dense(served)
+
+
+def test_bad_requests_and_still_healthy(served):
+    checks.check_bad_requests(served)
