@@ -135,6 +135,17 @@ def test_openai_client_streaming_and_not(target):
         )
 
 
+def test_vision_stage_batches_concurrent_requests(target):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [target.body(f"batch {i}", [image_data_url(500 + i)]) for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda b: checks.chat(target, b), bodies))
+    with target.client() as client:
+        (vision,) = client.get("/v1/stats").json()["vision"]
+    assert vision["max_batch_requests"] > 1 and vision["batches"] < vision["requests"]
+
+
 def test_stats_cover_every_llm_replica(target):
     for i in range(6):  # spread some requests
         checks.content(checks.chat(target, target.body(f"spread {i}")))

@@ -137,3 +137,13 @@ def test_stage_options_map_to_deployment_options():
     # The vision stage accepts a whole batch at once unless told otherwise.
     assert VisionStageOptions(max_batch_size=16).deployment_options({})["max_ongoing_requests"] == 32
     assert AppArgs(zero_copy_tensors=False).env_vars() == {}
+
+
+def test_docs_describe_every_app_argument():
+    docs = (CONFIG_DIR.parent / "docs" / "serving.md").read_text()
+    from zipvl_ray.api.images import ImageLimits
+
+    missing = [name for name in AppArgs.model_fields if name != "images" and f"`{name}`" not in docs]
+    missing += [f"images.{name}" for name in ImageLimits.model_fields if f"`images.{name}`" not in docs]
+    missing += [name for name in VisionStageOptions.model_fields if f"`{name}`" not in docs]
+    assert missing == []

@@ -460,7 +460,9 @@ class ChatCompletionHandler:
             body["choices"][0]["logprobs"] = None
             return sse_event({**body, **chunk_usage})
 
-        finished = False
+        # True once the generation ended (normally or with an error event); False in the finally
+        # clause means the client went away mid-stream (the stream was closed or cancelled).
+        ended = False
         try:
             yield chunk(DeltaMessage(role="assistant", content=""))
             output = first
@@ -470,7 +472,7 @@ class ChatCompletionHandler:
                 if output.finished:
                     break
                 output = await anext(outputs)
-            finished = True
+            ended = True
             if output.finish_reason == "error":
                 yield sse_event(
                     error_payload(
@@ -493,15 +495,24 @@ class ChatCompletionHandler:
                 self.counters.completed += 1
             yield SSE_DONE
         except StopAsyncIteration:
+            ended = True
             yield sse_event(
                 error_payload("the engine ended the stream early", type="server_error", code="engine_error")
             )
             yield SSE_DONE
         except APIError as exc:
+            ended = True
             yield sse_event(exc.to_dict())
             yield SSE_DONE
+        except Exception as exc:  # headers are sent: report in the stream, never a stack trace
+            ended = True
+            logger.error("stream %s failed: %s", chat.request_id, type(exc).__name__, exc_info=exc)
+            yield sse_event(
+                error_payload("internal server error", type="server_error", code="internal_error")
+            )
+            yield SSE_DONE
         finally:
-            if not finished:
+            if not ended:
                 self.counters.disconnected += 1
             await _close(outputs)
 

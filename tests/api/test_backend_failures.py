@@ -1,0 +1,131 @@
+"""How the HTTP layer reports what goes wrong behind it: refusals, engine errors, crashes mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.api.helpers import chat_body
+from zipvl_ray.api.errors import APIError
+from zipvl_ray.api.server import ServingSettings, build_openai_app
+from zipvl_ray.api.sse import parse_sse
+from zipvl_ray.engine.types import RequestError, RequestOutput
+
+
+def _token(
+    text: str, finished: bool = False, reason: str | None = None, error: str | None = None
+) -> RequestOutput:
+    return RequestOutput(
+        request_id="r",
+        token_ids=[1] * len(text),
+        text=text,
+        delta_text=text,
+        finished=finished,
+        finish_reason=reason,
+        error=error,
+    )
+
+
+class ScriptedBackend:
+    """Yields ``script`` items; an exception instance in the script is raised at that point."""
+
+    def __init__(self, script: list, health: dict | None = None):
+        self.script = script
+        self.health_result = health or {"llm": None, "vision": None}
+        self.closed = 0
+
+    async def generate(self, request_id, prompt, sampling, zipvl, hints):
+        try:
+            for item in self.script:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.closed += 1
+
+    async def health(self):
+        return self.health_result
+
+    async def stats(self):
+        return {"llm": [], "vision": []}
+
+
+SETTINGS = ServingSettings(served_model_name="tiny-llava", model_source="tiny-llava", max_model_len=512)
+
+
+def _call(backend, prompt_processor, body) -> httpx.Response:
+    async def run():
+        app = build_openai_app(backend, prompt_processor, SETTINGS)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if body is None:
+                return await client.get("/health")
+            return await client.post("/v1/chat/completions", json=body)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "script, status, fragment",
+    [
+        ([RequestError("the prompt holds token ids outside the vocabulary")], 400, "outside the vocabulary"),
+        ([APIError("refused upstream", status_code=400, code="x")], 400, "refused upstream"),
+        ([], 500, "no output"),
+        ([RuntimeError("secret detail")], 500, "internal server error"),
+        ([_token("a"), _token("b", True, "error", "out of blocks")], 500, "generation failed: out of blocks"),
+        ([_token("a")], 500, "without a result"),
+    ],
+)
+def test_non_streamed_failures(prompt_processor, script, status, fragment):
+    backend = ScriptedBackend(script)
+    response = _call(backend, prompt_processor, chat_body())
+    assert response.status_code == status
+    assert fragment in response.json()["error"]["message"]
+    assert "secret detail" not in response.text
+    assert backend.closed == 1
+
+
+@pytest.mark.parametrize(
+    "script, status, last_event_fragment",
+    [
+        ([RequestError("too many images")], 400, None),
+        ([_token("a"), RuntimeError("secret detail")], 200, "internal server error"),
+        ([_token("a"), _token("b", True, "error", "engine died")], 200, "generation failed: engine died"),
+        ([_token("a")], 200, "ended the stream early"),
+        ([_token("a"), APIError("upstream refused", status_code=400)], 200, "upstream refused"),
+    ],
+)
+def test_streamed_failures(prompt_processor, script, status, last_event_fragment):
+    backend = ScriptedBackend(script)
+    response = _call(backend, prompt_processor, chat_body(stream=True))
+    assert response.status_code == status
+    assert "secret detail" not in response.text
+    if last_event_fragment is None:
+        assert "error" in response.json()
+        return
+    events = list(parse_sse(response.text))
+    assert events[-1] == "[DONE]"
+    assert last_event_fragment in events[-2]["error"]["message"]
+    assert (
+        events[0]["choices"][0]["delta"]["content"] == ""
+        and events[1]["choices"][0]["delta"]["content"] == "a"
+    )
+    assert backend.closed == 1
+
+
+@pytest.mark.parametrize(
+    "stages, status, detail",
+    [
+        ({"llm": None, "vision": None}, 200, {}),
+        ({"llm": "no answer within 5.0 s", "vision": None}, 503, {"llm": "no answer within 5.0 s"}),
+    ],
+)
+def test_health_is_ready_only_when_every_stage_is(prompt_processor, stages, status, detail):
+    response = _call(ScriptedBackend([], health=stages), prompt_processor, None)
+    assert response.status_code == status
+    body = response.json()
+    assert body["detail"] == detail
+    assert body["stages"]["ingress"] is True
+    assert body["stages"]["llm"] is (stages["llm"] is None)

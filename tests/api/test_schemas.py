@@ -1,0 +1,144 @@
+"""The OpenAI request schema: what it accepts, what it refuses (and names), how it maps to the template."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from zipvl_ray.api.schemas import ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ZipVLReport
+from zipvl_ray.engine.types import RequestMetrics
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+def request(**fields) -> dict:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    body.update(fields)
+    return body
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"max_tokens": 5, "max_completion_tokens": 7, "temperature": 0, "top_p": 1, "seed": 0},
+        {"temperature": 2, "top_p": 0.1, "top_k": 0, "stop": "x"},
+        {"stop": ["a", "b", "c", "d"], "n": 1, "user": "u", "frequency_penalty": 0, "presence_penalty": 0.0},
+        {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "response_format": {"type": "text"}},
+        {"stream": True, "stream_options": {"include_usage": True}},
+        {"zipvl": {"tau": 1.0, "max_keep_ratio": 0.0, "enabled": False}},
+        {"zipvl": {}},
+        {"messages": [{"role": "developer", "content": "sys"}, {"role": "user", "content": [IMAGE, IMAGE]}]},
+        {"messages": [{"role": "user", "content": [IMAGE]}, {"role": "assistant", "content": "ok"}]},
+    ],
+)
+def test_accepted(fields):
+    ChatCompletionRequest.model_validate(request(**fields))
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({"messages": []}, "at least 1 item"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": "   "}]}, "content is empty"),
+        ({"messages": [{"role": "user", "content": []}]}, "empty list"),
+        ({"messages": [{"role": "user", "content": None}]}, "tool calls are not supported"),
+        ({"messages": [{"role": "user", "content": 3}]}, "string or a list"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "unsupported type 'input_audio'",
+        ),
+        ({"messages": [{"role": "user", "content": ["text"]}]}, "must be an object"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": " "}]}]},
+            "no text and no image",
+        ),
+        ({"messages": [{"role": "system", "content": [IMAGE]}]}, "only allowed in user messages"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "Extra inputs"),
+        ({"max_tokens": 0}, "greater than or equal to 1"),
+        ({"max_tokens": 1.5}, "valid integer"),
+        ({"max_tokens": "5"}, "valid integer"),
+        ({"temperature": -0.1}, "greater than or equal to 0"),
+        ({"temperature": "hot"}, "valid number"),
+        ({"top_p": 1.1}, "less than or equal to 1"),
+        ({"seed": -1}, "greater than or equal to 0"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+        ({"stop": [""]}, "must not be empty"),
+        ({"n": 3}, "only n=1"),
+        ({"stream": "yes"}, "valid boolean"),
+        ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty must be 0"),
+        ({"logprobs": True}, "logprobs is not supported"),
+        ({"logit_bias": {"1": 5}}, "logit_bias is not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": []}, "Extra inputs"),
+        ({"zipvl": {"tau": 0}}, "greater than 0"),
+        ({"zipvl": {"max_keep_ratio": 1.5}}, "less than or equal to 1"),
+        ({"zipvl": {"enabled": "no"}}, "valid boolean"),
+        ({"zipvl": {"normalize": "causal_length"}}, "Extra inputs"),
+    ],
+)
+def test_refused(fields, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        ChatCompletionRequest.model_validate(request(**fields))
+
+
+def test_template_messages_keep_image_order_and_map_developer_to_system():
+    body = ChatCompletionRequest.model_validate(
+        request(
+            messages=[
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, IMAGE, {**IMAGE, "image_url": {"url": "u2"}}],
+                },
+            ]
+        )
+    )
+    assert body.template_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "image"}]},
+    ]
+    assert body.image_urls() == ["data:image/png;base64,AAAA", "u2"]
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({}, None),
+        ({"max_tokens": 3}, 3),
+        ({"max_completion_tokens": 4}, 4),
+        ({"max_tokens": 3, "max_completion_tokens": 4}, 4),
+    ],
+)
+def test_requested_max_tokens(fields, expected):
+    assert ChatCompletionRequest.model_validate(request(**fields)).requested_max_tokens == expected
+
+
+def test_zipvl_overrides_only_what_was_set():
+    body = ChatCompletionRequest.model_validate(request(zipvl={"tau": 0.9}))
+    assert body.zipvl.overrides() == {"tau": 0.9}
+
+
+def test_zipvl_report_from_metrics():
+    metrics = RequestMetrics(
+        prompt_tokens=10, image_tokens=4, kept_tokens_per_layer=[5, 10], kv_bytes=300, kv_bytes_dense=400
+    )
+    report = ZipVLReport.from_metrics(metrics)
+    assert report.model_dump() == {
+        "kept_ratio_per_layer": [0.5, 1.0],
+        "mean_kept_ratio": 0.75,
+        "kv_bytes": 300,
+        "kv_bytes_dense": 400,
+        "image_tokens": 4,
+    }
+
+
+def test_chunk_has_openai_shape():
+    chunk = ChatCompletionChunk(id="c", created=1, model="m", choices=[]).model_dump(exclude_none=True)
+    assert chunk == {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": []}
+
+
+def test_message_image_urls_of_a_string_message_are_empty():
+    assert ChatMessage(role="user", content="hi").image_urls == []

@@ -1,0 +1,144 @@
+"""The vision and LLM deployment classes without a cluster (their Serve wrappers unwrapped)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from deployments.llm import GenerateRequest, LLMServer, StreamError, slim_output
+from deployments.vision import VisionEncoderServer
+from tests.deployments.fakes import FakeEngine, FakeVisionEncoder
+from zipvl_ray.engine.types import RequestOutput, SamplingParams
+from zipvl_ray.multimodal import ImageInput
+from zipvl_ray.routing.replica_stats import AUTOSCALING_METRIC_NAMES
+
+
+def llm_server(**engine_kwargs) -> LLMServer:
+    server = LLMServer.func_or_class.__new__(LLMServer.func_or_class)
+    server.engine = FakeEngine(**engine_kwargs)
+    return server
+
+
+def test_constructor_loads_the_engine_without_its_vision_tower():
+    calls = []
+
+    class Recorder(FakeEngine):
+        @classmethod
+        def from_pretrained(cls, model, **kwargs):
+            calls.append((model, kwargs))
+            return cls()
+
+    LLMServer.func_or_class(Recorder, "tiny-llava", dtype="bf16", device="cpu")
+    assert calls == [
+        (
+            "tiny-llava",
+            {"dtype": "bf16", "device": "cpu", "zipvl": None, "engine": None, "load_vision": False},
+        )
+    ]
+
+
+def _request(request_id: str = "r1", max_tokens: int = 12, prompt: str = "hello") -> GenerateRequest:
+    return GenerateRequest(
+        request_id=request_id, token_ids=list(prompt.encode()), sampling=SamplingParams(max_tokens=max_tokens)
+    )
+
+
+def test_generate_streams_deltas_and_a_full_final_output():
+    server = llm_server(token_delay_s=0)
+
+    async def run():
+        return [item async for item in server.generate(_request(), None, routing_hints={"prompt_tokens": 5})]
+
+    items = asyncio.run(run())
+    assert all(isinstance(item, RequestOutput) for item in items)
+    assert all(item.token_ids == [] and item.text == "" for item in items[:-1])
+    final = items[-1]
+    assert final.finished and len(final.token_ids) == 12
+    assert "".join(item.delta_text for item in items) == final.text
+    assert server.engine.stats().kv_bytes_used == 0
+
+
+def test_a_refused_request_becomes_one_stream_error():
+    server = llm_server(token_delay_s=0)
+
+    async def run():
+        return [item async for item in server.generate(_request(max_tokens=10_000_000))]
+
+    (item,) = asyncio.run(run())
+    assert isinstance(item, StreamError) and item.status_code == 400 and "max_model_len" in item.message
+
+
+def test_closing_the_stream_aborts_the_request_and_frees_kv():
+    server = llm_server(token_delay_s=0.01)
+
+    async def run():
+        stream = server.generate(_request(max_tokens=200))
+        await anext(stream)
+        assert server.engine.stats().kv_bytes_used > 0
+        await stream.aclose()
+
+    asyncio.run(run())
+    assert server.engine.aborted == ["r1"]
+    assert server.engine.stats().kv_bytes_used == 0 and server.engine.stats().num_running == 0
+
+
+def test_cancelling_the_task_aborts_the_request():
+    server = llm_server(token_delay_s=0.01)
+
+    async def consume():
+        async for _ in server.generate(_request("r2", max_tokens=200)):
+            pass
+
+    async def run():
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert server.engine.aborted == ["r2"]
+
+
+def test_replica_stats_for_router_and_autoscaler():
+    server = llm_server()
+    routing = server.record_routing_stats()
+    assert {"kv_bytes_used", "kv_bytes_capacity", "kept_fraction_per_layer", "stats_timestamp"} <= set(
+        routing
+    )
+    autoscaling = server.record_autoscaling_stats()
+    assert list(autoscaling) == list(AUTOSCALING_METRIC_NAMES)
+    assert all(isinstance(v, float) for v in autoscaling.values())
+
+
+def test_slim_output_drops_cumulative_fields_until_the_end():
+    partial = RequestOutput("r", token_ids=[1, 2], text="ab", delta_token_ids=[2], delta_text="b")
+    assert slim_output(partial).token_ids == [] and slim_output(partial).delta_text == "b"
+    final = RequestOutput("r", token_ids=[1, 2], text="ab", finished=True, finish_reason="stop")
+    assert slim_output(final) is final
+
+
+def _image(seed: int) -> ImageInput:
+    return ImageInput(
+        pixel_values=torch.full((1, 3, 4, 4), float(seed)), extra={}, num_tokens=3, content_hash=f"h{seed}"
+    )
+
+
+def test_vision_batch_encodes_all_requests_at_once_and_splits_in_order():
+    server = VisionEncoderServer.func_or_class(
+        FakeVisionEncoder, "tiny-llava", cache_size=8, max_batch_size=8
+    )
+    requests = [[_image(i), _image(i + 10)] for i in range(3)] + [[_image(1)]]
+    # The batch body as @serve.batch calls it (the decorator itself needs a running replica).
+    batch = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
+    results = asyncio.run(batch(server, requests))
+    for images, features in zip(requests, results, strict=True):
+        assert [f.content_hash for f in features] == [im.content_hash for im in images]
+        assert all(f.embeds.device.type == "cpu" and f.embeds.is_contiguous() for f in features)
+    assert server.encoder.batch_sizes == [7]  # one encoder call for the whole batch
+    stats = server.stats()
+    assert (stats["batches"], stats["requests"], stats["images"], stats["max_batch_requests"]) == (1, 4, 7, 4)
+    assert (stats["misses"], stats["hits"]) == (6, 1)
+    assert asyncio.run(server.encode([])) == []
