@@ -1,0 +1,327 @@
+"""Serving benchmark: load against the running HTTP service, ZipVL on and off, and the serving overhead.
+
+Against a service that is already up (``make serve`` or ``serve run configs/zipvl.yaml``)::
+
+    .venv/bin/python -m benchmarks.serve --url http://127.0.0.1:8000 --concurrency 1 4 16 --image-sizes 112 448
+
+For every (image size, concurrency, ZipVL on/off) point it runs a closed loop: ``concurrency`` workers
+each send ``--requests-per-worker`` streamed chat completions (one image of that size, distinct per
+request so the encoder cache does not help, ``ignore_eos`` and a fixed ``--max-tokens`` so every
+request does the same work) and reports TTFT and TPOT p50/p95, end-to-end latency, output tokens per
+second, requests per second and errors. ZipVL off is the per-request ``zipvl.enabled = false``.
+
+``--direct`` also measures the serving overhead: the same requests one at a time through HTTP
+(non-streamed) and directly in this process (the same prompt preparation, vision encoder and engine,
+no HTTP and no Ray), and reports the p50 difference.
+
+``--smoke`` runs a tiny sweep against an in-process server (uvicorn, real tiny engine, no Ray) so the
+test suite can check the script does not rot. Results: ``benchmarks/results/serve.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.common import write_results
+
+
+def image_url(seed: int, side: int) -> str:
+    """A random ``side`` x ``side`` PNG as a data URL (random pixels: no two requests share an encoding)."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def request_body(
+    model: str, seed: int, side: int, max_tokens: int, zipvl_enabled: bool, stream: bool
+) -> dict:
+    return {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url(seed, side)}},
+                    {"type": "text", "text": f"Describe picture {seed} in detail."},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+        "zipvl": {"enabled": zipvl_enabled},
+    }
+
+
+@dataclass
+class Sample:
+    """One request's timings (seconds)."""
+
+    ok: bool
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+
+
+async def streamed_request(client: httpx.AsyncClient, body: dict) -> Sample:
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return Sample(ok=False, error=f"HTTP {response.status_code}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if first is None and '"content":"' in line and '"content":""' not in line:
+                    first = time.perf_counter()
+                if '"usage":{' in line and '"choices":[]' in line:
+                    tokens = int(line.split('"completion_tokens":')[1].split(",")[0].split("}")[0])
+                if line.startswith('data: {"error"'):
+                    return Sample(ok=False, error=line[6:200])
+    except httpx.HTTPError as exc:
+        return Sample(ok=False, error=type(exc).__name__)
+    end = time.perf_counter()
+    first = first or end
+    tpot = (end - first) / (tokens - 1) if tokens > 1 else None
+    return Sample(ok=True, latency_s=end - start, ttft_s=first - start, tpot_s=tpot, output_tokens=tokens)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+@dataclass
+class Point:
+    """One point of the sweep."""
+
+    image_side: int
+    concurrency: int
+    zipvl: bool
+    samples: list[Sample] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        ok = [s for s in self.samples if s.ok]
+        ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+        tpot = [s.tpot_s for s in ok if s.tpot_s is not None]
+        tokens = sum(s.output_tokens for s in ok)
+        return {
+            "image": self.image_side,
+            "concurrency": self.concurrency,
+            "zipvl": "on" if self.zipvl else "off",
+            "requests": len(self.samples),
+            "errors": len(self.samples) - len(ok),
+            "ttft_p50_ms": _ms(percentile(ttft, 50)),
+            "ttft_p95_ms": _ms(percentile(ttft, 95)),
+            "tpot_p50_ms": _ms(percentile(tpot, 50)),
+            "tpot_p95_ms": _ms(percentile(tpot, 95)),
+            "latency_p50_ms": _ms(percentile([s.latency_s for s in ok], 50)),
+            "output_tok_per_s": tokens / self.wall_s if self.wall_s else 0.0,
+            "requests_per_s": len(ok) / self.wall_s if self.wall_s else 0.0,
+        }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value * 1000.0
+
+
+async def run_point(url: str, model: str, point: Point, per_worker: int, max_tokens: int, seed0: int) -> None:
+    limits = httpx.Limits(max_connections=point.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker(w: int) -> None:
+            for i in range(per_worker):
+                seed = seed0 + w * per_worker + i
+                body = request_body(model, seed, point.image_side, max_tokens, point.zipvl, stream=True)
+                point.samples.append(await streamed_request(client, body))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(point.concurrency)))
+        point.wall_s = time.perf_counter() - start
+
+
+async def sweep(args) -> list[dict[str, Any]]:
+    rows, seed = [], 1_000_000
+    async with httpx.AsyncClient(base_url=args.url, timeout=30) as client:
+        model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+    for side in args.image_sizes:
+        for concurrency in args.concurrency:
+            for zipvl in (True, False):
+                point = Point(side, concurrency, zipvl)
+                await run_point(args.url, model, point, args.requests_per_worker, args.max_tokens, seed)
+                seed += concurrency * args.requests_per_worker
+                rows.append(point.row())
+                print(rows[-1], flush=True)
+    return rows
+
+
+async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
+    """p50 latency of one request at a time through HTTP vs directly on an in-process engine."""
+    from zipvl_ray.api.schemas import ChatCompletionRequest
+    from zipvl_ray.api.server import ChatPreparer, ServingSettings
+    from zipvl_ray.engine import AsyncLLMEngine, EncodedPrompt
+    from zipvl_ray.vision import VisionEncoder
+
+    async with httpx.AsyncClient(base_url=args.url, timeout=600) as client:
+        card = (await client.get("/v1/models")).json()["data"][0]
+        via_http = []
+        for i in range(n):
+            body = request_body(
+                card["id"], 2_000_000 + i, args.image_sizes[0], args.max_tokens, True, stream=False
+            )
+            start = time.perf_counter()
+            response = await client.post("/v1/chat/completions", json=body)
+            via_http.append(time.perf_counter() - start)
+            response.raise_for_status()
+    from deployments.ingress import load_processor
+    from zipvl_ray.multimodal import PromptProcessor
+
+    engine = AsyncLLMEngine.from_pretrained(model_source, device=args.device, load_vision=False)
+    encoder = VisionEncoder.from_pretrained(model_source, device=args.device)
+    settings = ServingSettings(
+        served_model_name=card["id"], model_source=model_source, max_model_len=card["max_model_len"]
+    )
+    preparer = ChatPreparer(PromptProcessor(load_processor(model_source)), settings)
+    direct = []
+    try:
+        for i in range(n):
+            body = request_body(
+                card["id"], 3_000_000 + i, args.image_sizes[0], args.max_tokens, True, stream=False
+            )
+            start = time.perf_counter()
+            chat = await preparer.prepare(ChatCompletionRequest.model_validate(body))
+            features = await asyncio.to_thread(encoder.encode, chat.prompt.images)
+            prompt = EncodedPrompt(token_ids=chat.prompt.token_ids, image_features=features)
+            async for output in engine.generate(chat.request_id, prompt, chat.sampling, chat.zipvl):
+                if output.finished:
+                    break
+            direct.append(time.perf_counter() - start)
+    finally:
+        engine.shutdown()
+    http_p50, direct_p50 = statistics.median(via_http), statistics.median(direct)
+    return {
+        "overhead_requests": n,
+        "http_p50_ms": http_p50 * 1000,
+        "direct_p50_ms": direct_p50 * 1000,
+        "serving_overhead_p50_ms": (http_p50 - direct_p50) * 1000,
+    }
+
+
+def start_local_server(model: str, device: str) -> tuple[str, Any]:
+    """An in-process server (uvicorn, real engine and encoder, no Ray) for ``--smoke``."""
+    import socket
+
+    import uvicorn
+
+    from deployments.ingress import load_processor
+    from zipvl_ray.api.local import LocalBackend
+    from zipvl_ray.api.server import ServingSettings, build_openai_app
+    from zipvl_ray.config import EngineConfig
+    from zipvl_ray.engine import AsyncLLMEngine
+    from zipvl_ray.multimodal import PromptProcessor
+    from zipvl_ray.vision import VisionEncoder
+
+    engine_config = EngineConfig(max_model_len=2048, kv_cache_bytes=32 << 20)
+    engine = AsyncLLMEngine.from_pretrained(model, device=device, engine=engine_config)
+    encoder = VisionEncoder.from_pretrained(model, device=device)
+    settings = ServingSettings(
+        served_model_name=model, model_source=model, max_model_len=engine_config.max_model_len
+    )
+    app = build_openai_app(LocalBackend(engine, encoder), PromptProcessor(load_processor(model)), settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="Base URL of the running service.")
+    parser.add_argument("--model", default=None, help="Served model name (default: the first of /v1/models).")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--image-sizes", type=int, nargs="+", default=[112, 448], help="Image sides, in pixels."
+    )
+    parser.add_argument("--requests-per-worker", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--direct", action="store_true", help="Also measure HTTP vs in-process engine latency."
+    )
+    parser.add_argument(
+        "--direct-model", default=None, help="Model the in-process engine loads (default: /v1/models root)."
+    )
+    parser.add_argument("--direct-requests", type=int, default=10)
+    parser.add_argument("--device", default=None, help="Device of the in-process engine for --direct.")
+    parser.add_argument(
+        "--smoke", action="store_true", help="Tiny sweep against an in-process tiny-llava server."
+    )
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    stop = None
+    if args.smoke:
+        args.url, stop = start_local_server("tiny-llava", args.device or "cpu")
+        args.concurrency, args.image_sizes, args.requests_per_worker, args.max_tokens = [1, 2], [64], 1, 4
+        args.direct, args.direct_requests, args.direct_model = True, 2, "tiny-llava"
+    try:
+        rows = asyncio.run(sweep(args))
+        summary: dict[str, Any] = {"url": args.url, "max_tokens": args.max_tokens}
+        if args.direct:
+            with httpx.Client(base_url=args.url, timeout=30) as client:
+                root = client.get("/v1/models").json()["data"][0].get("root")
+            summary.update(
+                asyncio.run(serving_overhead(args, args.direct_model or root, args.direct_requests))
+            )
+    finally:
+        if stop is not None:
+            stop()
+    json_path, md_path = write_results(
+        "serve" if not args.smoke else "serve-smoke",
+        rows,
+        summary=summary,
+        title="Serving: load sweep, ZipVL on vs off" + (" (smoke)" if args.smoke else ""),
+        notes=(
+            "Closed-loop load against the OpenAI-compatible HTTP API: each worker sends streamed requests one "
+            "after another (one image, ignore_eos, fixed max_tokens). TTFT = first content chunk; TPOT = "
+            "(last - first) / (tokens - 1). ZipVL off = per-request zipvl.enabled=false on the same service."
+        ),
+        out_dir=args.out_dir,
+    )
+    print(f"wrote {json_path} and {md_path}")
+    return {"rows": rows, "summary": summary, "json": str(json_path)}
+
+
+if __name__ == "__main__":
+    main()
