@@ -73,18 +73,24 @@ class RayServeBackend:
         sampling: SamplingParams,
         zipvl: dict[str, Any] | None,
         hints: RoutingHints,
+        *,
+        stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         # Chained: the LLM replica receives the vision stage's result directly.
         features = self.vision.encode.remote(prompt.images) if prompt.images else None
         request = GenerateRequest(
-            request_id=request_id, token_ids=list(prompt.token_ids), sampling=sampling, zipvl=zipvl
+            request_id=request_id,
+            token_ids=list(prompt.token_ids),
+            sampling=sampling,
+            zipvl=zipvl,
+            stream=stream,
         )
-        stream = self.llm.options(stream=True).generate.remote(
+        outputs = self.llm.options(stream=True).generate.remote(
             request, features, routing_hints=hints.to_dict()
         )
         finished = False
         try:
-            async for item in stream:
+            async for item in outputs:
                 if isinstance(item, StreamError):
                     finished = True
                     raise APIError(item.message, status_code=item.status_code, code=item.code)
@@ -94,7 +100,7 @@ class RayServeBackend:
                     return
         finally:
             if not finished:
-                stream.cancel()
+                outputs.cancel()
 
     async def _ping(self, handle: DeploymentHandle) -> str | None:
         try:

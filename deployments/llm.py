@@ -39,12 +39,16 @@ class GenerateRequest:
     sampling : SamplingParams
     zipvl : dict or None
         Per-request ZipVL overrides (``tau``, ``max_keep_ratio``, ``enabled``).
+    stream : bool
+        False: send only the final output (the client waits for the whole answer anyway), which
+        saves one object-store hop per token.
     """
 
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams
     zipvl: dict[str, Any] | None = None
+    stream: bool = True
 
 
 @dataclass
@@ -120,7 +124,8 @@ class LLMServer:
             async for output in stream_with_abort(
                 self.engine, request.request_id, prompt, request.sampling, request.zipvl
             ):
-                yield slim_output(output)
+                if request.stream or output.finished:
+                    yield slim_output(output)
         except RequestError as exc:
             yield StreamError(status_code=400, message=str(exc))
 

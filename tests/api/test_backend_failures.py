@@ -36,7 +36,7 @@ class ScriptedBackend:
         self.health_result = health or {"llm": None, "vision": None}
         self.closed = 0
 
-    async def generate(self, request_id, prompt, sampling, zipvl, hints):
+    async def generate(self, request_id, prompt, sampling, zipvl, hints, *, stream=True):
         try:
             for item in self.script:
                 if isinstance(item, BaseException):

@@ -60,6 +60,18 @@ def test_generate_streams_deltas_and_a_full_final_output():
     assert server.engine.stats().kv_bytes_used == 0
 
 
+def test_a_non_streamed_request_gets_only_the_final_output():
+    server = llm_server(token_delay_s=0)
+    request = _request(max_tokens=7)
+    request.stream = False
+
+    async def run():
+        return [item async for item in server.generate(request)]
+
+    (final,) = asyncio.run(run())
+    assert final.finished and len(final.token_ids) == 7 and final.text
+
+
 def test_a_refused_request_becomes_one_stream_error():
     server = llm_server(token_delay_s=0)
 

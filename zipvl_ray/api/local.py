@@ -66,6 +66,8 @@ class LocalBackend:
         sampling: SamplingParams,
         zipvl: dict[str, Any] | None,
         hints: RoutingHints,
+        *,
+        stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         features: list[Any] = []
         if prompt.images:

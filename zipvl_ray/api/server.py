@@ -90,8 +90,13 @@ class InferenceBackend(Protocol):
         sampling: SamplingParams,
         zipvl: dict[str, Any] | None,
         hints: RoutingHints,
+        *,
+        stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Encode the prompt's images and stream the request's outputs.
+
+        With ``stream=False`` the client waits for the whole answer, so the backend may deliver only
+        the final output (which carries the full text and token ids).
 
         Raises :class:`APIError` or :class:`RequestError` before the first output for a bad request.
         Closing the iterator early (client gone) must abort the request and free its KV.
@@ -394,7 +399,9 @@ class ChatCompletionHandler:
     async def __call__(self, request: ChatCompletionRequest):
         created = int(time.time())
         chat = await self.preparer.prepare(request)
-        outputs = self.backend.generate(chat.request_id, chat.prompt, chat.sampling, chat.zipvl, chat.hints)
+        outputs = self.backend.generate(
+            chat.request_id, chat.prompt, chat.sampling, chat.zipvl, chat.hints, stream=request.stream
+        )
         try:
             first = await _first_output(outputs)
         except BaseException:
