@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.llm import GenerateRequest, StreamError
@@ -98,6 +99,8 @@ class RayServeBackend:
                 yield item
                 if finished:
                     return
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise unavailable_error(exc) from None
         finally:
             if not finished:
                 outputs.cancel()
@@ -163,6 +166,18 @@ class RayServeBackend:
     async def stats(self) -> dict[str, Any]:
         llm, vision = await asyncio.gather(self._replica_stats(self.llm), self._replica_stats(self.vision))
         return {"llm": llm, "vision": vision}
+
+
+def unavailable_error(exc: Exception) -> APIError:
+    """Serve's backpressure / unavailable errors as an OpenAI error with status 503 and ``Retry-After``."""
+    retry_after = getattr(exc, "retry_after_s", None) or 1.0
+    if isinstance(exc, BackPressureError):
+        message = "the service is at capacity (too many queued requests); retry later"
+    else:
+        message = "the service is not available right now; retry later"
+    return APIError(
+        message, status_code=503, code="overloaded", headers={"Retry-After": str(max(1, round(retry_after)))}
+    )
 
 
 async def _awaitable(response):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from deployments.ingress import unavailable_error
 from deployments.llm import GenerateRequest, LLMServer, StreamError, slim_output
 from deployments.vision import VisionEncoderServer
 from tests.deployments.fakes import FakeEngine, FakeVisionEncoder
+from zipvl_ray.api.errors import error_response
 from zipvl_ray.engine.types import RequestOutput, SamplingParams
 from zipvl_ray.multimodal import ImageInput
 from zipvl_ray.routing.replica_stats import AUTOSCALING_METRIC_NAMES
@@ -154,3 +159,24 @@ def test_vision_batch_encodes_all_requests_at_once_and_splits_in_order():
     assert (stats["batches"], stats["requests"], stats["images"], stats["max_batch_requests"]) == (1, 4, 7, 4)
     assert (stats["misses"], stats["hits"]) == (6, 1)
     assert asyncio.run(server.encode([])) == []
+
+
+@pytest.mark.parametrize(
+    "exc, retry_after, fragment",
+    [
+        (
+            BackPressureError(num_queued_requests=9, max_queued_requests=8, retry_after_s=2.6),
+            "3",
+            "at capacity",
+        ),
+        (BackPressureError(num_queued_requests=9, max_queued_requests=8), "1", "at capacity"),
+        (DeploymentUnavailableError(DeploymentID(name="LLMServer", app_name="zipvl")), "1", "not available"),
+    ],
+)
+def test_serve_backpressure_becomes_an_openai_503_with_retry_after(exc, retry_after, fragment):
+    error = unavailable_error(exc)
+    response = error_response(error)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == retry_after
+    body = json.loads(response.body)
+    assert fragment in body["error"]["message"] and body["error"]["type"] == "service_unavailable"

@@ -53,6 +53,8 @@ class APIError(Exception):
         The request field at fault, as a path (``"messages[0].content[1].image_url.url"``).
     code : str, optional
         A stable machine-readable code (``"image_too_large"``, ``"model_not_found"``...).
+    headers : dict, optional
+        Response headers (``Retry-After`` on 503).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class APIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -72,6 +75,7 @@ class APIError(Exception):
         )
         self.param = param
         self.code = code
+        self.headers = headers
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body: ``{"error": {...}}``."""
@@ -86,8 +90,9 @@ def error_payload(
 
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    """A JSON response carrying ``error`` with its status code."""
-    return JSONResponse(status_code=error.status_code, content=error.to_dict(), headers=headers)
+    """A JSON response carrying ``error`` with its status code (and its headers, then ``headers``)."""
+    merged = {**(error.headers or {}), **(headers or {})}
+    return JSONResponse(status_code=error.status_code, content=error.to_dict(), headers=merged or None)
 
 
 #: Location items pydantic adds for the members of a union (``"str"``, ``"list[...]"``): not field names.
