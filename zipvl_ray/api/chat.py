@@ -1,0 +1,434 @@
+"""One chat completion: validation and CPU preparation (:class:`ChatPreparer`), then generation through an
+:class:`InferenceBackend`, answered as JSON or as server-sent events (:class:`ChatCompletionHandler`).
+
+The preparation is the ingress's CPU work: decode and validate images, apply the chat template, expand
+image placeholders, tokenize and check the request against the model's limits. Nothing here knows how
+the backend reaches the vision encoder and the engine (Ray Serve handles, or the same process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zipvl_ray.api.errors import APIError, describe_validation_errors, error_payload
+from zipvl_ray.api.images import ImageLimits, load_image
+from zipvl_ray.api.middleware import IngressCounters
+from zipvl_ray.api.schemas import (
+    AssistantMessage,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+    Usage,
+    ZipVLReport,
+)
+from zipvl_ray.api.sse import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, sse_event
+from zipvl_ray.config import ZipVLConfig
+from zipvl_ray.engine.types import RequestError, RequestOutput, SamplingParams
+from zipvl_ray.multimodal import PreparedPrompt, PromptError, PromptProcessor
+from zipvl_ray.routing.footprint import RoutingHints
+
+logger = logging.getLogger(__name__)
+
+#: OpenAI's default temperature (used when the request does not set one).
+DEFAULT_TEMPERATURE = 1.0
+
+
+class ServingSettings(BaseModel):
+    """What the HTTP layer needs to know about the served model and its limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served_model_name: str = Field(description="Name clients put in 'model' and GET /v1/models lists.")
+    model_source: str = Field(description="The checkpoint behind it (built-in name, path or hub id).")
+    max_model_len: int = Field(
+        ge=2, description="Longest prompt + generation, in tokens (the engine's limit)."
+    )
+    default_max_tokens: int = Field(
+        256,
+        ge=1,
+        description="Generation budget when the request sets none (cut to what max_model_len leaves).",
+    )
+    zipvl: ZipVLConfig = Field(default_factory=ZipVLConfig, description="Server-side ZipVL defaults.")
+    images: ImageLimits = Field(default_factory=ImageLimits, description="Image limits and URL policy.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above)."
+    )
+    health_timeout_s: float = Field(5.0, gt=0, description="How long GET /health waits for each stage.")
+
+
+class InferenceBackend(Protocol):
+    """Where prepared prompts go: vision encoding and generation."""
+
+    def generate(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        sampling: SamplingParams,
+        zipvl: dict[str, Any] | None,
+        hints: RoutingHints,
+        *,
+        stream: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """Encode the prompt's images and stream the request's outputs.
+
+        With ``stream=False`` the client waits for the whole answer, so the backend may deliver only
+        the final output (which carries the full text and token ids).
+
+        Raises :class:`APIError` or :class:`RequestError` before the first output for a bad request.
+        Closing the iterator early (client gone) must abort the request and free its KV.
+        """
+        ...
+
+    async def health(self) -> dict[str, str | None]:
+        """Per stage: None when ready, else why not."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """Per stage and replica statistics (KV use, encoder cache...)."""
+        ...
+
+
+@dataclass
+class PreparedChat:
+    """A validated request, ready for the backend."""
+
+    request_id: str
+    prompt: PreparedPrompt
+    sampling: SamplingParams
+    zipvl: dict[str, Any] | None
+    hints: RoutingHints
+
+
+class ChatPreparer:
+    """The ingress's CPU work: images, chat template, placeholders, tokens, limits.
+
+    Parameters
+    ----------
+    processor : PromptProcessor
+        Built from the served model's processor.
+    settings : ServingSettings
+    """
+
+    def __init__(self, processor: PromptProcessor, settings: ServingSettings):
+        self.processor = processor
+        self.settings = settings
+        # Tokenizers are not safe to share between threads; images are processed concurrently.
+        self._tokenizer_lock = threading.Lock()
+
+    async def load_images(self, request: ChatCompletionRequest) -> list[Image.Image]:
+        """Decode and validate every image of the conversation, concurrently, in template order."""
+        locations = [
+            f"messages[{i}].content[{j}].image_url.url"
+            for i, message in enumerate(request.messages)
+            if not isinstance(message.content, str)
+            for j, part in enumerate(message.content)
+            if part.type == "image_url"
+        ]
+        urls = request.image_urls()
+        limit = self.settings.images.max_images
+        if len(urls) > limit:
+            raise APIError(
+                f"the request has {len(urls)} images; this server accepts at most {limit}",
+                param="messages",
+                code="too_many_images",
+            )
+        if not urls:
+            return []
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(load_image(url, self.settings.images, where=where))
+                    for url, where in zip(urls, locations, strict=True)
+                ]
+        except BaseExceptionGroup as group_error:
+            api_errors = [e for e in group_error.exceptions if isinstance(e, APIError)]
+            if api_errors:
+                raise api_errors[0] from None
+            raise
+        return [task.result() for task in tasks]
+
+    def _prepare_sync(self, request: ChatCompletionRequest, images: list[Image.Image]) -> PreparedPrompt:
+        inputs = [self.processor.preprocess_image(image) for image in images]
+        with self._tokenizer_lock:
+            text = self.processor.render(request.template_messages())
+            if not text:
+                raise PromptError("the prompt is empty")
+            token_ids = self.processor.expand(text, inputs)
+        if not token_ids:
+            raise PromptError("the prompt is empty after tokenization")
+        return PreparedPrompt(
+            token_ids=list(token_ids), images=inputs, image_token_id=self.processor.image_token_id
+        )
+
+    def zipvl_overrides(self, request: ChatCompletionRequest) -> dict[str, Any] | None:
+        """The request's ZipVL knobs, checked against the server's defaults (400 when inconsistent)."""
+        if request.zipvl is None:
+            return None
+        overrides = request.zipvl.overrides()
+        if not overrides:
+            return None
+        try:
+            self.settings.zipvl.with_overrides(**overrides)
+        except ValidationError as exc:
+            error = describe_validation_errors(list(exc.errors()))
+            raise APIError(f"zipvl: {error.message}", param="zipvl", code="invalid_value") from None
+        return overrides
+
+    def sampling_params(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
+        """Sampling parameters within the model's context (400 when the prompt leaves no room)."""
+        limit = self.settings.max_model_len
+        room = limit - prompt_tokens
+        if room < 1:
+            raise APIError(
+                f"the prompt has {prompt_tokens} tokens, which leaves no room to generate within the model's "
+                f"max_model_len of {limit} tokens; shorten the conversation or send fewer images",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        requested = request.requested_max_tokens
+        if requested is not None and requested > room:
+            field_name = (
+                "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            )
+            raise APIError(
+                f"{field_name} is {requested} but the prompt has {prompt_tokens} tokens and max_model_len is {limit}: "
+                f"at most {room} tokens can be generated",
+                param=field_name,
+                code="context_length_exceeded",
+            )
+        max_tokens = requested if requested is not None else min(self.settings.default_max_tokens, room)
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=DEFAULT_TEMPERATURE
+                if request.temperature is None
+                else float(request.temperature),
+                top_p=1.0 if request.top_p is None else float(request.top_p),
+                top_k=request.top_k or 0,
+                seed=request.seed,
+                stop=list(request.stop or []),
+                ignore_eos=request.ignore_eos,
+            )
+        except RequestError as exc:
+            raise APIError(str(exc), code="invalid_value") from None
+
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        """Validate ``request`` and turn it into a :class:`PreparedChat` (raises :class:`APIError`)."""
+        if request.model != self.settings.served_model_name:
+            raise APIError(
+                f"model {request.model[:100]!r} is not served here; use {self.settings.served_model_name!r}",
+                status_code=404,
+                param="model",
+                code="model_not_found",
+            )
+        zipvl = self.zipvl_overrides(request)
+        images = await self.load_images(request)
+        try:
+            prompt = await asyncio.to_thread(self._prepare_sync, request, images)
+        except PromptError as exc:
+            raise APIError(str(exc), param="messages", code="invalid_prompt") from None
+        sampling = self.sampling_params(request, prompt.num_tokens)
+        hints = RoutingHints(
+            prompt_tokens=prompt.num_tokens,
+            image_tokens=prompt.num_image_tokens,
+            max_tokens=sampling.max_tokens,
+            tau=(zipvl or {}).get("tau"),
+            max_keep_ratio=(zipvl or {}).get("max_keep_ratio"),
+            zipvl_enabled=(zipvl or {}).get("enabled"),
+        )
+        return PreparedChat(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt=prompt,
+            sampling=sampling,
+            zipvl=zipvl,
+            hints=hints,
+        )
+
+
+def _finish_reason(output: RequestOutput) -> str:
+    return (
+        output.finish_reason
+        if output.finish_reason in ("stop", "length")
+        else (output.finish_reason or "stop")
+    )
+
+
+class ChatCompletionHandler:
+    """Runs one chat completion against a backend, streaming or not."""
+
+    def __init__(self, backend: InferenceBackend, preparer: ChatPreparer, counters: IngressCounters):
+        self.backend = backend
+        self.preparer = preparer
+        self.counters = counters
+
+    @property
+    def model_name(self) -> str:
+        return self.preparer.settings.served_model_name
+
+    async def __call__(self, request: ChatCompletionRequest):
+        created = int(time.time())
+        chat = await self.preparer.prepare(request)
+        outputs = self.backend.generate(
+            chat.request_id, chat.prompt, chat.sampling, chat.zipvl, chat.hints, stream=request.stream
+        )
+        try:
+            first = await _first_output(outputs)
+        except BaseException:
+            await _close(outputs)
+            raise
+        if request.stream:
+            return StreamingResponse(
+                self._stream(chat, request, created, first, outputs),
+                media_type=SSE_MEDIA_TYPE,
+                headers=SSE_HEADERS,
+            )
+        try:
+            final = first
+            while not final.finished:
+                final = await anext(outputs)
+        except StopAsyncIteration:
+            raise APIError(
+                "the engine ended the request without a result", status_code=500, code="internal_error"
+            ) from None
+        finally:
+            await _close(outputs)
+        if final.finish_reason == "error":
+            raise APIError(
+                f"generation failed: {final.error or 'engine error'}", status_code=500, code="engine_error"
+            )
+        response = ChatCompletionResponse(
+            id=chat.request_id,
+            created=created,
+            model=self.model_name,
+            choices=[
+                ChatCompletionChoice(
+                    message=AssistantMessage(content=final.text), finish_reason=_finish_reason(final)
+                )
+            ],
+            usage=_usage(chat, final),
+            zipvl=ZipVLReport.from_metrics(final.metrics),
+        )
+        self.counters.completed += 1
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def _stream(
+        self,
+        chat: PreparedChat,
+        request: ChatCompletionRequest,
+        created: int,
+        first: RequestOutput,
+        outputs: AsyncIterator[RequestOutput],
+    ) -> AsyncIterator[str]:
+        include_usage = request.include_usage
+        chunk_usage: dict[str, Any] = {"usage": None} if include_usage else {}
+
+        def chunk(
+            delta: DeltaMessage, finish_reason: str | None = None, zipvl: ZipVLReport | None = None
+        ) -> str:
+            body = ChatCompletionChunk(
+                id=chat.request_id,
+                created=created,
+                model=self.model_name,
+                choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)],
+                zipvl=zipvl,
+            ).model_dump(mode="json", exclude_none=True)
+            body["choices"][0].setdefault("finish_reason", None)
+            body["choices"][0]["logprobs"] = None
+            return sse_event({**body, **chunk_usage})
+
+        # True once the generation ended (normally or with an error event); False in the finally
+        # clause means the client went away mid-stream (the stream was closed or cancelled).
+        ended = False
+        try:
+            yield chunk(DeltaMessage(role="assistant", content=""))
+            output = first
+            while True:
+                if output.delta_text:
+                    yield chunk(DeltaMessage(content=output.delta_text))
+                if output.finished:
+                    break
+                output = await anext(outputs)
+            ended = True
+            if output.finish_reason == "error":
+                yield sse_event(
+                    error_payload(
+                        f"generation failed: {output.error or 'engine error'}",
+                        type="server_error",
+                        code="engine_error",
+                    )
+                )
+            else:
+                yield chunk(DeltaMessage(), _finish_reason(output), ZipVLReport.from_metrics(output.metrics))
+                if include_usage:
+                    body = ChatCompletionChunk(
+                        id=chat.request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[],
+                        usage=_usage(chat, output),
+                    ).model_dump(mode="json", exclude_none=True)
+                    yield sse_event(body)
+                self.counters.completed += 1
+            yield SSE_DONE
+        except StopAsyncIteration:
+            ended = True
+            yield sse_event(
+                error_payload("the engine ended the stream early", type="server_error", code="engine_error")
+            )
+            yield SSE_DONE
+        except APIError as exc:
+            ended = True
+            yield sse_event(exc.to_dict())
+            yield SSE_DONE
+        except Exception as exc:  # headers are sent: report in the stream, never a stack trace
+            ended = True
+            logger.error("stream %s failed: %s", chat.request_id, type(exc).__name__, exc_info=exc)
+            yield sse_event(
+                error_payload("internal server error", type="server_error", code="internal_error")
+            )
+            yield SSE_DONE
+        finally:
+            if not ended:
+                self.counters.disconnected += 1
+            await _close(outputs)
+
+
+async def _first_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await anext(outputs)
+    except RequestError as exc:
+        raise APIError(str(exc), code="invalid_request") from None
+    except PromptError as exc:
+        raise APIError(str(exc), param="messages", code="invalid_prompt") from None
+    except StopAsyncIteration:
+        raise APIError("the engine returned no output", status_code=500, code="internal_error") from None
+
+
+async def _close(outputs: AsyncIterator[RequestOutput]) -> None:
+    aclose = getattr(outputs, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+def _usage(chat: PreparedChat, final: RequestOutput) -> Usage:
+    prompt_tokens = chat.prompt.num_tokens
+    completion = len(final.token_ids)
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+    )
