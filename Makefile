@@ -8,6 +8,10 @@ STAMP := $(VENV)/.zipvl-installed
 CONFIG ?= configs/zipvl.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# `serve run` starts its own local Ray cluster (instead of joining one started with `ray start`),
+# bound to 127.0.0.1.
+export RAY_ADDRESS ?= local
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
 .PHONY: install serve demo test test-fast lint format bench clean
 
@@ -21,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: install
-	$(PY) -m zipvl_ray.demo
+	$(VENV)/bin/serve run $(CONFIG)
 
 demo: install
 	$(PY) -m zipvl_ray.demo

@@ -125,6 +125,11 @@ class AsyncLLMEngine:
         if out is not None:
             self._deliver([out])
 
+    def check_health(self) -> None:
+        """Raise if the engine thread is gone (Serve then restarts the replica)."""
+        if self._stopped or not self._thread.is_alive():
+            raise RuntimeError("the engine thread is not running")
+
     def stats(self) -> EngineStats:
         """The latest snapshot (taken after every step, add and abort): never waits for a step."""
         return self._stats

@@ -233,6 +233,7 @@ class LLMEngine:
         )
         if arrival_time is not None:
             seq.arrival_time = arrival_time
+        seq.metrics.arrival_ns = time.time_ns() - int((time.perf_counter() - seq.arrival_time) * 1e9)
         seq.metrics.prompt_tokens = n
         seq.metrics.image_tokens = placeholders
         self.sequences[request_id] = seq
@@ -270,6 +271,7 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
                 seq.metrics.queue_time_s = now - seq.arrival_time
+                seq.metrics.prefill_start_ns = time.time_ns()
         try:
             logits, segments = self.runner.prefill(seqs)
         except OutOfBlocks:
@@ -353,6 +355,7 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 seq.metrics.ttft_s = now - seq.arrival_time
+                seq.metrics.first_token_ns = time.time_ns()
             self._append_token(seq, token, lp)
             outputs.append(self._output(seq))
         return outputs
@@ -392,6 +395,7 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason  # type: ignore[assignment]
         seq.finish_time = time.perf_counter()
+        seq.metrics.finish_ns = time.time_ns()
         if seq.first_token_time is not None:
             seq.metrics.decode_time_s = seq.finish_time - seq.first_token_time
         if reason in ("stop", "length"):

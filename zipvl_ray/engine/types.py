@@ -97,6 +97,12 @@ class RequestMetrics:
         Times the request was preempted (freed and recomputed).
     guard_fired : int
         Layers where the last prompt position had to be forced into the kept set.
+    arrival_ns, prefill_start_ns, first_token_ns, finish_ns : int
+        Wall-clock timestamps (``time.time_ns()``) of arrival, the start of the (first) prefill step,
+        the first token and the end; 0 when not reached. Tracing builds queue / prefill / decode spans
+        from them.
+    attention_flops_saved : float
+        ``1 - mean_l (kept_l / n)^2``: the share of prefill attention FLOPs ZipVL avoided.
     """
 
     prompt_tokens: int = 0
@@ -110,6 +116,18 @@ class RequestMetrics:
     decode_time_s: float = 0.0
     num_preemptions: int = 0
     guard_fired: int = 0
+    arrival_ns: int = 0
+    prefill_start_ns: int = 0
+    first_token_ns: int = 0
+    finish_ns: int = 0
+
+    @property
+    def attention_flops_saved(self) -> float:
+        n = self.prompt_tokens
+        kept = self.kept_tokens_per_layer
+        if not n or not kept:
+            return 0.0
+        return 1.0 - sum((k / n) ** 2 for k in kept) / len(kept)
 
     @property
     def kept_ratio_per_layer(self) -> list[float]:
@@ -125,6 +143,7 @@ class RequestMetrics:
         out = asdict(self)
         out["kept_ratio_per_layer"] = self.kept_ratio_per_layer
         out["mean_kept_ratio"] = self.mean_kept_ratio
+        out["attention_flops_saved"] = self.attention_flops_saved
         return out
 
 
