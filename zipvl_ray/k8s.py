@@ -991,16 +991,16 @@ def resource_schema_errors(document: Any, schemas: dict[tuple[str, str], dict[st
 # --------------------------------------------------------------------------------------------------
 
 
-def _pydantic_errors(error: Exception, prefix: str) -> list[str]:
+def _validation_errors(error: Exception, prefix: str) -> list[str]:
     entries = getattr(error, "errors", None)
-    if entries is None:
-        return [f"{prefix}: {error}"]
+    if not callable(entries):
+        # Ray's validators import router / policy classes and may raise ImportError & co. directly.
+        return [f"{prefix or '<root>'}: {type(error).__name__}: {error}"]
     return [f"{prefix}{'.' if prefix else ''}{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in entries()]
 
 
 def serve_config_errors(config: Any) -> list[str]:
     """A Serve config (parsed) strictly against Ray's ``ServeDeploySchema`` and the app's ``AppArgs``."""
-    from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.app import AppArgs
@@ -1011,14 +1011,14 @@ def serve_config_errors(config: Any) -> list[str]:
     errors = [f"{key}: unknown key (misspelled?)" for key in unknown_keys(config, ServeDeploySchema)]
     try:
         ServeDeploySchema.model_validate(config)
-    except ValidationError as error:
-        errors += _pydantic_errors(error, "")
+    except Exception as error:  # noqa: BLE001 - every failure is a finding
+        errors += _validation_errors(error, "")
     for i, app in enumerate(config.get("applications") or []):
         if isinstance(app, dict) and app.get("import_path") == APP_IMPORT_PATH:
             try:
                 AppArgs.model_validate(app.get("args") or {})
-            except ValidationError as error:
-                errors += _pydantic_errors(error, f"applications[{i}].args")
+            except Exception as error:  # noqa: BLE001 - every failure is a finding
+                errors += _validation_errors(error, f"applications[{i}].args")
     return errors
 
 
@@ -1061,15 +1061,13 @@ def config_import_paths(config: dict[str, Any]) -> list[tuple[str, str]]:
     """The config's import paths plus the engine / encoder defaults ``AppArgs`` fills in."""
     from deployments.app import AppArgs
 
-    found = list(import_paths(config))
+    found = dict(import_paths(config))
     for i, app in enumerate(config.get("applications") or []):
         if app.get("import_path") == APP_IMPORT_PATH:
             args = AppArgs.model_validate(app.get("args") or {})
-            found += [
-                (f"applications[{i}].args.engine_class", args.engine_class),
-                (f"applications[{i}].args.encoder_class", args.encoder_class),
-            ]
-    return found
+            found.setdefault(f"applications[{i}].args.engine_class", args.engine_class)
+            found.setdefault(f"applications[{i}].args.encoder_class", args.encoder_class)
+    return list(found.items())
 
 
 # --------------------------------------------------------------------------------------------------
