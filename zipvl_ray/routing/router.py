@@ -111,6 +111,12 @@ class KVRouterConfig(BaseModel):
         ge=0,
         description="max_tokens assumed for a request that carries no routing hints.",
     )
+    hold_when_saturated: bool = Field(
+        default=True,
+        description="When every replica is over the queue guard, send nothing: Serve backs off and asks "
+        "again (every 0.5 s at most), so the request waits at the handle and goes to whichever replica frees "
+        "up or starts first, instead of joining one replica's FIFO queue for good.",
+    )
     sweep_interval_s: float = Field(
         default=1.0,
         ge=0.0,
@@ -138,6 +144,9 @@ class RouterCounters:
         Replicas moved to the last ranks by the queue guard (one per replica per decision).
     missing_hints : int
         Requests without usable routing hints (the fallback hints were used).
+    held_back : int
+        Decisions that sent nothing because every replica was over the queue guard
+        (``hold_when_saturated``); the request waits at the handle and Serve asks again.
     reservations, moved, routed, released, expired, dropped_dead : int
         Holds created; moved to another replica on routing; confirmed on routing; released on
         completion; dropped by TTL; dropped because their replica left or died.
@@ -158,6 +167,7 @@ class RouterCounters:
     missing_replica_views: int = 0
     queue_guard_demotions: int = 0
     missing_hints: int = 0
+    held_back: int = 0
     reservations: int = 0
     moved: int = 0
     routed: int = 0
@@ -425,6 +435,11 @@ class Ranking:
     demoted: int = 0
     no_kv_info: bool = False
 
+    @property
+    def saturated(self) -> bool:
+        """Every replica is over the queue guard."""
+        return bool(self.order) and self.demoted == len(self.order)
+
 
 def build_view(
     key: Hashable,
@@ -610,7 +625,8 @@ class KVPackingRouter(RequestRouter):
         -------
         list of list of RunningReplica
             ``[[best], [second], ...]``: Serve tries them in order (skipping replicas at
-            ``max_ongoing_requests``), then backs off and calls again.
+            ``max_ongoing_requests``), then backs off and calls again. Empty when every replica is over
+            the queue guard and ``hold_when_saturated``: Serve backs off and calls again.
         """
         if not candidate_replicas:
             return []
@@ -629,9 +645,13 @@ class KVPackingRouter(RequestRouter):
             )
         by_key = {r.replica_id: r for r in candidate_replicas}
         ranking = rank_replicas(self._views(candidate_replicas, now), hints, self.config)
+        request_id = pending_request.metadata.internal_request_id
+        if ranking.saturated and self.config.hold_when_saturated:
+            self.counters.held_back += 1
+            self._holds.release(request_id)  # it is going nowhere yet
+            return []
 
         first = ranking.order[0]
-        request_id = pending_request.metadata.internal_request_id
         _, existed = self._holds.place(
             request_id,
             first,

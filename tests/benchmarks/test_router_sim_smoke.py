@@ -1,0 +1,70 @@
+"""benchmarks/router_sim.py --smoke: output files and basic sanity (not the performance targets)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import router_sim
+
+
+def test_router_sim_smoke_writes_sane_results(tmp_path):
+    out = router_sim.main(["--smoke", "--out-dir", str(tmp_path), "--name", "smoke"])
+
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"smoke.{suffix}").stat().st_size > 0
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    assert payload["name"] == "smoke" and payload["meta"]["ray"]
+    rows = payload["rows"]
+    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kv(0.75)"}
+    for row in rows:
+        # every request is accounted for, and the clock and the cost are physical
+        assert row["completed"] + row["failed"] == row["requests"] > 50
+        assert row["replica_seconds"] > 0
+        assert row["mean_replicas"] >= 1.0
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] <= row["ttft_p99_s"]
+        assert 0.0 <= row["mean_kv_utilization"] <= 1.0
+    kv_rows = [r for r in rows if r["router"] != "pow2"]
+    assert all(r["router_fits"] + r["router_overflow"] > 0 for r in kv_rows)  # the real ranking code ran
+    assert "| pack+kv(0.75) |" in (tmp_path / "smoke.md").read_text()
+    assert isinstance(out["summary"]["kept~0.45: target_met"], bool)
+
+
+def test_same_seed_same_trace_and_every_strategy_sees_it():
+    model = router_sim.ReplicaModel()
+    retention = router_sim.RetentionModel(model.num_layers)
+    trace = router_sim.TraceModel(duration_s=60.0, mean_low_s=20.0, mean_high_s=20.0)
+    first = router_sim.make_trace(trace, retention, seed=3)
+    again = router_sim.make_trace(trace, retention, seed=3)
+    other = router_sim.make_trace(trace, retention, seed=4)
+    assert [(r.arrival, r.prompt_tokens, r.kept) for r in first] == [
+        (r.arrival, r.prompt_tokens, r.kept) for r in again
+    ]
+    assert [r.arrival for r in first] != [r.arrival for r in other]
+    assert all(0.0 < f <= 1.0 for r in first for f in r.kept) and len(first[0].kept) == model.num_layers
+
+
+def test_retention_json_replaces_the_parametric_model(tmp_path):
+    samples = {"image": [[0.3, 0.2, 0.1]], "video": [[0.9, 0.8, 0.7]]}
+    path = tmp_path / "kept.json"
+    path.write_text(json.dumps(samples))
+    retention = router_sim.RetentionModel.from_json(path, num_layers=32)
+    assert retention.num_layers == 3
+    rng = router_sim.random.Random(0)
+    assert retention.draw("image", rng) == [0.3, 0.2, 0.1]
+    assert retention.draw("long_video", rng) == [0.9, 0.8, 0.7]  # falls back to its family
+
+    path.write_text(json.dumps({"kept_fraction_per_layer": [0.8, 0.4, 0.3, 0.3]}))
+    profile = router_sim.RetentionModel.from_json(path, num_layers=32)
+    assert profile.num_layers == 4 and math.isclose(profile.means["video"], 0.45)
+
+
+def test_iso_p95_cost_interpolates_between_bracketing_rows():
+    frontier = [
+        {"ttft_p95_s": 2.0, "replica_seconds": 1000.0},
+        {"ttft_p95_s": 10.0, "replica_seconds": 600.0},
+        {"ttft_p95_s": 30.0, "replica_seconds": 400.0},
+    ]
+    assert router_sim.iso_p95_cost(frontier, 6.0) == 800.0
+    assert router_sim.iso_p95_cost(frontier, 20.0) == 500.0
+    assert router_sim.iso_p95_cost(frontier, 1.0) is None  # outside what power-of-two reached
