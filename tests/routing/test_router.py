@@ -463,3 +463,37 @@ def test_serve_routing_loop_takes_the_first_rank_and_falls_through_a_full_one():
     assert (first, second) == ("a", "b")
     assert router.counters.chosen_rank == {1: 1}
     assert held_blocks(router) == {"a": 10, "b": 10}  # r1 chosen (not confirmed here), r2 moved to b
+
+
+@pytest.mark.parametrize(("hold_when_saturated", "expected"), [(True, []), (False, ["a", "b"])])
+def test_every_replica_over_the_guard_holds_the_request_at_the_handle(hold_when_saturated, expected):
+    async def scenario():
+        router = make_router(Clock(), max_queue_len=2, hold_when_saturated=hold_when_saturated)
+        fakes = [StatsReplica("a", stats(100, 10, waiting=3)), StatsReplica("b", stats(100, 0, waiting=5))]
+        request = pending("r1", 10)
+        ranks = await router.choose_replicas(fakes, request)
+        return router, names(ranks), request.routing_context.should_backoff
+
+    router, order, backoff = asyncio.run(scenario())
+    assert order == expected
+    assert backoff is True  # Serve sleeps before asking again
+    assert router.counters.held_back == (1 if hold_when_saturated else 0)
+    assert len(router.holds) == (0 if hold_when_saturated else 1)
+
+
+def test_serve_routing_loop_waits_out_saturation_then_routes():
+    async def scenario():
+        router = make_router(Clock(), max_queue_len=2)
+        a = StatsReplica("a", stats(100, 10, waiting=3))
+        router.update_replicas([a])
+        task = asyncio.ensure_future(router._choose_replica_for_request(pending("r1", 10)))
+        await asyncio.sleep(0.3)
+        waited = not task.done()
+        decisions_while_waiting = router.counters.held_back
+        a.stats = stats(100, 10, waiting=0)  # the replica drained its queue
+        chosen = await asyncio.wait_for(task, timeout=5)
+        return waited, decisions_while_waiting, chosen.replica_id.unique_id
+
+    waited, held_back, chosen = asyncio.run(scenario())
+    assert waited and chosen == "a"
+    assert 1 <= held_back <= 10  # backed off between attempts, no busy loop
