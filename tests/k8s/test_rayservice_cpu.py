@@ -1,0 +1,168 @@
+"""The CPU RayService's ``serveConfigV2`` deployed for real, the way KubeRay deploys it.
+
+A local two-node Ray cluster mirrors the manifest's pods: a head with ``num-cpus: 0`` (and the head
+container's environment, tracing included) plus one worker with the worker pod's CPUs. The rendered
+``serveConfigV2`` (only the HTTP port changed: other clusters may hold 8000) is PUT to the head
+dashboard's ``/api/serve/applications/``, which is what the KubeRay operator does; the dashboard
+validates it (importing the app from the installed package) and Serve deploys it. Then the
+application must reach RUNNING, the endpoints behind the manifest's probes must answer ``success``,
+and a chat completion with an image must come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+
+import httpx
+import pytest
+import yaml
+
+from tests.api import service_checks as checks
+from tests.deployments.conftest import REPO_ROOT, free_port, ray_test_env
+from zipvl_ray import k8s
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STARTUP_TIMEOUT_S = 300
+MANIFEST = REPO_ROOT / k8s.CPU_VARIANT.output
+
+
+def _manifest() -> dict:
+    return yaml.safe_load(MANIFEST.read_text())
+
+
+def _containers(manifest: dict) -> tuple[dict, dict]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    (worker_group,) = cluster["workerGroupSpecs"]
+    return (
+        cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
+        worker_group["template"]["spec"]["containers"][0],
+    )
+
+
+def _wait_for(what: str, probe, timeout_s: float = STARTUP_TIMEOUT_S, period_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = probe()
+            if result:
+                return result
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(period_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s (last error: {last})")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Ports and URLs of a running local cluster with the rendered serveConfigV2 deployed."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    manifest = _manifest()
+    head, worker = _containers(manifest)
+    ports = {"serve": free_port(), "dashboard": free_port(), "agent": free_port()}
+    config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    config["http_options"]["port"] = ports["serve"]
+
+    container_env = {e["name"]: e["value"] for e in head["env"] if "value" in e}
+    env = {**container_env, **ray_test_env()}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    head_params = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    local = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": int(head_params["num-cpus"]),
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": ports["dashboard"],
+            "dashboard_agent_listen_port": ports["agent"],
+        },
+    )
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    try:
+        local.add_node(num_cpus=int(worker["resources"]["limits"]["cpu"]))
+        _wait_for(
+            "dashboard", lambda: httpx.get(f"{dashboard}/api/ray/version", timeout=5).status_code == 200
+        )
+        put = httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=120)
+        assert put.status_code == 200, put.text
+
+        def running():
+            status = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10).json()
+            app = (status.get("applications") or {}).get("zipvl") or {}
+            assert app.get("status") != "DEPLOY_FAILED", app.get("message")
+            return app if app.get("status") == "RUNNING" else None
+
+        app = _wait_for("application RUNNING", running)
+        yield {"ports": ports, "dashboard": dashboard, "app": app, "config": config, "manifest": manifest}
+    finally:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.delete(f"{dashboard}/api/serve/applications/", timeout=60)  # serve.shutdown()
+        local.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def target(cluster) -> checks.Target:
+    from zipvl_ray.api.images import ImageLimits
+
+    args = cluster["config"]["applications"][0]["args"]
+    base = f"http://127.0.0.1:{cluster['ports']['serve']}"
+    _wait_for("GET /health", lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, timeout_s=120)
+    return checks.Target(
+        base_url=base,
+        model=args.get("served_model_name") or args["model"],
+        max_model_len=args["engine"]["max_model_len"],
+        limits=ImageLimits.model_validate(args["images"]),
+        fake=False,
+        timeout_s=180,
+    )
+
+
+def test_application_runs_with_every_deployment_healthy(cluster):
+    deployments = cluster["app"]["deployments"]
+    assert set(deployments) == {"OpenAIIngress", "VisionEncoder", "LLMServer"}
+    assert {d["status"] for d in deployments.values()} == {"HEALTHY"}
+
+
+def test_probe_endpoints_answer_success(cluster):
+    head, worker = _containers(cluster["manifest"])
+    serve_port = {p["name"]: p["containerPort"] for p in head["ports"]}["serve"]
+    # The manifest's probe commands, with the ports this local cluster uses instead of the pod's.
+    local_port = {
+        k8s.DASHBOARD_PORT: cluster["ports"]["dashboard"],
+        k8s.DASHBOARD_AGENT_PORT: cluster["ports"]["agent"],
+        serve_port: cluster["ports"]["serve"],
+    }
+    commands = [
+        head["readinessProbe"]["exec"]["command"][-1],
+        head["livenessProbe"]["exec"]["command"][-1],
+        worker["livenessProbe"]["exec"]["command"][-1],
+    ]
+    urls = {
+        (int(port), path) for c in commands for port, path in re.findall(r"http://localhost:(\d+)(/\S*)", c)
+    }
+    assert len(urls) == 2  # raylet (through the dashboard agent) and GCS (through the dashboard)
+    urls.add((serve_port, "/-/healthz"))  # what a worker's readiness adds when proxies run on every node
+    for port, path in sorted(urls):
+        response = httpx.get(f"http://127.0.0.1:{local_port[port]}{path}", timeout=10)
+        assert response.status_code == 200 and "success" in response.text, (port, path, response.text)
+
+
+def test_health_and_models(target):
+    checks.check_models_and_health(target)
+
+
+def test_chat_completion_with_an_image(target):
+    body = checks.check_chat_with_image(target)
+    assert body["model"] == target.model
