@@ -121,6 +121,33 @@ def select_probes(
     return probes.to(device)
 
 
+def gather_positions(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor.index_select(dim, index)`` for a 3-D tensor, reading whole rows of its memory layout.
+
+    transformers hands over head-major views of token-major memory (``(H, n, d)`` whose stride along
+    ``n`` is ``H * d``); ``index_select`` of such a non-contiguous view first copies the whole tensor
+    (measured: 3 ms per layer at 2K tokens). Selecting on the contiguous transposed view avoids it; the
+    result is returned as a view in the requested orientation.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        3-D, any strides.
+    index : torch.LongTensor
+        Shape ``(k,)``.
+    dim : int
+        0 or 1.
+
+    Returns
+    -------
+    torch.Tensor
+        Same as ``tensor.index_select(dim, index)`` (values and shape).
+    """
+    if not tensor.is_contiguous() and tensor.transpose(0, 1).is_contiguous():
+        return tensor.transpose(0, 1).index_select(1 - dim, index).transpose(0, 1)
+    return tensor.index_select(dim, index)
+
+
 def probe_block_size(num_heads: int, n: int, device: torch.device, chunk_bytes: int) -> int:
     """Probes scored together by :func:`probe_attention_scores`.
 
@@ -182,14 +209,14 @@ def probe_attention_scores(
     # (num_kv_heads, m, group, head_dim): a block of probes is then one contiguous slice per KV head,
     # holding the rows of every query head that shares that KV head.
     q_probe = (
-        query.index_select(1, probes)
+        gather_positions(query, probes, dim=1)
         .to(torch.float32)
         .mul_(scaling)
         .view(num_kv_heads, group, m, head_dim)
         .transpose(1, 2)
         .contiguous()
     )
-    k_t = key.to(torch.float32).transpose(1, 2)  # (num_kv_heads, head_dim, n)
+    k_t = key.to(torch.float32).transpose(1, 2)  # (num_kv_heads, head_dim, n), keeps key's layout
     per_block = probe_block_size(num_heads, n, device, chunk_bytes)
     positions = probes.tolist()  # block bounds on the host (one transfer)
     in_place = device.type == "cpu"
@@ -520,9 +547,9 @@ def gather_causal_attention(
         Shape ``(p, num_kv_heads, head_dim)``.
     """
     if kept.numel() != query.shape[0]:
-        query = query.index_select(0, kept)
-        key = key.index_select(0, kept)
-        value = value.index_select(0, kept)
+        query = gather_positions(query, kept, 0)
+        key = gather_positions(key, kept, 0)
+        value = gather_positions(value, kept, 0)
     if backend == "sdpa" and kept.numel() > 0:
         out_kept = _sdpa_causal(query, key, value, scaling)  # a view; the caller scatters it
     else:
@@ -627,6 +654,7 @@ __all__ = [
     "dense_selection",
     "flash_attn_available",
     "gather_causal_attention",
+    "gather_positions",
     "masked_dense_attention",
     "probe_attention_scores",
     "probe_block_size",
