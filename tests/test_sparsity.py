@@ -10,8 +10,11 @@ from zipvl_ray.sparsity import (
     adaptive_count,
     attention_backend,
     attention_flops_reduction,
+    gather_causal_attention,
+    gather_positions,
     masked_dense_attention,
     probe_attention_scores,
+    probe_block_size,
     probe_row_counts,
     select_important,
     select_probes,
@@ -219,3 +222,55 @@ def test_backend_choice_on_cpu():
 def test_flops_reduction():
     assert attention_flops_reduction([50, 50], 100) == pytest.approx(0.75)
     assert attention_flops_reduction([100], 100) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast-path helpers (performance work): same values as the plain operations, whatever the layout
+# ---------------------------------------------------------------------------------------------------
+
+
+def token_major(t):
+    """``(H, n, d)`` values stored token-major, as transformers' projections leave them."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_gather_positions_equals_index_select(dim, layout):
+    t = torch.randn(6, 40, 8)
+    if layout == "transposed":
+        t = token_major(t)
+    index = torch.tensor([0, 3, 5] if dim == 0 else [1, 2, 17, 39])
+    assert torch.equal(gather_positions(t, index, dim), t.index_select(dim, index))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 4 * 4 * 300, 2**30])
+def test_probe_scores_blocks_and_layouts_match_the_exact_map(chunk_bytes):
+    q, k, _ = rand_qkv(n=300, heads=4, kv_heads=2)
+    probes = select_probes(300, 16, 24, seed=1)
+    exact = full_causal_attention_map(q, k, 0.25)[:, probes].sum(dim=(0, 1))
+    for qq, kk in ((q, k), (token_major(q), token_major(k))):
+        a = probe_attention_scores(qq, kk, probes, 0.25, chunk_bytes=chunk_bytes)
+        torch.testing.assert_close(a.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_block_size():
+    cpu = torch.device("cpu")
+    assert probe_block_size(16, 16384, cpu, 2**40) == 8  # about 128 score rows per block on CPU
+    assert probe_block_size(16, 16384, cpu, 1) == 1  # never below one probe
+    assert probe_block_size(16, 1000, torch.device("meta"), 16 * 1000 * 4 * 5) == 5  # elsewhere: bytes only
+
+
+@pytest.mark.parametrize("kept", [[0, 3, 4, 9, 29], list(range(30))])
+def test_gather_causal_attention_returns_kept_rows_and_kv(kept):
+    q, k, v = rand_qkv(n=30, heads=4, kv_heads=2)
+    qt, kt, vt = (
+        token_major(q).transpose(0, 1),
+        token_major(k).transpose(0, 1),
+        token_major(v).transpose(0, 1),
+    )
+    kept = torch.tensor(kept)
+    out_kept, k_kept, v_kept = gather_causal_attention(qt, kt, vt, kept, 0.25)
+    full = sparse_causal_attention(qt, kt, vt, kept, 0.25)
+    torch.testing.assert_close(out_kept, full[kept])
+    assert torch.equal(k_kept, kt[kept]) and torch.equal(v_kept, vt[kept])
