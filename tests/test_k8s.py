@@ -514,7 +514,8 @@ def test_cluster_shape(variant):
         "None",
     )
     (group,) = cluster["workerGroupSpecs"]
-    assert 1 <= group["minReplicas"] == group["replicas"] <= group["maxReplicas"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (variant.min_worker_pods, variant.max_worker_pods)
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["replicas"] >= 1
     head_ports = {p["name"]: p["containerPort"] for p in ray_containers(manifest)[0]["ports"]}
     assert head_ports["serve"] == config["http_options"]["port"]
     assert head_ports["metrics"] == int(cluster["headGroupSpec"]["rayStartParams"]["metrics-export-port"])
@@ -636,16 +637,37 @@ def test_stage_demands_follow_serve_replica_bounds(llm, expected):
     assert demands["ingress"].num_cpus == 1.0  # Serve reserves one CPU per replica by default
 
 
-def test_worker_group_follows_autoscaling_in_the_config(tmp_path):
+def _render_with_llm(tmp_path: Path, **llm: Any) -> dict:
     root = _copy_repo_inputs(tmp_path)
     config = yaml.safe_load((root / k8s.GPU_VARIANT.config).read_text())
-    llm = config["applications"][0]["args"]["llm"]
-    llm.pop("num_replicas")
-    llm["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 8}
+    config["applications"][0]["args"]["llm"].pop("num_replicas")
+    config["applications"][0]["args"]["llm"].update(llm)
     (root / k8s.GPU_VARIANT.config).write_text(yaml.safe_dump(config, sort_keys=False))
-    rendered = k8s.render_rayservice(k8s.GPU_VARIANT, root)
-    (group,) = rendered.manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert (group["minReplicas"], group["maxReplicas"]) == (2, 9)  # + the vision GPU
+    return k8s.render_rayservice(k8s.GPU_VARIANT, root).manifest
+
+
+def test_a_serve_replica_change_leaves_the_cluster_spec_alone_except_replicas(tmp_path):
+    """KubeRay starts a new cluster (doubling the GPUs) on a cluster-spec change, not on these."""
+    current = yaml.safe_load((REPO_ROOT / k8s.GPU_VARIANT.output).read_text())
+    changed = _render_with_llm(tmp_path, num_replicas=2)
+    assert changed["spec"]["serveConfigV2"] != current["spec"]["serveConfigV2"]
+    assert changed["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 3  # vision + 2 LLM
+    for manifest in (current, changed):
+        manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].pop("replicas")
+    assert changed["spec"]["rayClusterConfig"] == current["spec"]["rayClusterConfig"]
+
+
+def test_worker_group_starts_with_the_autoscaling_minimum(tmp_path):
+    manifest = _render_with_llm(tmp_path, autoscaling_config={"min_replicas": 1, "max_replicas": 8})
+    (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["replicas"] == 2  # the vision GPU and one LLM GPU; the autoscaler adds the rest
+    assert group["maxReplicas"] == k8s.GPU_VARIANT.max_worker_pods >= 9
+
+
+def test_a_config_beyond_the_pod_budget_is_refused(tmp_path):
+    budget = k8s.GPU_VARIANT.max_worker_pods
+    with pytest.raises(ValueError, match=f"needs up to {budget + 1} worker pods"):
+        _render_with_llm(tmp_path, autoscaling_config={"min_replicas": 1, "max_replicas": budget})
 
 
 def test_deployment_overrides_are_refused_because_sizing_could_not_follow(tmp_path):

@@ -163,10 +163,11 @@ class Variant:
         Name of the (single) worker group.
     worker : PodShape
         One worker pod.
-    min_worker_pods : int
-        Floor on the worker group's ``minReplicas`` (0-CPU replicas need no pod of their own).
-    extra_max_worker_pods : int
-        Added to the computed ``maxReplicas`` (headroom for a replacement pod).
+    min_worker_pods, max_worker_pods : int
+        The worker group's ``minReplicas`` / ``maxReplicas``: fixed bounds (the pod budget) for the Ray
+        autoscaler, not derived from the Serve replica counts, so that a Serve-only change leaves the
+        cluster spec alone except ``replicas``, which KubeRay applies in place (no new cluster).
+        ``replicas`` (the start size) is derived: the pods that hold every stage at its minimum count.
     idle_timeout_s : int
         Ray autoscaler: seconds an idle worker pod lives before it is removed.
     upgrade_strategy : str
@@ -186,7 +187,7 @@ class Variant:
     worker_group: str
     worker: PodShape
     min_worker_pods: int
-    extra_max_worker_pods: int
+    max_worker_pods: int
     idle_timeout_s: int
     upgrade_strategy: str
     upgrade_reason: str
@@ -204,18 +205,18 @@ GPU_VARIANT = Variant(
     worker_group="gpu",
     worker=PodShape(cpus=8, memory_gib=64, gpus=1),
     min_worker_pods=0,
-    extra_max_worker_pods=0,
+    max_worker_pods=10,
     idle_timeout_s=600,
     upgrade_strategy="NewCluster",
     upgrade_reason=(
-        "NewCluster: a change to rayClusterConfig (image, pod resources) starts a second cluster, "
+        "NewCluster: a change to rayClusterConfig (image, pod resources, env) starts a second cluster, "
         "switches <name>-serve-svc to it once its applications are RUNNING, and deletes the old one "
         "rayClusterDeletionDelaySeconds later: no downtime, but the GPUs double for the duration. A "
-        "serveConfigV2-only change (tau, replicas, limits) is applied in place and doubles nothing. If "
-        "the GPU quota cannot double, the new cluster stays pending and the old one keeps serving (the "
-        "upgrade stalls, nothing breaks); then use type None and replace the cluster in a maintenance "
-        "window. NewClusterWithIncrementalUpgrade (alpha, feature gate + Gateway API) bounds the surge "
-        "by maxSurgePercent; see docs/kubernetes.md."
+        "serveConfigV2-only change (tau, replica counts, limits) is applied in place and doubles nothing. "
+        "If the GPU quota cannot double, the new cluster stays pending while the old one keeps serving "
+        "(the upgrade stalls, nothing breaks). Alternatives: None (the RayCluster is modified in place, "
+        "with a disruption) or NewClusterWithIncrementalUpgrade (alpha: operator feature gate, Gateway "
+        "API; the surge is bounded by maxSurgePercent). See docs/kubernetes.md."
     ),
     model_cache=ModelCache(),
     gpu_tolerations=True,
@@ -231,7 +232,7 @@ CPU_VARIANT = Variant(
     worker_group="cpu",
     worker=PodShape(cpus=1, memory_gib=3),
     min_worker_pods=1,
-    extra_max_worker_pods=1,
+    max_worker_pods=2,
     idle_timeout_s=60,
     upgrade_strategy="NewCluster",
     upgrade_reason=(
@@ -484,8 +485,8 @@ class Rendered:
     manifest: dict[str, Any]
     changes: list[ConfigChange]
     demands: list[StageDemand]
-    min_pods: int
-    max_pods: int
+    start_pods: int
+    max_pods_needed: int
     notes: list[str] = field(default_factory=list)
 
 
@@ -514,10 +515,14 @@ def render_rayservice(variant: Variant, root: Path = REPO_ROOT, image_repo: str 
     demands = stage_demands(app.get("args") or {})
     if any(d.num_gpus for d in demands) and not variant.worker.gpus:
         raise ValueError(f"{variant.config} asks for GPUs but the {variant.name} worker pods have none")
-    min_pods = max(variant.min_worker_pods, worker_pods_needed(demands, variant.worker, "min"))
-    max_pods = (
-        max(min_pods, worker_pods_needed(demands, variant.worker, "max")) + variant.extra_max_worker_pods
-    )
+    start_pods = max(variant.min_worker_pods, worker_pods_needed(demands, variant.worker, "min"))
+    max_pods_needed = worker_pods_needed(demands, variant.worker, "max")
+    if max(start_pods, max_pods_needed) > variant.max_worker_pods:
+        raise ValueError(
+            f"{variant.config} needs up to {max(start_pods, max_pods_needed)} worker pods at its maximum replica "
+            f"counts; the {variant.name} worker group allows {variant.max_worker_pods} "
+            "(raise max_worker_pods in zipvl_ray/k8s.py if the budget allows)"
+        )
     grace_s = int(math.ceil(max(d.graceful_shutdown_timeout_s for d in demands))) + 30
     image = f"{image_repo or variant.image}:{package_version(root)}{variant.image_tag_suffix}"
     deletion_delay_s = int(http.get("request_timeout_s") or 60)
@@ -562,9 +567,9 @@ def render_rayservice(variant: Variant, root: Path = REPO_ROOT, image_repo: str 
                 "workerGroupSpecs": [
                     {
                         "groupName": variant.worker_group,
-                        "replicas": min_pods,
-                        "minReplicas": min_pods,
-                        "maxReplicas": max_pods,
+                        "replicas": start_pods,
+                        "minReplicas": variant.min_worker_pods,
+                        "maxReplicas": variant.max_worker_pods,
                         "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
                         "template": _pod_template(
                             variant, node="worker", shape=variant.worker, grace_period_s=grace_s, **templates
@@ -578,14 +583,17 @@ def render_rayservice(variant: Variant, root: Path = REPO_ROOT, image_repo: str 
         f"upgradeStrategy {variant.upgrade_reason}",
         f"rayClusterDeletionDelaySeconds = http_options.request_timeout_s ({deletion_delay_s} s): requests "
         "in flight when traffic switches to a new cluster may finish on the old one.",
-        f"Worker group '{variant.worker_group}': {min_pods}..{max_pods} pods of {variant.worker.cpus} CPUs, "
-        f"{variant.worker.memory_gib} GiB, {variant.worker.gpus} GPU(s), packing the Serve replicas at their "
-        "min and max counts: "
+        f"Worker group '{variant.worker_group}': pods of {variant.worker.cpus} CPUs, "
+        f"{variant.worker.memory_gib} GiB, {variant.worker.gpus} GPU(s); minReplicas/maxReplicas = "
+        f"{variant.min_worker_pods}/{variant.max_worker_pods} (the pod budget, fixed); "
+        f"replicas = {start_pods} holds the Serve replicas at their minimum counts and {max_pods_needed} "
+        "at their maximum ("
         + ", ".join(
             f"{d.stage} {d.min_replicas}..{d.max_replicas} x ({d.num_cpus:g} CPU, {d.num_gpus:g} GPU)"
             for d in demands
         )
-        + ".",
+        + "); the Ray autoscaler adds and removes pods in between. A change of Serve replica counts "
+        "changes only serveConfigV2 and replicas, which KubeRay applies without a new cluster.",
         f"Worker terminationGracePeriodSeconds = the longest graceful_shutdown_timeout_s + 30 = {grace_s}.",
         "Tracing env (RAY_SERVE_TRACING_*, OTEL_*) in every Ray container: zipvl_ray.k8s.TRACING_ENV.",
     ]
@@ -595,7 +603,7 @@ def render_rayservice(variant: Variant, root: Path = REPO_ROOT, image_repo: str 
             f"{variant.model_cache.claim_name} (HF_HOME={variant.model_cache.hf_home}), filled by "
             f"{MODEL_DOWNLOAD_JOB_OUTPUT}; HF_TOKEN from Secret {variant.model_cache.token_secret} (optional)."
         )
-    return Rendered(variant, manifest, changes, demands, min_pods, max_pods, notes)
+    return Rendered(variant, manifest, changes, demands, start_pods, max_pods_needed, notes)
 
 
 def _model_cache_manifests(variant: Variant, root: Path, image: str) -> dict[str, dict[str, Any]]:
