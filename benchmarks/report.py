@@ -104,6 +104,8 @@ def plot_prefill(result: dict[str, Any], path: Path) -> Path | None:
     if not rows or "ttft_s" not in rows[0]:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
     fig, (ax_ttft, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     for config in distinct(rows, "config"):
         series = sorted((r for r in rows if r["config"] == config), key=lambda r: r["n_tokens"])
@@ -118,7 +120,10 @@ def plot_prefill(result: dict[str, Any], path: Path) -> Path | None:
         xscale="log", xlabel="prompt tokens", ylabel="speedup vs dense", title="Speedup (dashed: r² limit)"
     )
     ax_speed.axhline(1.0, color="grey", lw=0.8)
+    sizes = sorted(distinct(rows, "n_tokens"))
     for ax in (ax_ttft, ax_speed):
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(sizes, [f"{n // 1024}K" if n >= 1024 else str(n) for n in sizes])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{result['name']}: {result.get('summary', {}).get('layout', '')}", fontsize=10)
