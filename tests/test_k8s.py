@@ -742,3 +742,23 @@ def test_render_with_another_image_repository_writes_elsewhere(tmp_path, capsys)
         manifest = yaml.safe_load((tmp_path / variant.output).read_text())
         images = {c["image"] for c in ray_containers(manifest)}
         assert images == {f"ghcr.io/me/zipvl-ray:{k8s.package_version()}{variant.image_tag_suffix}"}
+
+
+def test_docs_cover_the_files_the_changes_and_the_tracing_env():
+    docs = (REPO_ROOT / "docs" / "kubernetes.md").read_text()
+    missing = [path for path in MANIFESTS if f"`{path}`" not in docs]
+    missing += [name for name in k8s.TRACING_ENV if f"`{name}`" not in docs]
+    missing += [value for value in k8s.TRACING_ENV.values() if value not in docs]
+    missing += [path for path, _, _ in k8s.POD_SERVE_CONFIG_CHANGES if f"`{path}`" not in docs]
+    missing += [
+        text
+        for text in (
+            "python -m zipvl_ray.k8s render",
+            "python -m zipvl_ray.k8s check",
+            "helm install kuberay-operator",
+            "-serve-svc",
+            k8s.GPU_VARIANT.upgrade_strategy,
+        )
+        if text not in docs
+    ]
+    assert missing == []
