@@ -2,9 +2,9 @@
 
 ``python -m zipvl_ray.k8s render`` writes ``k8s/*.yaml``: each RayService's ``serveConfigV2`` is the
 matching Serve config file (``configs/zipvl-gpu.yaml``, ``configs/zipvl.yaml``) with only the values
-a pod needs changed (:data:`POD_SERVE_CONFIG_CHANGES`); the worker groups' replica bounds, the pods'
-grace period, the serving port, the probes and the model-download Job follow from the same config, so
-nothing in ``k8s/`` can drift from ``configs/``.
+a pod needs changed (:data:`POD_SERVE_CONFIG_CHANGES`); the worker group's start size (and the check
+that the config fits its pod budget), the pods' grace period, the serving port, the probes and the
+model-download Job follow from the same config, so nothing in ``k8s/`` can drift from ``configs/``.
 
 ``python -m zipvl_ray.k8s check`` validates every ``k8s/*.yaml``:
 
@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -157,6 +157,8 @@ class Variant:
         Manifest written (relative to the repository root).
     image : str
         Image repository (tag: the package version plus ``image_tag_suffix``).
+    image_tag_suffix : str
+        ``"-gpu"`` for the CUDA image built from ``Dockerfile.gpu``, ``""`` for ``Dockerfile``.
     head : PodShape
         The head pod (``num-cpus: "0"``: no replica is scheduled there).
     worker_group : str
@@ -176,6 +178,8 @@ class Variant:
         Why (written into the manifest's header).
     model_cache : ModelCache, optional
         Weights from a PVC (real checkpoints); None for the built-in models.
+    gpu_tolerations : bool
+        Tolerate the ``nvidia.com/gpu`` taint that GPU node pools usually carry.
     """
 
     name: str
@@ -260,7 +264,17 @@ def package_version(root: Path = REPO_ROOT) -> str:
 
 @dataclass(frozen=True)
 class ConfigChange:
-    """One value the renderer changed in a Serve config (``before`` None: absent)."""
+    """One value the renderer changed in a Serve config.
+
+    Attributes
+    ----------
+    path : str
+        Dotted key, e.g. ``"http_options.host"``.
+    before, after : Any
+        The value in ``configs/`` (None: absent) and in the manifest.
+    reason : str
+        Why a pod needs the change.
+    """
 
     path: str
     before: Any
@@ -285,7 +299,19 @@ def pod_serve_config(config: dict[str, Any]) -> tuple[dict[str, Any], list[Confi
 
 @dataclass(frozen=True)
 class StageDemand:
-    """Replica bounds and per-replica resources of one Serve deployment (Serve's defaults filled in)."""
+    """Replica bounds and per-replica resources of one Serve deployment (Serve's defaults filled in).
+
+    Attributes
+    ----------
+    stage : str
+        ``"ingress"``, ``"vision"`` or ``"llm"``.
+    min_replicas, max_replicas : int
+        Equal for a fixed ``num_replicas``; the autoscaling bounds otherwise.
+    num_cpus, num_gpus : float
+        Reserved per replica.
+    graceful_shutdown_timeout_s : float
+        How long a stopping replica may take (the pod's grace period must exceed it).
+    """
 
     stage: str
     min_replicas: int
@@ -338,7 +364,7 @@ def stage_demands(app_args: dict[str, Any]) -> list[StageDemand]:
     return demands
 
 
-def worker_pods_needed(demands: Iterable[StageDemand], pod: PodShape, bound: str) -> int:
+def worker_pods_needed(demands: Iterable[StageDemand], pod: PodShape, bound: Literal["min", "max"]) -> int:
     """Worker pods that hold every replica at ``bound`` (``"min"`` or ``"max"``) replicas per stage.
 
     First-fit decreasing over (GPUs, CPUs): an estimate of how Ray packs replicas onto pods. Replicas
@@ -479,7 +505,22 @@ def _pod_template(
 
 @dataclass
 class Rendered:
-    """One rendered RayService and the facts its header states."""
+    """One rendered RayService and the facts its header states.
+
+    Attributes
+    ----------
+    variant : Variant
+    manifest : dict
+        The RayService object.
+    changes : list[ConfigChange]
+        What differs between its ``serveConfigV2`` and the config file.
+    demands : list[StageDemand]
+        What the stages ask of the cluster.
+    start_pods, max_pods_needed : int
+        Worker pods holding every stage at its minimum / maximum replica count.
+    notes : list[str]
+        Lines of the manifest's header comment.
+    """
 
     variant: Variant
     manifest: dict[str, Any]
@@ -1122,7 +1163,17 @@ def _container_env_errors(document: dict[str, Any]) -> list[str]:
 
 @dataclass
 class CheckReport:
-    """Outcome of :func:`check_folder`: problems by file, and what was skipped."""
+    """Outcome of :func:`check_folder`.
+
+    Attributes
+    ----------
+    errors : dict[str, list[str]]
+        Problems by file (relative path); an empty list for a clean file.
+    checked : list[str]
+        Files read and validated.
+    skipped : list[str]
+        Checks not run, and why (e.g. no CRD folder).
+    """
 
     errors: dict[str, list[str]] = field(default_factory=dict)
     checked: list[str] = field(default_factory=list)
