@@ -29,6 +29,7 @@ from deployments.vision import VisionEncoderServer
 from zipvl_ray.api.images import ImageLimits
 from zipvl_ray.api.server import ServingSettings
 from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.telemetry import TelemetrySettings
 
 #: Set in every replica: torch tensors cross the object store without a copy (features, pixels).
 ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
@@ -203,6 +204,11 @@ class AppArgs(BaseModel):
     encoder_class: str = Field(
         "zipvl_ray.vision:VisionEncoder", description="Encoder class of the vision stage ('module:Class')."
     )
+    telemetry: TelemetrySettings = Field(
+        default_factory=TelemetrySettings,
+        description="Tracing (exporter, sampling), Prometheus metrics and log level of the replicas "
+        "(docs/observability.md).",
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -235,7 +241,9 @@ class AppArgs(BaseModel):
         )
 
     def env_vars(self) -> dict[str, str]:
-        return dict(ZERO_COPY_ENV) if self.zero_copy_tensors else {}
+        env = dict(ZERO_COPY_ENV) if self.zero_copy_tensors else {}
+        env.update(self.telemetry.env_vars())
+        return env
 
 
 def build_application(

@@ -5,11 +5,19 @@ and forwards with Serve handles: pixels to the vision stage, then token ids + th
 *response* (not its result) to the LLM stage, so image features go from the vision replica to the
 LLM replica without passing through here. Closing a stream (the client went away) cancels the LLM
 call, which aborts the request and frees its KV.
+
+Telemetry (:func:`build_ingress_app`): the request id middleware (ids on log lines; Serve's proxy
+returns the ``x-request-id`` header), ``zipvl_http_requests_total`` / ``zipvl_e2e_request_latency_seconds``,
+preprocessing spans (``zipvl.ingress.preprocess`` with image decode, image preprocessing, chat template
+and tokenize children) and a ``zipvl.ingress.generate`` span that is current while the handle calls are
+made, so Serve propagates the trace to the vision and LLM replicas. The KV-packing router lives in
+this process (it routes the LLM handle's calls): its counters are exported from here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +29,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.llm import GenerateRequest, StreamError
+from zipvl_ray import telemetry
 from zipvl_ray.api.errors import APIError
+from zipvl_ray.api.middleware import RequestIdMiddleware
 from zipvl_ray.api.server import ServingSettings, build_openai_app
 from zipvl_ray.engine.types import RequestOutput, SamplingParams
 from zipvl_ray.multimodal import PreparedPrompt, PromptProcessor
@@ -77,8 +87,19 @@ class RayServeBackend:
         *,
         stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
-        # Chained: the LLM replica receives the vision stage's result directly.
-        features = self.vision.encode.remote(prompt.images) if prompt.images else None
+        span = telemetry.start_span("zipvl.ingress.generate")
+        if telemetry.recording(span):
+            span.set_attributes(
+                {
+                    telemetry.ATTR_REQUEST_ID: telemetry.current_request_id() or "",
+                    telemetry.ATTR_COMPLETION_ID: request_id,
+                    "zipvl.prompt_tokens": prompt.num_tokens,
+                    "zipvl.image_tokens": prompt.num_image_tokens,
+                    "zipvl.images": len(prompt.images),
+                    "zipvl.max_tokens": sampling.max_tokens,
+                    "zipvl.stream": stream,
+                }
+            )
         request = GenerateRequest(
             request_id=request_id,
             token_ids=list(prompt.token_ids),
@@ -86,24 +107,36 @@ class RayServeBackend:
             zipvl=zipvl,
             stream=stream,
         )
-        outputs = self.llm.options(stream=True).generate.remote(
-            request, features, routing_hints=hints.to_dict()
-        )
+        # The span is current while the calls are made: Serve propagates it to the replicas.
+        with telemetry.use_span(span):
+            # Chained: the LLM replica receives the vision stage's result directly.
+            features = self.vision.encode.remote(prompt.images) if prompt.images else None
+            outputs = self.llm.options(stream=True).generate.remote(
+                request, features, routing_hints=hints.to_dict()
+            )
         finished = False
+        error: BaseException | str | None = None
+        last: RequestOutput | None = None
         try:
             async for item in outputs:
                 if isinstance(item, StreamError):
                     finished = True
                     raise APIError(item.message, status_code=item.status_code, code=item.code)
                 finished = item.finished
+                last = item
                 yield item
                 if finished:
                     return
         except (BackPressureError, DeploymentUnavailableError) as exc:
+            error = exc
             raise unavailable_error(exc) from None
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             if not finished:
                 outputs.cancel()
+            _end_generate(span, request_id, prompt, last, error)
 
     async def _ping(self, handle: DeploymentHandle) -> str | None:
         try:
@@ -184,6 +217,145 @@ async def _awaitable(response):
     return await response
 
 
+def _end_generate(
+    span: Any,
+    request_id: str,
+    prompt: PreparedPrompt,
+    last: RequestOutput | None,
+    error: BaseException | str | None,
+) -> None:
+    """The log line and the end of the ``zipvl.ingress.generate`` span of one request."""
+    finished = last is not None and last.finished
+    if finished and last.finish_reason == "error":
+        error = last.error or "engine error"
+    elif finished:
+        error = None  # a consumer closing the stream after the end is no error
+    elif error is None:
+        error = "the client went away"
+    if telemetry.recording(span) and last is not None:
+        span.set_attribute("zipvl.finish_reason", last.finish_reason or "unfinished")
+        if finished:
+            span.set_attribute("zipvl.output_tokens", len(last.token_ids))
+    logger.info(
+        "chat completion %s: %d prompt tokens (%d image tokens, %d images), %s",
+        request_id,
+        prompt.num_tokens,
+        prompt.num_image_tokens,
+        len(prompt.images),
+        f"finished ({last.finish_reason}, {len(last.token_ids)} tokens)"
+        if finished
+        else f"ended early ({type(error).__name__ if isinstance(error, BaseException) else error})",
+    )
+    telemetry.end_span(span, error=error)
+
+
+def find_request_router(handle: DeploymentHandle) -> Any | None:
+    """The request router instance behind ``handle`` in this process, or None (not created yet).
+
+    Ray 2.60 keeps it at ``handle._router._asyncio_router._request_router`` (private, read defensively;
+    the ``request_router`` property is avoided because it creates the router as a side effect).
+    """
+    router = getattr(handle, "_router", None)
+    asyncio_router = getattr(router, "_asyncio_router", router)
+    return getattr(asyncio_router, "_request_router", None)
+
+
+def instrument_preparation(preparer: Any, processor: PromptProcessor) -> None:
+    """Spans of the ingress's CPU work, on the instances (call only when tracing is on).
+
+    ``zipvl.ingress.preprocess`` (the whole preparation) with children ``zipvl.ingress.image_decode``
+    (fetch, check and decode every image), ``zipvl.ingress.image_preprocess`` (per image: resize,
+    normalise), ``zipvl.ingress.chat_template`` and ``zipvl.ingress.tokenize`` (placeholder expansion
+    and tokenization).
+    """
+    telemetry.instrument_method(
+        preparer,
+        "prepare",
+        "zipvl.ingress.preprocess",
+        attributes=lambda chat: {
+            telemetry.ATTR_REQUEST_ID: telemetry.current_request_id() or "",
+            telemetry.ATTR_COMPLETION_ID: chat.request_id,
+            "zipvl.prompt_tokens": chat.prompt.num_tokens,
+            "zipvl.image_tokens": chat.prompt.num_image_tokens,
+            "zipvl.images": len(chat.prompt.images),
+            "zipvl.max_tokens": chat.sampling.max_tokens,
+        },
+    )
+    telemetry.instrument_method(
+        preparer,
+        "load_images",
+        "zipvl.ingress.image_decode",
+        attributes=lambda images: {"zipvl.images": len(images)},
+    )
+    telemetry.instrument_method(
+        processor,
+        "preprocess_image",
+        "zipvl.ingress.image_preprocess",
+        attributes=lambda image: {"zipvl.image_tokens": image.num_tokens},
+    )
+    telemetry.instrument_method(
+        processor,
+        "render",
+        "zipvl.ingress.chat_template",
+        attributes=lambda text: {"zipvl.prompt_chars": len(text)},
+    )
+    telemetry.instrument_method(
+        processor,
+        "expand",
+        "zipvl.ingress.tokenize",
+        attributes=lambda ids: {"zipvl.prompt_tokens": len(ids)},
+    )
+
+
+def disable_fastapi_native_tracing(app: Any) -> None:
+    """Switch off FastAPI's own HTTP spans on ``app`` (FastAPI >= 0.16x traces natively).
+
+    FastAPI parents its server span on the request's ``traceparent`` header, not on the current
+    context: behind Serve that starts a second trace per request (or hangs the ingress's spans under
+    the client's span beside Serve's). Serve's replica span is the request's span here. FastAPI reads
+    the setting at each request from the dict ``FastAPI(telemetry=...)`` filled (``app._telemetry``).
+    """
+    config = getattr(app, "_telemetry", None)
+    if isinstance(config, dict):
+        config["tracing"] = False
+
+
+def build_ingress_app(
+    backend: Any,
+    processor: PromptProcessor,
+    settings: ServingSettings,
+    *,
+    behind_serve_proxy: bool = True,
+    metrics: telemetry.MetricsSink | None = None,
+):
+    """The ingress's ASGI app: :func:`build_openai_app` plus request ids, metrics and spans.
+
+    Parameters
+    ----------
+    backend : InferenceBackend
+    processor : PromptProcessor
+    settings : ServingSettings
+    behind_serve_proxy : bool
+        Serve's proxy starts the trace and returns ``x-request-id``; False for an in-process app, where
+        the middleware sets the header and FastAPI's own server span starts the trace.
+    metrics : MetricsSink, optional
+        Where ``zipvl_http_requests_total`` and ``zipvl_e2e_request_latency_seconds`` go.
+    """
+    app = build_openai_app(backend, processor, settings)
+    if telemetry.tracing_active():
+        instrument_preparation(app.state.preparer, processor)
+        if behind_serve_proxy:
+            disable_fastapi_native_tracing(app)
+    observer = None
+    if metrics is not None:
+
+        def observer(path: str, status: int, seconds: float) -> None:
+            telemetry.record_http_request(metrics, path, status, seconds)
+
+    app.add_middleware(RequestIdMiddleware, set_response_header=not behind_serve_proxy, observer=observer)
+    return app
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress()
 class OpenAIIngress:
@@ -211,6 +383,31 @@ class OpenAIIngress:
         self.settings = settings
         self.processor = PromptProcessor((processor_loader or load_processor)(processor_source))
         self.backend = RayServeBackend(vision, llm, health_timeout_s=settings.health_timeout_s)
+        self._metrics = telemetry.setup_replica("ingress")
+        self._router_task: asyncio.Task | None = None
+        if self._metrics is not None:
+            with contextlib.suppress(RuntimeError):  # no running loop outside a replica
+                self._router_task = asyncio.get_running_loop().create_task(self._export_router_counters())
+
+    async def _export_router_counters(self) -> None:
+        """Export the LLM handle's KV-packing router counters (once the router exists, if it is one)."""
+        exporter = telemetry.RouterCountersExporter(self._metrics)
+        interval = telemetry.metrics_interval_s()
+        while True:
+            await asyncio.sleep(interval)
+            router = find_request_router(self.backend.llm)
+            report = getattr(router, "telemetry", None)
+            if report is None:
+                continue
+            try:
+                exporter.update(report())
+            except Exception:  # metrics must never break serving
+                logger.exception("exporting router counters failed")
 
     def __serve_build_asgi_app__(self):
-        return build_openai_app(self.backend, self.processor, self.settings)
+        return build_ingress_app(self.backend, self.processor, self.settings, metrics=self._metrics)
+
+    def __del__(self):
+        task = getattr(self, "_router_task", None)
+        if task is not None:
+            task.cancel()

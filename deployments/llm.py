@@ -5,10 +5,18 @@ The engine class is injected (``AsyncLLMEngine`` by default, a fake in tests); i
 calls ``handle.options(stream=True).generate.remote(request, features, routing_hints=...)``: the
 features argument is the vision stage's ``DeploymentResponse``, which Serve resolves here, so the
 tensors never pass through the ingress; ``routing_hints`` is a plain dict for the request router.
+
+Telemetry: each request runs in a ``zipvl.llm.generate`` span (under Serve's span of the handle call);
+when it finishes, its ``zipvl.llm.queue``, ``zipvl.llm.prefill`` (ZipVL attributes) and
+``zipvl.llm.decode`` spans are built from the engine's timestamps (the engine runs in a background
+thread). Per-request metrics are recorded at finish, the engine's KV and queue gauges every
+``ZIPVL_METRICS_INTERVAL_S`` and after each request; one log line per request carries the request id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -17,6 +25,7 @@ from typing import Any
 
 from ray import serve
 
+from zipvl_ray import telemetry
 from zipvl_ray.api.local import make_encoded_prompt, stream_with_abort
 from zipvl_ray.config import EngineConfig, ZipVLConfig
 from zipvl_ray.engine.types import RequestError, RequestMetrics, RequestOutput, SamplingParams
@@ -94,6 +103,11 @@ class LLMServer:
     engine : EngineConfig
     """
 
+    #: Metrics sink and engine-stats exporter (None outside a replica or with metrics off).
+    _metrics: telemetry.MetricsSink | None = None
+    _stats_exporter: telemetry.EngineStatsExporter | None = None
+    _metrics_task: asyncio.Task | None = None
+
     def __init__(
         self,
         engine_cls: type,
@@ -107,6 +121,24 @@ class LLMServer:
         self.engine = engine_cls.from_pretrained(
             model, dtype=dtype, device=device, zipvl=zipvl, engine=engine, load_vision=False
         )
+        self._metrics = telemetry.setup_replica("llm")
+        if self._metrics is not None:
+            self._stats_exporter = telemetry.EngineStatsExporter(self._metrics)
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing refreshes the gauges
+                self._metrics_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
+
+    async def _refresh_gauges(self) -> None:
+        interval = telemetry.metrics_interval_s()
+        while True:
+            self._export_engine_stats()
+            await asyncio.sleep(interval)
+
+    def _export_engine_stats(self) -> None:
+        if self._stats_exporter is not None:
+            try:
+                self._stats_exporter.update(self.engine.stats())
+            except Exception:  # metrics must never break serving
+                logger.exception("exporting engine stats failed")
 
     async def generate(
         self,
@@ -120,14 +152,87 @@ class LLMServer:
         in the engine, which frees its KV blocks.
         """
         prompt = make_encoded_prompt(request.token_ids, image_features or [])
+        span = telemetry.start_span("zipvl.llm.generate")
+        if telemetry.recording(span):
+            span.set_attributes(
+                {
+                    telemetry.ATTR_REQUEST_ID: telemetry.current_request_id() or "",
+                    telemetry.ATTR_COMPLETION_ID: request.request_id,
+                    "zipvl.prompt_tokens": len(request.token_ids),
+                    "zipvl.images": len(image_features or []),
+                    "zipvl.max_tokens": request.sampling.max_tokens,
+                    "zipvl.stream": request.stream,
+                }
+            )
+        timing = telemetry.RequestTiming()
+        final: RequestOutput | None = None
+        error: BaseException | str | None = None
         try:
             async for output in stream_with_abort(
                 self.engine, request.request_id, prompt, request.sampling, request.zipvl
             ):
+                timing.observe(output)
+                if output.finished:
+                    final = output
                 if request.stream or output.finished:
                     yield slim_output(output)
         except RequestError as exc:
+            error = exc
             yield StreamError(status_code=400, message=str(exc))
+        except BaseException as exc:  # cancelled (client gone) or failed: recorded, then re-raised
+            error = exc
+            raise
+        finally:
+            self._request_done(request, span, timing, final, error)
+
+    def _request_done(
+        self,
+        request: GenerateRequest,
+        span: Any,
+        timing: telemetry.RequestTiming,
+        final: RequestOutput | None,
+        error: BaseException | str | None,
+    ) -> None:
+        """Spans, metrics and the log line of a request that ended (finished, refused or cancelled)."""
+        try:
+            if final is not None:
+                telemetry.record_engine_spans(span, final, timing)
+                if telemetry.recording(span):
+                    span.set_attributes(
+                        {
+                            "zipvl.output_tokens": len(final.token_ids),
+                            "zipvl.finish_reason": final.finish_reason or "unknown",
+                        }
+                    )
+                if self._metrics is not None:
+                    telemetry.record_finished_request(self._metrics, final, timing)
+                m = final.metrics
+                logger.info(
+                    "request %s finished (%s): %d prompt tokens (%d image), %d output tokens, "
+                    "ttft %s, mean kept ratio %.3f, KV %d of %d dense bytes",
+                    request.request_id,
+                    final.finish_reason,
+                    m.prompt_tokens,
+                    m.image_tokens,
+                    len(final.token_ids),
+                    f"{m.ttft_s:.3f} s" if m.ttft_s is not None else "n/a",
+                    m.mean_kept_ratio,
+                    m.kv_bytes,
+                    m.kv_bytes_dense,
+                )
+                # The engine completed the request: a consumer closing the stream afterwards is no error.
+                error = (final.error or "engine error") if final.finish_reason == "error" else None
+            else:
+                reason = "refused" if isinstance(error, RequestError) else "abort"
+                if self._metrics is not None:
+                    self._metrics.inc("zipvl_llm_requests_total", 1, {"finish_reason": reason})
+                logger.info("request %s ended without a result (%s)", request.request_id, reason)
+                error = error or "aborted"
+            self._export_engine_stats()
+        except Exception:  # telemetry must never break serving
+            logger.exception("recording telemetry of request %s failed", request.request_id)
+        finally:
+            telemetry.end_span(span, error=error)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request running on this replica."""
@@ -156,6 +261,9 @@ class LLMServer:
         return autoscaling_stats(self.engine.stats())
 
     def __del__(self):
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:
+            task.cancel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

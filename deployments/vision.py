@@ -6,19 +6,51 @@ loads only the vision tower + projector and keeps an LRU cache keyed by image co
 the batch are encoded together); the forward runs in a worker thread so the replica keeps accepting
 requests meanwhile. Features come back on the CPU: with ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` in
 every process (set by the app builder) the LLM replica reads them from the object store without a copy.
+
+Telemetry: each request's ``encode`` call runs in a ``zipvl.vision.encode`` span (under Serve's span of
+the handle call) with the encoder-cache hits and misses of the batch it was encoded in; the cache
+counters are exported as ``zipvl_encoder_cache_*`` metrics and one log line per request carries the
+request id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
+from zipvl_ray import telemetry
 from zipvl_ray.multimodal import ImageInput
 
+logger = logging.getLogger(__name__)
+
 VISION_DEPLOYMENT = "VisionEncoder"
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one vision forward did, as reported to each request of the batch.
+
+    Attributes
+    ----------
+    requests, images : int
+        Requests and images in the batch.
+    cache_hits, cache_misses : int
+        Encoder-cache hits and misses of the batch's images.
+    encode_s : float
+        Seconds the encoder took (cache lookups and the forward).
+    """
+
+    requests: int
+    images: int
+    cache_hits: int
+    cache_misses: int
+    encode_s: float
 
 
 @serve.deployment(name=VISION_DEPLOYMENT)
@@ -59,21 +91,71 @@ class VisionEncoderServer:
         self.requests = 0
         self.images = 0
         self.max_batch_requests = 0
+        # Batch reports by id() of the request's image list (the list object travels through @serve.batch).
+        self._batch_reports: dict[int, BatchReport] = {}
+        sink = telemetry.setup_replica("vision")
+        self._cache_exporter = telemetry.EncoderCacheExporter(sink) if sink is not None else None
 
     async def encode(self, images: list[ImageInput]) -> list[Any]:
         """Features of ``images`` (one request's), in order."""
         if not images:
             return []
-        return await self._encode_batch(images)
+        span = telemetry.start_span("zipvl.vision.encode", attributes={"zipvl.images": len(images)})
+        try:
+            features = await self._encode_batch(images)
+        except BaseException as exc:
+            telemetry.end_span(span, error=exc)
+            raise
+        report = self._batch_reports.pop(id(images), None)
+        if report is not None:
+            logger.info(
+                "encoded %d images in a batch of %d requests (%d cache hits, %d misses) in %.1f ms",
+                len(images),
+                report.requests,
+                report.cache_hits,
+                report.cache_misses,
+                report.encode_s * 1e3,
+            )
+            if telemetry.recording(span):
+                span.set_attributes(
+                    {
+                        "zipvl.encoder_cache.hits": report.cache_hits,
+                        "zipvl.encoder_cache.misses": report.cache_misses,
+                        "zipvl.vision.batch_requests": report.requests,
+                        "zipvl.vision.batch_images": report.images,
+                        "zipvl.vision.encode_s": report.encode_s,
+                    }
+                )
+        if telemetry.recording(span):
+            span.set_attribute("zipvl.image_tokens", sum(f.num_tokens for f in features))
+        telemetry.end_span(span)
+        return features
+
+    def _encode_timed(self, flat: list[ImageInput]) -> tuple[list[Any], int, int, float]:
+        """``encoder.encode(flat)`` plus the cache hits and misses it caused and its duration."""
+        before = self.encoder.cache_stats()
+        started = time.perf_counter()
+        features = self.encoder.encode(flat)
+        elapsed = time.perf_counter() - started
+        after = self.encoder.cache_stats()
+        return features, after["hits"] - before["hits"], after["misses"] - before["misses"], elapsed
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, requests: list[list[ImageInput]]) -> list[list[Any]]:
         flat = [image for images in requests for image in images]
-        features = await asyncio.to_thread(self.encoder.encode, flat)
+        features, hits, misses, elapsed = await asyncio.to_thread(self._encode_timed, flat)
         self.batches += 1
         self.requests += len(requests)
         self.images += len(flat)
         self.max_batch_requests = max(self.max_batch_requests, len(requests))
+        report = BatchReport(len(requests), len(flat), hits, misses, elapsed)
+        reports = getattr(self, "_batch_reports", None)
+        if reports is not None:
+            for images in requests:
+                reports[id(images)] = report
+        exporter = getattr(self, "_cache_exporter", None)
+        if exporter is not None:
+            exporter.update(self.encoder.cache_stats())
         out, start = [], 0
         for images in requests:
             out.append([_contiguous_cpu(f) for f in features[start : start + len(images)]])

@@ -1,19 +1,41 @@
-"""ASGI middlewares of the HTTP layer: request body size limit and request counters.
+"""ASGI middlewares of the HTTP layer: request body size limit, request counters and the request id.
 
-Both are plain ASGI callables (not ``BaseHTTPMiddleware``), so streamed responses and client
+All are plain ASGI callables (not ``BaseHTTPMiddleware``), so streamed responses and client
 disconnects pass through them untouched.
+
+Request ids: :class:`RequestIdMiddleware` gives every request an id (the incoming ``x-request-id``
+when it is well-formed, :func:`is_well_formed_request_id`, else a new one), binds it for logging
+(:data:`zipvl_ray.telemetry.REQUEST_ID`) and returns it in the ``x-request-id`` response header.
+Behind Ray Serve the HTTP proxy already does the header part (it honours any incoming id, creates one
+otherwise, and propagates it through handle calls as Serve's request id); :func:`proxy_middlewares`
+(for ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``) makes the proxy drop a malformed incoming id so it
+creates a fresh one instead.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from zipvl_ray import telemetry
 from zipvl_ray.api.errors import error_payload
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.encode()
+#: 1-128 characters: letters, digits and ``._:@/+=-``, starting with a letter or digit (UUIDs, ULIDs,
+#: W3C trace ids, ``prefix-1234`` forms). Anything else (spaces, quotes, control or non-ASCII
+#: characters, longer values) could corrupt log lines or blow up their size.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}")
 
 
 @dataclass
@@ -121,3 +143,120 @@ class CountingMiddleware:
 
 async def _no_receive():  # pragma: no cover - JSONResponse never reads the request
     return {"type": "http.disconnect"}
+
+
+def is_well_formed_request_id(value: str | None) -> bool:
+    """True for an ``x-request-id`` worth keeping (:data:`REQUEST_ID_PATTERN`)."""
+    return bool(value) and REQUEST_ID_PATTERN.fullmatch(value) is not None
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or []:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _with_header(headers, name: bytes, value: str | None) -> list:
+    """``headers`` without ``name``, plus ``name: value`` unless value is None."""
+    out = [(k, v) for k, v in headers or [] if k.lower() != name]
+    if value is not None:
+        out.append((name, value.encode("latin-1")))
+    return out
+
+
+RequestObserver = Callable[[str, int, float], None]
+"""``(path, status code, seconds)`` of an answered HTTP request."""
+
+
+class RequestIdMiddleware:
+    """Give each HTTP request an id, bind it for logging, echo it in ``x-request-id``, time the request.
+
+    Parameters
+    ----------
+    app : ASGI app
+    set_response_header : bool
+        Put ``x-request-id`` in the response (replacing any the app set). Behind Ray Serve's proxy,
+        which adds the header itself, pass False.
+    observer : callable, optional
+        Called once per request with ``(path, status code, seconds)`` after the last response byte
+        (or when the client left); the ingress records its metrics there.
+    """
+
+    def __init__(self, app, set_response_header: bool = True, observer: RequestObserver | None = None):
+        self.app = app
+        self.set_response_header = set_response_header
+        self.observer = observer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming = _header(scope, _REQUEST_ID_HEADER_BYTES)
+        request_id = incoming if is_well_formed_request_id(incoming) else new_request_id()
+        if incoming is not None and incoming != request_id:
+            logger.info("x-request-id %r is malformed: the request is %s", incoming[:64], request_id)
+            scope = {
+                **scope,
+                "headers": _with_header(scope.get("headers"), _REQUEST_ID_HEADER_BYTES, request_id),
+            }
+        status = 500
+
+        async def send_with_request_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.set_response_header:
+                    message = {
+                        **message,
+                        "headers": _with_header(message.get("headers"), _REQUEST_ID_HEADER_BYTES, request_id),
+                    }
+            await send(message)
+
+        try:
+            with telemetry.bind_request_id(request_id):
+                await self.app(scope, receive, send_with_request_id)
+        finally:
+            if self.observer is not None:
+                try:
+                    self.observer(scope.get("path", ""), status, time.perf_counter() - started)
+                except Exception:  # metrics must never break a request
+                    logger.exception("request observer failed")
+
+
+class RequestIdSanitizerMiddleware:
+    """Drop a malformed incoming ``x-request-id`` so the server behind creates a fresh one (Serve's proxy)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            incoming = _header(scope, _REQUEST_ID_HEADER_BYTES)
+            if incoming is not None and not is_well_formed_request_id(incoming):
+                scope = {
+                    **scope,
+                    "headers": _with_header(scope.get("headers"), _REQUEST_ID_HEADER_BYTES, None),
+                }
+        await self.app(scope, receive, send)
+
+
+def proxy_middlewares() -> list:
+    """Middlewares of Ray Serve's HTTP proxy: ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=<this function>``.
+
+    Serve's own request-id middleware runs inside these, so it sees only well-formed ids (or none,
+    and creates one). Set the variable in the environment of every node running a proxy.
+    """
+    from starlette.middleware import Middleware
+
+    return [Middleware(RequestIdSanitizerMiddleware)]
+
+
+PROXY_CALLBACK_IMPORT_PATH = "zipvl_ray.api.middleware:proxy_middlewares"
+"""The value of ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` that installs :func:`proxy_middlewares`."""
