@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -100,7 +101,14 @@ def cluster():
             return app if app.get("status") == "RUNNING" else None
 
         app = _wait_for("application RUNNING", running)
-        yield {"ports": ports, "dashboard": dashboard, "app": app, "config": config, "manifest": manifest}
+        yield {
+            "ports": ports,
+            "dashboard": dashboard,
+            "app": app,
+            "config": config,
+            "manifest": manifest,
+            "logs": Path(local.head_node.get_logs_dir_path()),
+        }
     finally:
         with contextlib.suppress(httpx.HTTPError):
             httpx.delete(f"{dashboard}/api/serve/applications/", timeout=60)  # serve.shutdown()
@@ -166,3 +174,17 @@ def test_health_and_models(target):
 def test_chat_completion_with_an_image(target):
     body = checks.check_chat_with_image(target)
     assert body["model"] == target.model
+
+
+def test_the_tracing_env_reaches_serve(cluster, target):
+    # A sampled incoming traceparent is kept whatever the sampling ratio: its spans must be exported
+    # by the exporter the manifest's env names.
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    assert httpx.get(f"{target.base_url}/v1/models", headers=headers, timeout=30).status_code == 200
+    spans = cluster["logs"] / "serve" / "spans"
+
+    def exported() -> bool:
+        return any(trace_id in file.read_text() for file in spans.glob("*")) if spans.is_dir() else False
+
+    _wait_for(f"spans of trace {trace_id} under {spans}", exported, timeout_s=30)
