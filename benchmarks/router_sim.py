@@ -287,8 +287,13 @@ class Request:
 
 
 def make_trace(trace: TraceModel, retention: RetentionModel, seed: int) -> list[Request]:
-    """A seeded bursty trace (see :class:`TraceModel`)."""
+    """A seeded bursty trace (see :class:`TraceModel`).
+
+    Retention draws use their own random stream, so every retention model sees the same arrivals,
+    kinds and lengths for a given seed.
+    """
     rng = random.Random(seed)
+    kept_rng = random.Random(f"retention-{seed}")
     requests: list[Request] = []
     t, high, mix, phase_start = 0.0, False, trace.base_mix, 0.0
     phase_end = rng.expovariate(1 / trace.mean_low_s)
@@ -321,9 +326,8 @@ def make_trace(trace: TraceModel, retention: RetentionModel, seed: int) -> list[
         text = int(rng.uniform(40, 400))
         median = trace.max_tokens_median * (1.5 if "video" in kind else 1.0)
         max_tokens = int(min(2048, max(32, rng.lognormvariate(math.log(median), 0.6))))
-        requests.append(
-            Request(len(requests), t, kind, image + text, image, max_tokens, retention.draw(kind, rng))
-        )
+        kept = retention.draw(kind, kept_rng)
+        requests.append(Request(len(requests), t, kind, image + text, image, max_tokens, kept))
     return requests
 
 

@@ -68,3 +68,15 @@ def test_iso_p95_cost_interpolates_between_bracketing_rows():
     assert router_sim.iso_p95_cost(frontier, 6.0) == 800.0
     assert router_sim.iso_p95_cost(frontier, 20.0) == 500.0
     assert router_sim.iso_p95_cost(frontier, 1.0) is None  # outside what power-of-two reached
+
+
+def test_retention_models_see_the_same_arrivals():
+    model = router_sim.ReplicaModel()
+    trace = router_sim.TraceModel(duration_s=60.0, mean_low_s=20.0, mean_high_s=20.0)
+    light = router_sim.make_trace(trace, router_sim.RetentionModel(model.num_layers), seed=1)
+    heavy = router_sim.make_trace(trace, router_sim.RetentionModel(model.num_layers, mean_kept=0.8), seed=1)
+    assert [(r.arrival, r.kind, r.prompt_tokens, r.max_tokens) for r in light] == [
+        (r.arrival, r.kind, r.prompt_tokens, r.max_tokens) for r in heavy
+    ]
+    mean = lambda reqs: sum(sum(r.kept) / len(r.kept) for r in reqs) / len(reqs)  # noqa: E731
+    assert mean(light) < 0.55 < 0.7 < mean(heavy)
