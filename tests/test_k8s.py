@@ -261,9 +261,13 @@ MISTAKES = [
     (
         "tracing exporter that does not import",
         False,
-        _set(f"{WORKER_CONTAINER}.env.0.value", "zipvl_ray.telemetry_typo:exporter"),
+        lambda m: next(
+            env
+            for env in _walk(m, WORKER_CONTAINER.split("."))["env"]
+            if env["name"] == "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH"
+        ).update(value="zipvl_ray.telemetry:span_processor"),
         "spec.rayClusterConfig.workerGroupSpecs[0].template.spec.containers[0].env[0].value: "
-        "zipvl_ray.telemetry_typo:exporter does not import",
+        "zipvl_ray.telemetry:span_processor does not import",
     ),
     (
         "upgradeStrategy.typ",

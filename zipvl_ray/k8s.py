@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 import yaml
 
+from zipvl_ray.telemetry import EXPORTER_IMPORT_PATH, TelemetrySettings  # no Ray import
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Where the KubeRay CRDs live in this project's workspace (absent in a user's clone).
 DEFAULT_CRD_DIR = REPO_ROOT.parent / "shared" / "kuberay"
@@ -59,19 +61,21 @@ POD_SERVE_CONFIG_CHANGES: tuple[tuple[str, Any, str], ...] = (
     ),
 )
 
-#: Tracing environment of every Ray container (controller, proxies and replicas all read it).
-#: Ray Serve reads the RAY_SERVE_TRACING_* names; the OTEL_* names are the OpenTelemetry SDK's own,
-#: read by an OTLP exporter. The exporter below is Ray's built-in file exporter (spans under
-#: /tmp/ray/session_latest/logs/serve/spans) until zipvl_ray.telemetry provides an OTLP one: change
-#: this one value to its import path and re-render.
-TRACING_EXPORTER_IMPORT_PATH = "ray.serve._private.tracing_utils:default_tracing_exporter"
-TRACING_ENV: dict[str, str] = {
-    "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": TRACING_EXPORTER_IMPORT_PATH,
-    "RAY_SERVE_TRACING_SAMPLING_RATIO": "0.01",
-    "OTEL_SERVICE_NAME": "zipvl-ray",
-    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability.svc.cluster.local:4317",
-    "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-}
+#: Tracing of every Ray container, as zipvl_ray.telemetry reads it (Ray 2.60's HTTP proxy, which starts
+#: each trace, and the Serve controller see only their node's environment, not a runtime_env): Serve's
+#: exporter function is telemetry's, which exports over OTLP when an OTLP endpoint is set ("auto");
+#: set ZIPVL_TRACING_EXPORTER to none / console / file to change that. 1% of new traces are sampled;
+#: an incoming sampled traceparent is always kept.
+TRACING = TelemetrySettings(
+    tracing=True,
+    exporter="auto",
+    sampling_ratio=0.01,
+    otlp_endpoint="http://otel-collector.observability.svc.cluster.local:4317",
+    otlp_protocol="grpc",
+)
+TRACING_EXPORTER_IMPORT_PATH = EXPORTER_IMPORT_PATH
+#: The environment the renderer puts in every Ray container (the one place to change it).
+TRACING_ENV: dict[str, str] = {**TRACING.env_vars(), "OTEL_SERVICE_NAME": TRACING.service_name}
 
 #: Keys whose values are ``module:attribute`` import paths in a Serve config.
 IMPORT_PATH_KEYS = (

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -59,7 +58,7 @@ def _wait_for(what: str, probe, timeout_s: float = STARTUP_TIMEOUT_S, period_s: 
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     """Ports and URLs of a running local cluster with the rendered serveConfigV2 deployed."""
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
@@ -71,6 +70,10 @@ def cluster():
     config["http_options"]["port"] = ports["serve"]
 
     container_env = {e["name"]: e["value"] for e in head["env"] if "value" in e}
+    # No OTLP collector here: the same exporter function writes the spans to files instead.
+    container_env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    spans = tmp_path_factory.mktemp("spans")
+    container_env.update({"ZIPVL_TRACING_EXPORTER": "file", "ZIPVL_TRACING_FILE_DIR": str(spans)})
     env = {**container_env, **ray_test_env()}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
@@ -107,7 +110,7 @@ def cluster():
             "app": app,
             "config": config,
             "manifest": manifest,
-            "logs": Path(local.head_node.get_logs_dir_path()),
+            "spans": spans,
         }
     finally:
         with contextlib.suppress(httpx.HTTPError):
@@ -177,14 +180,13 @@ def test_chat_completion_with_an_image(target):
 
 
 def test_the_tracing_env_reaches_serve(cluster, target):
-    # A sampled incoming traceparent is kept whatever the sampling ratio: its spans must be exported
-    # by the exporter the manifest's env names.
+    # A sampled incoming traceparent is kept whatever the sampling ratio: the proxy and the ingress
+    # replica must export its spans through the exporter function the manifest's env names.
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
     assert httpx.get(f"{target.base_url}/v1/models", headers=headers, timeout=30).status_code == 200
-    spans = cluster["logs"] / "serve" / "spans"
 
     def exported() -> bool:
-        return any(trace_id in file.read_text() for file in spans.glob("*")) if spans.is_dir() else False
+        return any(trace_id in file.read_text() for file in cluster["spans"].glob("*.jsonl"))
 
-    _wait_for(f"spans of trace {trace_id} under {spans}", exported, timeout_s=30)
+    _wait_for(f"spans of trace {trace_id} under {cluster['spans']}", exported, timeout_s=30)
