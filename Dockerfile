@@ -36,4 +36,4 @@ RUN printf 'torch==%s\nray==%s\n' "${TORCH_VERSION}" "${RAY_VERSION}" > /tmp/con
 #    they name (app builder, router, autoscaling policy) resolves in this image.
 WORKDIR /home/ray
 COPY --chown=ray:users configs ./zipvl-ray/configs
-RUN python -m zipvl_ray.k8s imports zipvl-ray/configs/zipvl.yaml zipvl-ray/configs/zipvl-gpu.yaml
+RUN python -m zipvl_ray.k8s imports zipvl-ray/configs/*.yaml

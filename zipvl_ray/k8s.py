@@ -640,7 +640,7 @@ def render_rayservice(variant: Variant, root: Path = REPO_ROOT, image_repo: str 
         + "); the Ray autoscaler adds and removes pods in between. A change of Serve replica counts "
         "changes only serveConfigV2 and replicas, which KubeRay applies without a new cluster.",
         f"Worker terminationGracePeriodSeconds = the longest graceful_shutdown_timeout_s + 30 = {grace_s}.",
-        "Tracing env (RAY_SERVE_TRACING_*, OTEL_*) in every Ray container: zipvl_ray.k8s.TRACING_ENV.",
+        "Tracing env (RAY_SERVE_TRACING_*, ZIPVL_TRACING_*, OTEL_*) in every Ray container: zipvl_ray.k8s.TRACING.",
     ]
     if variant.model_cache is not None:
         notes.append(
