@@ -887,6 +887,7 @@ class ServeMetricsSink:
     def __init__(self, stage: Stage):
         self.stage = stage
         self._metrics: dict[str, Any] = {}
+        self._initialised: set[tuple] = set()
 
     def _metric(self, name: str) -> Any:
         metric = self._metrics.get(name)
@@ -912,8 +913,18 @@ class ServeMetricsSink:
         return metric
 
     def inc(self, name: str, value: float = 1.0, tags: Mapping[str, str] | None = None) -> None:
+        """Add ``value``; 0 creates the series at 0 (Prometheus: a counter exists before its first event)."""
+        if value < 0:
+            raise ValueError(f"counter {name} cannot decrease")
+        metric = self._metric(name)
         if value > 0:
-            self._metric(name).inc(value, tags=dict(tags) if tags else None)
+            metric.inc(value, tags=dict(tags) if tags else None)
+        else:
+            series = (name, tuple(sorted((tags or {}).items())))
+            if series not in self._initialised:
+                # Counter.inc refuses 0; recording 0 through the base class creates the series.
+                metric._record(0.0, tags=dict(tags) if tags else None)
+                self._initialised.add(series)
 
     def set(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
         self._metric(name).set(value, tags=dict(tags) if tags else None)
