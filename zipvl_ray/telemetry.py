@@ -249,9 +249,10 @@ def build_span_processors(kind: str | None = None, *, file_dir: str | os.PathLik
     if kind == "console":
         return [SimpleSpanProcessor(ConsoleSpanExporter(formatter=_json_line))]
     if kind == "file":
-        directory = Path(file_dir or os.environ.get(FILE_DIR_ENV) or "")
-        if not str(directory):
+        location = str(file_dir or os.environ.get(FILE_DIR_ENV) or "").strip()
+        if not location:
             raise ValueError(f"the file span exporter needs a directory: set {FILE_DIR_ENV}")
+        directory = Path(location)
         directory.mkdir(parents=True, exist_ok=True)
         # Line-buffered: a span is on disk as soon as it ends (tests and tail -f read it).
         out = open(directory / f"spans-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115

@@ -202,6 +202,7 @@ class RequestIdMiddleware:
         request_id = incoming if is_well_formed_request_id(incoming) else new_request_id()
         if incoming is not None and incoming != request_id:
             logger.info("x-request-id %r is malformed: the request is %s", incoming[:64], request_id)
+        if incoming != request_id:  # what runs inside sees the id that is answered
             scope = {
                 **scope,
                 "headers": _with_header(scope.get("headers"), _REQUEST_ID_HEADER_BYTES, request_id),
