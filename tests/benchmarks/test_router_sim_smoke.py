@@ -28,6 +28,7 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
     assert all(r["router_fits"] + r["router_overflow"] > 0 for r in kv_rows)  # the real ranking code ran
     assert "| pack+kv(0.75) |" in (tmp_path / "smoke.md").read_text()
     assert isinstance(out["summary"]["kept~0.45: target_met"], bool)
+    assert "kept~0.45: pack+kv(0.75): saving_conservative" in out["summary"]
 
 
 def test_same_seed_same_trace_and_every_strategy_sees_it():
