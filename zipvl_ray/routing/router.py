@@ -640,9 +640,7 @@ class KVPackingRouter(RequestRouter):
         hints = hints_from_kwargs(pending_request.kwargs)
         if hints is None:
             self.counters.missing_hints += 1
-            hints = RoutingHints(
-                prompt_tokens=self.config.fallback_prompt_tokens, max_tokens=self.config.fallback_max_tokens
-            )
+            hints = self._fallback_hints()
         by_key = {r.replica_id: r for r in candidate_replicas}
         ranking = rank_replicas(self._views(candidate_replicas, now), hints, self.config)
         request_id = pending_request.metadata.internal_request_id
@@ -684,7 +682,7 @@ class KVPackingRouter(RequestRouter):
             nbytes = hold.predicted[replica_id]
         else:  # the hold was released (a rejection's completion) or Serve used an unranked replica
             hints = (hold.hints if hold is not None else None) or hints_from_kwargs(pending_request.kwargs)
-            nbytes = self._predict_on(replica_id, hints) if hints is not None else 0
+            nbytes = self._predict_on(replica_id, hints or self._fallback_hints())
         ranking = hold.ranking if hold is not None else ()
         _, moved = self._holds.confirm(request_id, replica_id, nbytes, now)
         self.counters.routed += 1
@@ -720,6 +718,11 @@ class KVPackingRouter(RequestRouter):
         return self._holds
 
     # ----------------------------------------------------------------- internals
+
+    def _fallback_hints(self) -> RoutingHints:
+        return RoutingHints(
+            prompt_tokens=self.config.fallback_prompt_tokens, max_tokens=self.config.fallback_max_tokens
+        )
 
     def _order_of(self, replica_id: ReplicaID) -> int:
         order = self._first_seen.get(replica_id)
