@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_ADDRESS ?= local
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: install serve demo test test-fast lint format bench clean
+.PHONY: install serve demo test test-fast lint format k8s clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Re-render the KubeRay manifests from configs/ and validate them (run after changing configs/).
+k8s: install
+	$(PY) -m zipvl_ray.k8s render
+	$(PY) -m zipvl_ray.k8s check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
