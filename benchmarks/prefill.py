@@ -284,7 +284,9 @@ def measure_size(
     splits: dict[str, dict[str, float]] = {}
     counts: dict[str, list[int]] = {}
     peaks: dict[str, float | None] = {}
-    instrument_timed = device.type == "cpu"  # CPU timers do not synchronise: time and split in one run
+    # CPU timers do not synchronise, so one run gives both the time and its split; on CUDA the timed
+    # rounds run bare and one extra instrumented run per configuration gives the split.
+    instrument_timed = device.type == "cpu" and not args.separate_breakdown
     for round_idx in range(args.repeats):
         for config in configs:
             make_cache = activate(model, config, dense_impl)
@@ -304,9 +306,9 @@ def measure_size(
     if not instrument_timed:
         for config in configs:
             make_cache = activate(model, config, dense_impl)
-            timers = Timers(device)
+            timers = Timers(device, CLOCKS[args.clock])
             with instrumented(timers, dense_impl):
-                seconds, _, _ = timed_prefill(model, input_ids, make_cache, device, time.perf_counter)
+                seconds, _, _ = timed_prefill(model, input_ids, make_cache, device, CLOCKS[args.clock])
             splits[config.name] = {**timers.seconds, "total": seconds}
     return summarise(configs, n, ttfts, splits, counts, peaks)
 
@@ -413,6 +415,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per size (best is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--separate-breakdown",
+        action="store_true",
+        help="time bare rounds and split the time in one extra instrumented run per config (always on CUDA)",
+    )
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
