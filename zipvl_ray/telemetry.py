@@ -304,6 +304,11 @@ def read_span_files(directory: str | os.PathLike) -> list[dict[str, Any]]:
 
 _provider_override: Any = None
 _active_provider: Any = None
+_sdk_provider_class: Any = None
+#: With no SDK provider installed, the check is repeated at most this often (a provider set later, e.g.
+#: by a local setup after import, is still picked up); the off path then costs a clock read.
+_RECHECK_S = 1.0
+_next_check = 0.0
 
 
 @contextlib.contextmanager
@@ -313,21 +318,26 @@ def use_tracer_provider(provider: Any) -> Iterator[None]:
     OpenTelemetry lets a process set its global provider once; this lets one process compare
     tracing setups. It does not change Serve's or FastAPI's own spans.
     """
-    global _provider_override
+    global _provider_override, _next_check
     previous = _provider_override
     _provider_override = provider
     try:
         yield
     finally:
         _provider_override = previous
+        _next_check = 0.0
 
 
 def _provider() -> Any:
-    global _active_provider
+    global _active_provider, _next_check
     if _provider_override is not None:
         return _provider_override
     if _active_provider is not None:
         return _active_provider
+    now = time.monotonic()
+    if now < _next_check:
+        return None
+    _next_check = now + _RECHECK_S
     provider = trace.get_tracer_provider()
     if _is_sdk_provider(provider):
         _active_provider = provider  # a global provider is set once per process: cache it
@@ -336,11 +346,12 @@ def _provider() -> Any:
 
 
 def _is_sdk_provider(provider: Any) -> bool:
-    try:
+    global _sdk_provider_class
+    if _sdk_provider_class is None:
         from opentelemetry.sdk.trace import TracerProvider
-    except ImportError:  # pragma: no cover - the SDK is a dependency
-        return False
-    return isinstance(provider, TracerProvider)
+
+        _sdk_provider_class = TracerProvider
+    return isinstance(provider, _sdk_provider_class)
 
 
 def tracing_active() -> bool:
@@ -376,14 +387,14 @@ def start_span(
     )
 
 
-@contextlib.contextmanager
-def use_span(span: trace.Span | None) -> Iterator[trace.Span | None]:
-    """Make ``span`` current inside the block (nothing when it is None); it is not ended on exit."""
-    if span is None:
-        yield None
-        return
-    with trace.use_span(span, end_on_exit=False):
-        yield span
+_NO_SPAN = contextlib.nullcontext()
+
+
+def use_span(span_: trace.Span | None) -> contextlib.AbstractContextManager:
+    """Make ``span_`` current inside a ``with`` block (nothing when it is None); it is not ended on exit."""
+    if span_ is None:
+        return _NO_SPAN
+    return trace.use_span(span_, end_on_exit=False)
 
 
 @contextlib.contextmanager
@@ -1080,14 +1091,20 @@ def current_request_id() -> str | None:
     return value or None
 
 
-@contextlib.contextmanager
-def bind_request_id(request_id: str | None) -> Iterator[None]:
-    """Set :data:`REQUEST_ID` inside the block."""
-    token = REQUEST_ID.set(request_id)
-    try:
-        yield
-    finally:
-        REQUEST_ID.reset(token)
+class bind_request_id:  # noqa: N801 - used like a function: ``with bind_request_id(rid):``
+    """Set :data:`REQUEST_ID` inside a ``with`` block."""
+
+    __slots__ = ("request_id", "_token")
+
+    def __init__(self, request_id: str | None):
+        self.request_id = request_id
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> None:
+        self._token = REQUEST_ID.set(self.request_id)
+
+    def __exit__(self, *exc_info: object) -> None:
+        REQUEST_ID.reset(self._token)
 
 
 class RequestIdLogFilter(logging.Filter):
