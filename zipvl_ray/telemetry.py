@@ -1181,45 +1181,6 @@ def configure_local_logging(level: str = "INFO", stream: Any = None) -> logging.
     return handler
 
 
-__all__ = [
-    "EXPORTER_IMPORT_PATH",
-    "EXPORTER_KINDS",
-    "METRICS",
-    "REQUEST_ID",
-    "EncoderCacheExporter",
-    "EngineStatsExporter",
-    "InMemoryMetricsSink",
-    "MetricSpec",
-    "MetricsSink",
-    "RequestIdLogFilter",
-    "RequestTiming",
-    "RouterCountersExporter",
-    "ServeMetricsSink",
-    "TelemetrySettings",
-    "bind_request_id",
-    "build_span_processors",
-    "configure_local_logging",
-    "configure_replica_logging",
-    "current_request_id",
-    "instrument_method",
-    "memory_exporter",
-    "read_span_files",
-    "in_serve_replica",
-    "replica_metrics_sink",
-    "serve_request_id",
-    "setup_replica",
-    "record_engine_spans",
-    "record_finished_request",
-    "record_http_request",
-    "span",
-    "span_processors",
-    "start_span",
-    "tracing_active",
-    "use_span",
-    "use_tracer_provider",
-]
-
-
 # --------------------------------------------------------------------------------------------- Serve glue
 # Used only by the deployments (they run inside Serve replicas); Ray Serve is imported lazily here.
 
@@ -1259,3 +1220,42 @@ def setup_replica(stage: Stage) -> ServeMetricsSink | None:
         return None
     configure_replica_logging(request_id_source=serve_request_id)
     return replica_metrics_sink(stage)
+
+
+__all__ = [
+    "EXPORTER_IMPORT_PATH",
+    "EXPORTER_KINDS",
+    "METRICS",
+    "REQUEST_ID",
+    "EncoderCacheExporter",
+    "EngineStatsExporter",
+    "InMemoryMetricsSink",
+    "MetricSpec",
+    "MetricsSink",
+    "RequestIdLogFilter",
+    "RequestTiming",
+    "RouterCountersExporter",
+    "ServeMetricsSink",
+    "TelemetrySettings",
+    "bind_request_id",
+    "build_span_processors",
+    "configure_local_logging",
+    "configure_replica_logging",
+    "current_request_id",
+    "instrument_method",
+    "memory_exporter",
+    "read_span_files",
+    "in_serve_replica",
+    "replica_metrics_sink",
+    "serve_request_id",
+    "setup_replica",
+    "record_engine_spans",
+    "record_finished_request",
+    "record_http_request",
+    "span",
+    "span_processors",
+    "start_span",
+    "tracing_active",
+    "use_span",
+    "use_tracer_provider",
+]
