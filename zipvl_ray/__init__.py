@@ -4,14 +4,27 @@ The library (this package) holds the algorithm (:mod:`zipvl_ray.sparsity`), its 
 integration (:mod:`zipvl_ray.attention`, :mod:`zipvl_ray.cache`), model loading
 (:mod:`zipvl_ray.models`), the paged engine, routing, API schemas and telemetry. Ray Serve is only
 imported by the routing and serving glue.
+
+The names below are imported lazily: ``import zipvl_ray.routing.router`` (which runs in every Serve
+proxy and ingress replica) must not pay for torch and transformers.
 """
 
-from zipvl_ray.attention import enable_zipvl, set_zipvl_config
-from zipvl_ray.cache import CacheStats, ZipVLCache
-from zipvl_ray.config import EngineConfig, ZipVLConfig
-from zipvl_ray.models import load_model
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "CacheStats": "zipvl_ray.cache",
+    "ZipVLCache": "zipvl_ray.cache",
+    "EngineConfig": "zipvl_ray.config",
+    "ZipVLConfig": "zipvl_ray.config",
+    "enable_zipvl": "zipvl_ray.attention",
+    "set_zipvl_config": "zipvl_ray.attention",
+    "load_model": "zipvl_ray.models",
+}
 
 __all__ = [
     "CacheStats",
@@ -22,3 +35,18 @@ __all__ = [
     "load_model",
     "set_zipvl_config",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from zipvl_ray.attention import enable_zipvl, set_zipvl_config
+    from zipvl_ray.cache import CacheStats, ZipVLCache
+    from zipvl_ray.config import EngineConfig, ZipVLConfig
+    from zipvl_ray.models import load_model
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zipvl_ray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -3,18 +3,26 @@
 * :class:`LLM` - offline ``generate(prompts, SamplingParams)``;
 * :class:`AsyncLLMEngine` - streaming ``generate``, ``abort`` and ``stats`` for serving;
 * :class:`LLMEngine` - the synchronous core both use.
+
+Names are imported lazily so that ``zipvl_ray.engine.types`` (read by routers) stays free of torch.
 """
 
-from zipvl_ray.engine.async_engine import AsyncLLMEngine
-from zipvl_ray.engine.llm import LLM
-from zipvl_ray.engine.llm_engine import EncodedPrompt, LLMEngine
-from zipvl_ray.engine.types import (
-    EngineStats,
-    RequestError,
-    RequestMetrics,
-    RequestOutput,
-    SamplingParams,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "AsyncLLMEngine": "zipvl_ray.engine.async_engine",
+    "LLM": "zipvl_ray.engine.llm",
+    "EncodedPrompt": "zipvl_ray.engine.llm_engine",
+    "LLMEngine": "zipvl_ray.engine.llm_engine",
+    "EngineStats": "zipvl_ray.engine.types",
+    "RequestError": "zipvl_ray.engine.types",
+    "RequestMetrics": "zipvl_ray.engine.types",
+    "RequestOutput": "zipvl_ray.engine.types",
+    "SamplingParams": "zipvl_ray.engine.types",
+}
 
 __all__ = [
     "LLM",
@@ -27,3 +35,24 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from zipvl_ray.engine.async_engine import AsyncLLMEngine
+    from zipvl_ray.engine.llm import LLM
+    from zipvl_ray.engine.llm_engine import EncodedPrompt, LLMEngine
+    from zipvl_ray.engine.types import (
+        EngineStats,
+        RequestError,
+        RequestMetrics,
+        RequestOutput,
+        SamplingParams,
+    )
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zipvl_ray.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
