@@ -74,8 +74,13 @@ TRACING = TelemetrySettings(
     otlp_protocol="grpc",
 )
 TRACING_EXPORTER_IMPORT_PATH = EXPORTER_IMPORT_PATH
-#: The environment the renderer puts in every Ray container (the one place to change it).
-TRACING_ENV: dict[str, str] = {**TRACING.env_vars(), "OTEL_SERVICE_NAME": TRACING.service_name}
+#: The environment the renderer puts in every Ray container (the one place to change it). The proxy
+#: callback replaces a malformed incoming x-request-id at the Serve proxy (zipvl_ray.api.middleware).
+TRACING_ENV: dict[str, str] = {
+    **TRACING.env_vars(),
+    "OTEL_SERVICE_NAME": TRACING.service_name,
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "zipvl_ray.api.middleware:proxy_middlewares",
+}
 
 #: Keys whose values are ``module:attribute`` import paths in a Serve config.
 IMPORT_PATH_KEYS = (
