@@ -172,3 +172,20 @@ def test_stop_strings_cut_the_text(tiny_llava):
         SamplingParams(max_tokens=12, stop=[probe], ignore_eos=True),
     )[0]
     assert stopped.finish_reason == "stop" and stopped.text == text[: text.find(probe)]
+
+
+def test_stats_report_committed_lifetime_demand(tiny_llava):
+    eng = engine(tiny_llava)
+    prompts = mixed_prompts()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=20, ignore_eos=True))
+    before = eng.stats()
+    assert before.num_waiting == 4 and before.waiting_prompt_tokens > 0
+    assert before.committed_lifetime_bytes > 0 and before.kv_bytes_used == 0
+    eng.step()  # prefill
+    during = eng.stats()
+    assert during.waiting_prompt_tokens == 0
+    assert during.committed_lifetime_bytes >= during.kv_bytes_used > 0
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats().committed_lifetime_bytes == 0

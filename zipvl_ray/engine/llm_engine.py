@@ -441,6 +441,15 @@ class LLMEngine:
                     - held.num_blocks * layout.block_bytes
                 )
         fractions = list(self.keep_fractions)
+        bs = layout.block_size
+        lifetime = 0
+        for seq in self.scheduler.running:
+            held = kv.seqs.get(seq.request_id)
+            if held is not None:
+                growth = seq.remaining_tokens()
+                lifetime += sum(-(-(length + growth) // bs) for length in held.lengths) * layout.block_bytes
+        waiting = list(self.scheduler.waiting)
+        lifetime += sum(self._predict_seq_bytes(seq, seq.remaining_tokens()) for seq in waiting)
         return EngineStats(
             kv_bytes_used=kv.used_bytes,
             kv_bytes_capacity=kv.capacity_bytes,
@@ -463,4 +472,6 @@ class LLMEngine:
             kv_bytes_saved=max(0, saved),
             prediction_error_mean=self._prediction_error,
             max_concurrent_seqs=self._totals["max_batch"],
+            committed_lifetime_bytes=lifetime,
+            waiting_prompt_tokens=sum(seq.num_prompt_tokens for seq in waiting),
         )

@@ -213,6 +213,11 @@ class EngineStats:
         Mean relative error ``(held after prefill - predicted) / predicted`` over recent requests.
     max_concurrent_seqs : int
         Most sequences decoded in one step since start.
+    committed_lifetime_bytes : int
+        Predicted bytes of every running and waiting request at the end of its generation (its whole
+        remaining ``max_tokens``, block-rounded): the demand the replica has accepted.
+    waiting_prompt_tokens : int
+        Prompt tokens of the waiting requests.
     """
 
     kv_bytes_used: int = 0
@@ -236,6 +241,8 @@ class EngineStats:
     kv_bytes_saved: int = 0
     prediction_error_mean: float = 0.0
     max_concurrent_seqs: int = 0
+    committed_lifetime_bytes: int = 0
+    waiting_prompt_tokens: int = 0
 
     @property
     def kv_utilization(self) -> float:
