@@ -26,6 +26,7 @@ from deployments.ingress import OpenAIIngress
 from deployments.llm import LLMServer
 from deployments.schema_check import unknown_keys
 from deployments.vision import VisionEncoderServer
+from zipvl_ray.api.auth import AuthSettings
 from zipvl_ray.api.images import ImageLimits
 from zipvl_ray.api.server import ServingSettings
 from zipvl_ray.config import EngineConfig, ZipVLConfig
@@ -189,6 +190,14 @@ class AppArgs(BaseModel):
         64 * 1024 * 1024, ge=1024, description="Largest HTTP request body (413 above)."
     )
     health_timeout_s: float = Field(5.0, gt=0, description="How long GET /health waits for each stage.")
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings,
+        description=(
+            "API-key authentication (Authorization: Bearer) on every route but /health: where the ingress "
+            "reads the keys (an environment variable, ZIPVL_API_KEYS by default, or a file; on Kubernetes from "
+            "a Secret). No keys found: no authentication, unless required (then the deploy fails)."
+        ),
+    )
     ingress: StageOptions = Field(default_factory=StageOptions, description="The HTTP ingress deployment.")
     vision: VisionStageOptions = Field(
         default_factory=VisionStageOptions, description="The vision deployment."
@@ -238,6 +247,7 @@ class AppArgs(BaseModel):
             images=self.images,
             max_request_bytes=self.max_request_bytes,
             health_timeout_s=self.health_timeout_s,
+            auth=self.auth,
         )
 
     def env_vars(self) -> dict[str, str]:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import ray
@@ -31,7 +31,6 @@ from ray.serve.handle import DeploymentHandle
 from deployments.llm import GenerateRequest, StreamError
 from zipvl_ray import telemetry
 from zipvl_ray.api.errors import APIError
-from zipvl_ray.api.middleware import RequestIdMiddleware
 from zipvl_ray.api.server import ServingSettings, build_openai_app
 from zipvl_ray.engine.types import RequestOutput, SamplingParams
 from zipvl_ray.multimodal import PreparedPrompt, PromptProcessor
@@ -45,6 +44,8 @@ INGRESS_DEPLOYMENT = "OpenAIIngress"
 REPLICA_ACTOR_PREFIX = "SERVE_REPLICA::"
 #: How long the replica list used by ``GET /v1/stats`` is reused.
 REPLICA_LIST_TTL_S = 2.0
+#: Times a request is sent again when its replica died before the first output reached the client.
+REPLICA_FAILURE_RETRIES = 2
 
 
 def load_processor(model: str):
@@ -69,12 +70,28 @@ def load_processor(model: str):
 
 
 class RayServeBackend:
-    """:class:`~zipvl_ray.api.server.InferenceBackend` over the vision and LLM deployments' handles."""
+    """:class:`~zipvl_ray.api.server.InferenceBackend` over the vision and LLM deployments' handles.
 
-    def __init__(self, vision: DeploymentHandle, llm: DeploymentHandle, *, health_timeout_s: float = 5.0):
+    A replica that dies under a request (its actor killed, its node lost) fails the handle call with a
+    ``RayActorError``. When no output has reached the caller yet (always the case for a non-streamed
+    request, whose only output is the final one), the request runs again, up to
+    ``replica_failure_retries`` times, on the replicas Serve still has; otherwise the caller gets an
+    :class:`APIError` 503 (``replica_failed``, ``Retry-After``) that the HTTP layer answers in OpenAI's
+    format (as the response, or as the last event of a started stream).
+    """
+
+    def __init__(
+        self,
+        vision: DeploymentHandle,
+        llm: DeploymentHandle,
+        *,
+        health_timeout_s: float = 5.0,
+        replica_failure_retries: int = REPLICA_FAILURE_RETRIES,
+    ):
         self.vision = vision
         self.llm = llm
         self.health_timeout_s = health_timeout_s
+        self.replica_failure_retries = replica_failure_retries
         self._replicas: dict[str, tuple[float, list[tuple[str, Any]]]] = {}
 
     async def generate(
@@ -107,26 +124,43 @@ class RayServeBackend:
             zipvl=zipvl,
             stream=stream,
         )
-        # The span is current while the calls are made: Serve propagates it to the replicas.
-        with telemetry.use_span(span):
-            # Chained: the LLM replica receives the vision stage's result directly.
-            features = self.vision.encode.remote(prompt.images) if prompt.images else None
-            outputs = self.llm.options(stream=True).generate.remote(
-                request, features, routing_hints=hints.to_dict()
-            )
         finished = False
         error: BaseException | str | None = None
         last: RequestOutput | None = None
+        outputs = None
         try:
-            async for item in outputs:
-                if isinstance(item, StreamError):
-                    finished = True
-                    raise APIError(item.message, status_code=item.status_code, code=item.code)
-                finished = item.finished
-                last = item
-                yield item
-                if finished:
+            for attempt in range(self.replica_failure_retries + 1):
+                # The span is current while the calls are made: Serve propagates it to the replicas.
+                with telemetry.use_span(span):
+                    # Chained: the LLM replica receives the vision stage's result directly.
+                    features = self.vision.encode.remote(prompt.images) if prompt.images else None
+                    outputs = self.llm.options(stream=True).generate.remote(
+                        request, features, routing_hints=hints.to_dict()
+                    )
+                try:
+                    async for item in outputs:
+                        if isinstance(item, StreamError):
+                            finished = True
+                            raise APIError(item.message, status_code=item.status_code, code=item.code)
+                        finished = item.finished
+                        last = item
+                        yield item
+                        if finished:
+                            return
+                    # A stream that ends without a finished output: the handler reports it.
                     return
+                except Exception as exc:
+                    if not is_replica_failure(exc):
+                        raise
+                    if last is None and attempt < self.replica_failure_retries:
+                        # Nothing reached the client yet: run the request again on a live replica.
+                        logger.warning(
+                            "chat completion %s: a replica failed before the first output (%s); retrying",
+                            request_id,
+                            type(exc).__name__,
+                        )
+                        continue
+                    raise replica_failure_error(exc) from None
         except (BackPressureError, DeploymentUnavailableError) as exc:
             error = exc
             raise unavailable_error(exc) from None
@@ -134,7 +168,7 @@ class RayServeBackend:
             error = exc
             raise
         finally:
-            if not finished:
+            if not finished and outputs is not None:
                 outputs.cancel()
             _end_generate(span, request_id, prompt, last, error)
 
@@ -198,7 +232,11 @@ class RayServeBackend:
 
     async def stats(self) -> dict[str, Any]:
         llm, vision = await asyncio.gather(self._replica_stats(self.llm), self._replica_stats(self.vision))
-        return {"llm": llm, "vision": vision}
+        out: dict[str, Any] = {"llm": llm, "vision": vision}
+        router = router_report(self.llm)
+        if router is not None:
+            out["router"] = router
+        return out
 
 
 def unavailable_error(exc: Exception) -> APIError:
@@ -210,6 +248,24 @@ def unavailable_error(exc: Exception) -> APIError:
         message = "the service is not available right now; retry later"
     return APIError(
         message, status_code=503, code="overloaded", headers={"Retry-After": str(max(1, round(retry_after)))}
+    )
+
+
+def is_replica_failure(exc: BaseException) -> bool:
+    """True when ``exc`` says a replica (or an actor it depended on) died or became unreachable."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError) or isinstance(getattr(exc, "cause", None), RayActorError)
+
+
+def replica_failure_error(exc: BaseException) -> APIError:
+    """A replica died under a request that already streamed output: 503, retry the request."""
+    return APIError(
+        "the model replica serving this request failed; retry the request "
+        f"({type(getattr(exc, 'cause', None) or exc).__name__})",
+        status_code=503,
+        code="replica_failed",
+        headers={"Retry-After": "1"},
     )
 
 
@@ -260,6 +316,28 @@ def find_request_router(handle: DeploymentHandle) -> Any | None:
     return getattr(asyncio_router, "_request_router", None)
 
 
+def router_report(handle: DeploymentHandle) -> dict[str, Any] | None:
+    """This process's request router of ``handle`` as JSON: counters, holds and held bytes per replica.
+
+    None when the router does not exist yet or reports nothing (Serve's default router).
+    """
+    report = getattr(find_request_router(handle), "telemetry", None)
+    if report is None:
+        return None
+    try:
+        data = report()
+    except Exception:  # stats must never fail because of the router
+        logger.exception("reading the request router's report failed")
+        return None
+    counters = dict(data.get("counters", {}))
+    counters["chosen_rank"] = {str(k): v for k, v in counters.get("chosen_rank", {}).items()}
+    return {
+        "counters": counters,
+        "num_holds": data.get("num_holds", 0),
+        "held_bytes": {str(k): v for k, v in data.get("held_bytes", {}).items()},
+    }
+
+
 def instrument_preparation(preparer: Any, processor: PromptProcessor) -> None:
     """Spans of the ingress's CPU work, on the instances (call only when tracing is on).
 
@@ -307,17 +385,15 @@ def instrument_preparation(preparer: Any, processor: PromptProcessor) -> None:
     )
 
 
-def disable_fastapi_native_tracing(app: Any) -> None:
-    """Switch off FastAPI's own HTTP spans on ``app`` (FastAPI >= 0.16x traces natively).
+def fastapi_telemetry_options(behind_serve_proxy: bool) -> dict[str, Any] | None:
+    """FastAPI's ``telemetry=`` option for the ingress app (FastAPI >= 0.16x traces natively).
 
     FastAPI parents its server span on the request's ``traceparent`` header, not on the current
     context: behind Serve that starts a second trace per request (or hangs the ingress's spans under
-    the client's span beside Serve's). Serve's replica span is the request's span here. FastAPI reads
-    the setting at each request from the dict ``FastAPI(telemetry=...)`` filled (``app._telemetry``).
+    the client's span beside Serve's). Serve's replica span is the request's span there, so FastAPI's
+    own spans are switched off; an in-process app keeps them (FastAPI's server span is the root).
     """
-    config = getattr(app, "_telemetry", None)
-    if isinstance(config, dict):
-        config["tracing"] = False
+    return {"tracing": False} if behind_serve_proxy else None
 
 
 def build_ingress_app(
@@ -327,6 +403,7 @@ def build_ingress_app(
     *,
     behind_serve_proxy: bool = True,
     metrics: telemetry.MetricsSink | None = None,
+    api_keys: Collection[str] | None = None,
 ):
     """The ingress's ASGI app: :func:`build_openai_app` plus request ids, metrics and spans.
 
@@ -340,19 +417,26 @@ def build_ingress_app(
         the middleware sets the header and FastAPI's own server span starts the trace.
     metrics : MetricsSink, optional
         Where ``zipvl_http_requests_total`` and ``zipvl_e2e_request_latency_seconds`` go.
+    api_keys : collection of str, optional
+        Accepted API keys; default: those ``settings.auth`` names, read from this process.
     """
-    app = build_openai_app(backend, processor, settings)
-    if telemetry.tracing_active():
-        instrument_preparation(app.state.preparer, processor)
-        if behind_serve_proxy:
-            disable_fastapi_native_tracing(app)
     observer = None
     if metrics is not None:
 
         def observer(path: str, status: int, seconds: float) -> None:
             telemetry.record_http_request(metrics, path, status, seconds)
 
-    app.add_middleware(RequestIdMiddleware, set_response_header=not behind_serve_proxy, observer=observer)
+    app = build_openai_app(
+        backend,
+        processor,
+        settings,
+        telemetry=fastapi_telemetry_options(behind_serve_proxy),
+        api_keys=api_keys,
+        request_id_header=not behind_serve_proxy,
+        request_observer=observer,
+    )
+    if telemetry.tracing_active():
+        instrument_preparation(app.state.preparer, processor)
     return app
 
 
@@ -381,6 +465,10 @@ class OpenAIIngress:
         processor_loader: Callable[[str], Any] | None = None,
     ):
         self.settings = settings
+        # Read the API keys first: a required but missing key source fails the deploy (fail closed).
+        self.api_keys = settings.auth.load_keys()
+        if self.api_keys:
+            logger.info("API-key authentication is on (%d keys)", len(self.api_keys))
         self.processor = PromptProcessor((processor_loader or load_processor)(processor_source))
         self.backend = RayServeBackend(vision, llm, health_timeout_s=settings.health_timeout_s)
         self._metrics = telemetry.setup_replica("ingress")
@@ -405,7 +493,9 @@ class OpenAIIngress:
                 logger.exception("exporting router counters failed")
 
     def __serve_build_asgi_app__(self):
-        return build_ingress_app(self.backend, self.processor, self.settings, metrics=self._metrics)
+        return build_ingress_app(
+            self.backend, self.processor, self.settings, metrics=self._metrics, api_keys=self.api_keys
+        )
 
     def __del__(self):
         task = getattr(self, "_router_task", None)

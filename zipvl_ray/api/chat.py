@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from zipvl_ray.api.auth import AuthSettings
 from zipvl_ray.api.errors import APIError, describe_validation_errors, error_payload
 from zipvl_ray.api.images import ImageLimits, load_image
 from zipvl_ray.api.middleware import IngressCounters
@@ -69,6 +70,18 @@ class ServingSettings(BaseModel):
         64 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above)."
     )
     health_timeout_s: float = Field(5.0, gt=0, description="How long GET /health waits for each stage.")
+    max_prompt_chars: int = Field(
+        1024 * 1024,
+        ge=1,
+        description=(
+            "Most characters of text in one conversation (all messages), checked before the chat template and "
+            "the tokenizer run, so that a huge prompt costs no CPU before it is refused."
+        ),
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings,
+        description="Where the ingress reads its API keys (Authorization: Bearer); no keys: no authentication.",
+    )
 
 
 class InferenceBackend(Protocol):
@@ -189,6 +202,18 @@ class ChatPreparer:
             raise APIError(f"zipvl: {error.message}", param="zipvl", code="invalid_value") from None
         return overrides
 
+    def check_text_size(self, request: ChatCompletionRequest) -> None:
+        """Refuse a conversation with more text than ``max_prompt_chars`` before any tokenization (400)."""
+        limit = self.settings.max_prompt_chars
+        total = request.text_chars()
+        if total > limit:
+            raise APIError(
+                f"the conversation has {total} characters of text; this server accepts at most {limit} "
+                f"(and max_model_len is {self.settings.max_model_len} tokens)",
+                param="messages",
+                code="context_length_exceeded",
+            )
+
     def sampling_params(self, request: ChatCompletionRequest, prompt_tokens: int) -> SamplingParams:
         """Sampling parameters within the model's context (400 when the prompt leaves no room)."""
         limit = self.settings.max_model_len
@@ -237,6 +262,7 @@ class ChatPreparer:
                 code="model_not_found",
             )
         zipvl = self.zipvl_overrides(request)
+        self.check_text_size(request)
         images = await self.load_images(request)
         try:
             prompt = await asyncio.to_thread(self._prepare_sync, request, images)

@@ -34,6 +34,9 @@ ERROR_TYPES = {
     503: "service_unavailable",
 }
 
+#: FastAPI's detail when the body is not parseable at all (bad UTF-8, too deep, huge number).
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
 #: Scalar inputs echoed in validation messages are cut to this many characters (never image data).
 MAX_ECHOED_INPUT_CHARS = 40
 
@@ -192,13 +195,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
+        code = None
         if status == 404:
             message = "no such route; see GET /docs for the API"
         elif status == 405:
             message = "method not allowed on this route"
+        elif status == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
+            message = (
+                "malformed JSON body: it could not be parsed (invalid UTF-8, nesting too deep or a number "
+                "with too many digits)"
+            )
+            code = "invalid_json"
         else:
             message = str(exc.detail)
-        return error_response(APIError(message, status_code=status), headers=getattr(exc, "headers", None))
+        return error_response(
+            APIError(message, status_code=status, code=code), headers=getattr(exc, "headers", None)
+        )
 
     async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         logger.error(

@@ -1,4 +1,5 @@
-"""ASGI middlewares of the HTTP layer: request body size limit, request counters and the request id.
+"""ASGI middlewares of the HTTP layer: request body size limit, request counters, the request id, and the
+OpenAI-format errors of Serve's HTTP proxy.
 
 All are plain ASGI callables (not ``BaseHTTPMiddleware``), so streamed responses and client
 disconnects pass through them untouched.
@@ -9,11 +10,13 @@ when it is well-formed, :func:`is_well_formed_request_id`, else a new one), bind
 Behind Ray Serve the HTTP proxy already does the header part (it honours any incoming id, creates one
 otherwise, and propagates it through handle calls as Serve's request id); :func:`proxy_middlewares`
 (for ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``) makes the proxy drop a malformed incoming id so it
-creates a fresh one instead.
+creates a fresh one instead, and answer its own errors (backpressure, timeouts, a dead ingress) in
+OpenAI's format (:class:`OpenAIErrorMiddleware`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -248,15 +251,140 @@ class RequestIdSanitizerMiddleware:
         await self.app(scope, receive, send)
 
 
+#: Most bytes of a proxy's own error body read to rewrite it (Serve's are one short sentence).
+MAX_PROXY_ERROR_BODY = 64 * 1024
+
+#: Statuses whose answer tells the client to come back later (``Retry-After`` added when missing).
+RETRYABLE_STATUSES = (429, 503)
+
+_PROXY_ERROR_WORDING = {
+    404: ("no application serves this path", "not_found"),
+    408: ("the request took longer than the server's request timeout", "timeout"),
+    429: ("too many requests; retry later", "rate_limited"),
+    500: ("the service failed to answer this request", "internal_error"),
+    503: ("the service is at capacity or not available right now; retry later", "overloaded"),
+}
+
+
+def _content_type(headers) -> str:
+    for key, value in headers or []:
+        if key.lower() == b"content-type":
+            return value.decode("latin-1").lower()
+    return ""
+
+
+def openai_error_body(status: int, detail: str) -> dict[str, Any]:
+    """OpenAI's error body for a plain-text error answered by Serve's proxy (``detail`` is its text)."""
+    from zipvl_ray.api.errors import ERROR_TYPES
+
+    wording, code = _PROXY_ERROR_WORDING.get(status, ("the request failed", "proxy_error"))
+    if status == 503 and "backpressure" not in detail.lower():
+        code = "service_unavailable"
+    detail = " ".join(detail.split())[:300]
+    message = f"{wording} ({detail})" if detail else wording
+    return error_payload(
+        message,
+        type=ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        code=code,
+    )
+
+
+class OpenAIErrorMiddleware:
+    """Turn the plain-text errors a server in front of the application answers by itself into OpenAI errors.
+
+    Ray Serve's HTTP proxy answers some requests without the application: 503 ``Request dropped due to
+    backpressure`` (``max_queued_requests`` of the ingress reached), 503 when the application is
+    unavailable, 408 on its request timeout, 404 for a path no application serves, and an empty
+    response (which the HTTP server turns into a plain 500) when the ingress replica died. This
+    middleware rewrites any error status (>= 400) whose body is not JSON or an event stream into
+    ``{"error": {"message", "type", "param", "code"}}``, keeps every other header (``x-request-id``,
+    ``Retry-After``), adds ``Retry-After: 1`` to a 429 / 503 without one, and answers a JSON 500 when
+    the application ended without any response. Answers of the application itself (JSON errors, SSE
+    streams, successes) pass through byte for byte.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held_start: dict[str, Any] | None = None
+        held_body: list[bytes] = []
+        held_size = 0
+        responded = False
+
+        async def rewriting_send(message):
+            nonlocal held_start, held_size, responded
+            kind = message["type"]
+            if kind == "http.response.start":
+                responded = True
+                content_type = _content_type(message.get("headers"))
+                if message["status"] >= 400 and not content_type.startswith(
+                    ("application/json", "text/event-stream")
+                ):
+                    held_start = message
+                    return
+            elif kind == "http.response.body" and held_start is not None:
+                if held_size < MAX_PROXY_ERROR_BODY:
+                    chunk = message.get("body", b"")[: MAX_PROXY_ERROR_BODY - held_size]
+                    held_body.append(chunk)
+                    held_size += len(chunk)
+                if message.get("more_body", False):
+                    return
+                start, held_start = held_start, None
+                detail = b"".join(held_body).decode("utf-8", "replace")
+                await _send_json_error(send, start["status"], detail, start.get("headers") or [])
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, rewriting_send)
+        except Exception:  # the server in front would answer a plain 500: answer it in OpenAI's format
+            logger.exception("the application failed before answering")
+            if responded:
+                raise
+        if not responded:
+            await _send_json_error(send, 500, "", [])
+
+
+async def _send_json_error(send, status: int, detail: str, headers) -> None:
+    body = json.dumps(openai_error_body(status, detail), separators=(",", ":")).encode()
+    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+    if status in RETRYABLE_STATUSES and not any(k.lower() == b"retry-after" for k, _ in kept):
+        kept.append((b"retry-after", b"1"))
+    kept += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": kept})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class ServeProxyMiddleware:
+    """What zipvl-ray adds to Ray Serve's HTTP proxy, as one middleware.
+
+    Outside: :class:`OpenAIErrorMiddleware` (the proxy's own plain-text errors become OpenAI errors);
+    inside: :class:`RequestIdSanitizerMiddleware` (a malformed ``x-request-id`` is dropped so Serve
+    creates a fresh one). Serve's own request-id middleware runs inside both.
+    """
+
+    def __init__(self, app):
+        self.app = OpenAIErrorMiddleware(RequestIdSanitizerMiddleware(app))
+
+    async def __call__(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
 def proxy_middlewares() -> list:
     """Middlewares of Ray Serve's HTTP proxy: ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=<this function>``.
 
-    Serve's own request-id middleware runs inside these, so it sees only well-formed ids (or none,
-    and creates one). Set the variable in the environment of every node running a proxy.
+    One :class:`ServeProxyMiddleware`: OpenAI-format errors for what the proxy answers by itself
+    (backpressure 503 with ``Retry-After``, timeouts, a dead ingress replica) and well-formed request
+    ids. Serve's own request-id middleware runs inside it. Set the variable in the environment of
+    every node running a proxy.
     """
     from starlette.middleware import Middleware
 
-    return [Middleware(RequestIdSanitizerMiddleware)]
+    return [Middleware(ServeProxyMiddleware)]
 
 
 PROXY_CALLBACK_IMPORT_PATH = "zipvl_ray.api.middleware:proxy_middlewares"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Most stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
@@ -25,13 +25,28 @@ MAX_SEED = 2**63 - 1
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+def _valid_unicode(value: str) -> str:
+    """Refuse strings that cannot be encoded as UTF-8 (JSON escapes of lone surrogates, ``"\\ud800"``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text is not valid Unicode: it holds a lone surrogate at character {exc.start}"
+        ) from None
+    return value
+
+
+#: A string that must be valid Unicode (the tokenizer, the logs and the JSON answers need UTF-8).
+UnicodeStr = Annotated[str, AfterValidator(_valid_unicode)]
+
+
 class TextPart(BaseModel):
     """A text part of a message's content."""
 
     model_config = _STRICT
 
     type: Literal["text"] = Field(description="Always 'text'.")
-    text: str = Field(description="The text.")
+    text: UnicodeStr = Field(description="The text.")
 
 
 class ImageURL(BaseModel):
@@ -39,7 +54,9 @@ class ImageURL(BaseModel):
 
     model_config = _STRICT
 
-    url: str = Field(min_length=1, description="A base64 data URL (PNG, JPEG or WebP) or an http(s) URL.")
+    url: UnicodeStr = Field(
+        min_length=1, description="A base64 data URL (PNG, JPEG or WebP) or an http(s) URL."
+    )
     detail: Literal["auto", "low", "high"] | None = Field(
         None,
         description="Accepted for compatibility; the model's own image processor decides the resolution.",
@@ -66,10 +83,10 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"] = Field(
         description="Who wrote the message ('developer' is treated as 'system'). Images only in 'user' messages."
     )
-    content: str | list[ContentPart] = Field(
+    content: UnicodeStr | list[ContentPart] = Field(
         description="A string, or a list of text and image_url parts (user messages only for images)."
     )
-    name: str | None = Field(None, description="Accepted for compatibility; not shown to the model.")
+    name: UnicodeStr | None = Field(None, description="Accepted for compatibility; not shown to the model.")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -175,7 +192,7 @@ class ChatCompletionRequest(BaseModel):
         },
     )
 
-    model: str = Field(description="The served model's name (see GET /v1/models).")
+    model: UnicodeStr = Field(description="The served model's name (see GET /v1/models).")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, oldest first.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (deprecated name).")
     max_completion_tokens: int | None = Field(
@@ -191,7 +208,9 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=MAX_SEED, description="Seed of the request's sampling: same seed, same tokens."
     )
-    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings.")
+    stop: UnicodeStr | list[UnicodeStr] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} stop strings."
+    )
     n: int | None = Field(None, description="Number of choices; only 1 is supported.")
     stream: bool = Field(
         False, description="Stream the answer as server-sent events ending with 'data: [DONE]'."
@@ -205,7 +224,7 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = Field(
         False, description="Generate max_tokens tokens even past end-of-sequence (extension)."
     )
-    user: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    user: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
     frequency_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
     presence_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
     logprobs: bool | None = Field(None, description="Not supported: only false is accepted.")
@@ -274,6 +293,15 @@ class ChatCompletionRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def text_chars(self) -> int:
+        """Characters of text in the whole conversation (image URLs not counted)."""
+        return sum(
+            len(message.content)
+            if isinstance(message.content, str)
+            else sum(len(p.text) for p in message.content if isinstance(p, TextPart))
+            for message in self.messages
+        )
 
     def image_urls(self) -> list[str]:
         """Every image URL of the conversation, in the order the chat template places them."""

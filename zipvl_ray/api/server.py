@@ -7,19 +7,32 @@ handles); an in-process engine is another (:mod:`zipvl_ray.api.local`), which th
 
 Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``,
 ``GET /v1/stats``. Every error is a JSON body in OpenAI's format (:mod:`zipvl_ray.api.errors`).
+
+Middlewares, outermost first: request id (:class:`~zipvl_ray.api.middleware.RequestIdMiddleware`: ids
+on log lines, the ``x-request-id`` header, the per-request observer), counters, API-key
+authentication when keys are configured (:mod:`zipvl_ray.api.auth`; ``/health`` stays open), the
+request body size limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from zipvl_ray.api.auth import APIKeyMiddleware
 from zipvl_ray.api.chat import ChatCompletionHandler, ChatPreparer, InferenceBackend, ServingSettings
 from zipvl_ray.api.errors import APIError, install_error_handlers
-from zipvl_ray.api.middleware import BodySizeLimitMiddleware, CountingMiddleware, IngressCounters
+from zipvl_ray.api.middleware import (
+    BodySizeLimitMiddleware,
+    CountingMiddleware,
+    IngressCounters,
+    RequestIdMiddleware,
+    RequestObserver,
+)
 from zipvl_ray.api.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -36,9 +49,11 @@ __all__ = ["ChatPreparer", "InferenceBackend", "ServingSettings", "build_openai_
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request (the message names the field)."},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are configured)."},
     404: {"model": ErrorResponse, "description": "Unknown model."},
     413: {"model": ErrorResponse, "description": "Request body too large."},
     500: {"model": ErrorResponse, "description": "Server error."},
+    503: {"model": ErrorResponse, "description": "At capacity or a stage failed: retry after Retry-After."},
 }
 
 
@@ -48,6 +63,10 @@ def build_openai_app(
     settings: ServingSettings,
     *,
     title: str = "zipvl-ray",
+    telemetry: dict[str, Any] | None = None,
+    api_keys: Collection[str] | None = None,
+    request_id_header: bool = True,
+    request_observer: RequestObserver | None = None,
 ) -> FastAPI:
     """The FastAPI application serving the OpenAI-compatible API in front of ``backend``.
 
@@ -58,6 +77,18 @@ def build_openai_app(
     processor : PromptProcessor
         The served model's prompt processor.
     settings : ServingSettings
+    title : str
+        Title of the OpenAPI document.
+    telemetry : dict, optional
+        FastAPI's own ``telemetry=`` option (``{"tracing": False}`` behind Serve's proxy, which starts
+        the trace itself).
+    api_keys : collection of str, optional
+        Accepted ``Authorization: Bearer`` keys; None or empty: no authentication. Default: the keys
+        ``settings.auth`` names (read now, from this process's environment or file).
+    request_id_header : bool
+        Return ``x-request-id`` (False behind Serve's proxy, which returns it itself).
+    request_observer : callable, optional
+        ``(path, status, seconds)`` of every answered request (metrics).
 
     Returns
     -------
@@ -67,11 +98,17 @@ def build_openai_app(
         title=title,
         description="OpenAI-compatible chat completions for vision-language models with ZipVL sparsity.",
         version="0.1.0",
+        telemetry=telemetry,
     )
     install_error_handlers(app)
     counters = IngressCounters()
+    keys = settings.auth.load_keys() if api_keys is None else frozenset(api_keys)
+    # Starlette runs the middleware added last first.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if keys:
+        app.add_middleware(APIKeyMiddleware, keys=keys, public_paths=settings.auth.public_paths)
     app.add_middleware(CountingMiddleware, counters=counters)
+    app.add_middleware(RequestIdMiddleware, set_response_header=request_id_header, observer=request_observer)
     preparer = ChatPreparer(processor, settings)
     handler = ChatCompletionHandler(backend, preparer, counters)
     card = ModelCard(
@@ -79,6 +116,7 @@ def build_openai_app(
     )
     app.state.counters = counters
     app.state.preparer = preparer
+    app.state.authenticated = bool(keys)
 
     @app.post(
         "/v1/chat/completions",
