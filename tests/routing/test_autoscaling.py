@@ -22,8 +22,8 @@ from zipvl_ray.routing.replica_stats import autoscaling_stats
 GIB = 1 << 30
 
 
-def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0) -> ReplicaKVMetrics:
-    return ReplicaKVMetrics(capacity_gib * GIB, demand_gib * GIB, running, waiting)
+def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0, committed_gib=0.0) -> ReplicaKVMetrics:
+    return ReplicaKVMetrics(capacity_gib * GIB, demand_gib * GIB, running, waiting, committed_gib * GIB)
 
 
 @pytest.mark.parametrize(
@@ -53,6 +53,27 @@ def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0) -> ReplicaK
         ([replica(), replica()], 0, {}, 0.0),
         # mixed pool sizes: mean capacity
         ([replica(capacity_gib=20, demand_gib=7.5, running=1), replica(capacity_gib=10)], 0, {}, 7.5 / 11.25),
+        # committed (end-of-generation) demand already prices the engine's waiting requests: 15 GiB
+        ([replica(demand_gib=5, running=3, waiting=2, committed_gib=15)], 0, {}, 15 / 7.5),
+        # ... and prices the handle's queue at committed / (running + waiting) = 3 GiB: 15 + 2 x 3
+        ([replica(demand_gib=5, running=3, waiting=2, committed_gib=15)], 2, {}, 21 / 7.5),
+        # held mode ignores it: 5 GiB + 2 waiting x 5/3 GiB
+        (
+            [replica(demand_gib=5, running=3, waiting=2, committed_gib=15)],
+            0,
+            {"demand": "held"},
+            (5 + 10 / 3) / 7.5,
+        ),
+        # a replica that does not report a committed figure counts as held, the others as committed
+        (
+            [
+                replica(demand_gib=5, running=3, waiting=2, committed_gib=15),
+                replica(demand_gib=3, running=1, waiting=1),
+            ],
+            0,
+            {},
+            (15 + 3 + 1 * 18 / 6) / 7.5,
+        ),
     ],
 )
 def test_desired_replicas_for_kv(replicas, handle_queued, kwargs, expected):
@@ -148,7 +169,22 @@ def test_kv_metrics_from_context_skips_replicas_without_capacity():
     metrics = metrics_of(busy(2, 1))
     metrics["num_running"]["late-replica"] = 4.0  # reported running but no capacity yet
     parsed = kv_metrics_from_context(metrics)
-    assert parsed == [ReplicaKVMetrics(10 * GIB, 2 * GIB, 1.0, 0.0)]
+    assert parsed == [ReplicaKVMetrics(10 * GIB, 2 * GIB, 1.0, 0.0, 0.0)]
+
+
+def test_kv_policy_reads_the_committed_demand_from_replica_metrics():
+    # 2 GiB held now, 12 GiB once its 3 running and 1 waiting requests have generated everything.
+    stats = EngineStats(
+        kv_bytes_used=2 * GIB,
+        kv_bytes_capacity=10 * GIB,
+        num_running=3,
+        num_waiting=1,
+        committed_lifetime_bytes=12 * GIB,
+    )
+    committed, state = KVDemandPolicy()(context(metrics_of(stats)))
+    held, _ = KVDemandPolicy(demand="held")(context(metrics_of(stats)))
+    assert (committed, held) == (2, 1)  # 12 / 7.5 and (2 + 2 / 3) / 7.5, rounded up
+    assert state["kv_demand_bytes"] == 12 * GIB
 
 
 @pytest.mark.parametrize(

@@ -99,3 +99,27 @@ def test_autoscaling_stats_replace_nan_with_zero():
     out = autoscaling_stats(engine_stats(prediction_error_mean=float("nan"), mean_kept_fraction=float("inf")))
     assert out["prediction_error_mean"] == 0.0
     assert out["mean_kept_fraction"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("lifetime_kib", "committed_kib"),
+    [
+        (0, 0),  # not reported (an engine without the figure): the policy falls back to the held demand
+        (20, 20),  # end-of-generation demand of running + waiting requests
+        (5, 8),  # never below what is held and promised now
+    ],
+)
+def test_autoscaling_committed_is_the_lifetime_demand(lifetime_kib, committed_kib):
+    out = autoscaling_stats(
+        engine_stats(committed_lifetime_bytes=lifetime_kib * 1024, waiting_prompt_tokens=77)
+    )
+    assert out["kv_bytes_committed"] == committed_kib * 1024
+    assert out["waiting_prompt_tokens"] == 77.0
+
+
+@pytest.mark.parametrize(("lifetime_kib", "committed_kib"), [(0, 8), (20, 20), (5, 8)])
+def test_profile_committed_bytes_prefer_the_lifetime(lifetime_kib, committed_kib):
+    data = routing_stats(engine_stats(committed_lifetime_bytes=lifetime_kib * 1024), now=1.0)
+    profile, _ = profile_from_routing_stats(data)
+    assert profile.lifetime_bytes == lifetime_kib * 1024
+    assert profile.committed_bytes == committed_kib * 1024  # used 6 + reserved 2 KiB at least

@@ -332,6 +332,27 @@ def test_build_view_reconciles_holds_with_the_snapshot():
     assert table[-1][0].capacity_bytes == 64 * KIB  # borrowed geometry
 
 
+@pytest.mark.parametrize(
+    ("lifetime_kib", "snapshot_time", "committed_kib"),
+    [
+        # the replica's end-of-generation demand (requests other routers sent included) beats used bytes
+        (40, 103.0, 40 + 7),
+        (0, 103.0, 10 + 7),  # not reported: used + reserved (8), below the covered hold (10)
+        (40, 90.0, 40 + 17),  # stale: reported + every hold
+    ],
+)
+def test_build_view_trusts_the_replicas_committed_lifetime(lifetime_kib, snapshot_time, committed_kib):
+    config = KVRouterConfig(stats_stale_after_s=5.0, coverage_margin_s=0.25)
+    holds = HoldTable()
+    for request_id, kib, at in (("early", 10, 100.0), ("late", 5, 105.0)):
+        holds.place(request_id, "a", kib * KIB, at)
+        holds.confirm(request_id, "a", kib * KIB, at)
+    holds.place("chosen-only", "a", 2 * KIB, 106.0)
+    profile = KVProfile(capacity_bytes=64 * KIB, used_bytes=8 * KIB, lifetime_bytes=lifetime_kib * KIB)
+    view = build_view("a", profile, snapshot_time, holds, config, 106.0, 0)
+    assert view.committed_bytes == committed_kib * KIB
+
+
 def test_stale_stats_are_trusted_less():
     # a reports 20/40 used and the router routed two 10-block requests there before the snapshot:
     # fresh, the snapshot contains them (20 used, 20 free); stale, they count on top (no room left).

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.config import AutoscalingContext
@@ -43,6 +43,13 @@ class KVDemandPolicyConfig(BaseModel):
         le=1.0,
         description="Fraction of each replica's KV pool the fleet should run at: desired replicas = "
         "KV demand / (target_kv_utilization x per-replica capacity).",
+    )
+    demand: Literal["committed", "held"] = Field(
+        default="committed",
+        description="What a replica's KV demand is. committed: the end-of-generation bytes of every request "
+        "it runs or queues (kv_bytes_committed, the sizes the router packs with; a replica that does not "
+        "report it counts as held). held: bytes held now plus admission's decode headroom "
+        "(kv_bytes_demand), with waiting requests priced at the mean running request.",
     )
     queued_request_kv_bytes: float = Field(
         default=0.0,
@@ -74,12 +81,16 @@ class ReplicaKVMetrics:
         Held plus promised bytes (``kv_bytes_used + reserved_bytes``).
     num_running, num_waiting : float
         Requests decoding / waiting for admission in the engine.
+    committed_bytes : float
+        End-of-generation bytes of the running and waiting requests (``kv_bytes_committed``; 0 when not
+        reported).
     """
 
     capacity_bytes: float
     demand_bytes: float
     num_running: float = 0.0
     num_waiting: float = 0.0
+    committed_bytes: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +102,12 @@ class KVDemand:
     desired_replicas : float
         Unrounded desired count.
     held_bytes : float
-        Sum of the replicas' demand bytes.
+        Sum of the replicas' demand bytes (committed or held, see ``KVDemandPolicyConfig.demand``).
     waiting_requests : float
-        Requests waiting in engines (plus at handles when counted).
+        Requests whose size the demand does not include yet, priced at ``mean_request_bytes``: those
+        queued at the handles (when counted) and, in ``held`` mode, those waiting in engines.
     mean_request_bytes : float
-        Bytes per running request used to price waiting ones (0 when unknown).
+        Demand per request it includes, used to price the waiting ones (0 when unknown).
     replica_capacity_bytes : float
         Mean KV pool size of the reporting replicas.
     """
@@ -110,12 +122,15 @@ class KVDemand:
 def desired_replicas_for_kv(
     replicas: Iterable[ReplicaKVMetrics], handle_queued_requests: float, config: KVDemandPolicyConfig
 ) -> KVDemand | None:
-    """Replicas needed to serve the held and waiting KV demand at ``target_kv_utilization``.
+    """Replicas needed to serve the committed (or held) and waiting KV demand at ``target_kv_utilization``.
 
-    ``desired = (held + waiting x mean_request_bytes) / (target_kv_utilization x capacity)``, where
-    ``mean_request_bytes = held / running``. With nothing running to measure a request by, waiting
-    requests are priced at ``queued_request_kv_bytes`` or, if that is 0, at
-    ``1 / queued_requests_per_replica`` replica each.
+    ``desired = (demand + waiting x mean_request_bytes) / (target_kv_utilization x capacity)``. In
+    ``committed`` mode a replica's demand is ``max(kv_bytes_demand, kv_bytes_committed)``, which already
+    prices the requests waiting in its engine, and ``mean_request_bytes = demand / (running + waiting)``;
+    in ``held`` mode (or for a replica that does not report a committed figure) it is
+    ``kv_bytes_demand``, its waiting requests count as waiting and ``mean_request_bytes = demand /
+    running``. With no request to measure one by, waiting requests are priced at
+    ``queued_request_kv_bytes`` or, if that is 0, at ``1 / queued_requests_per_replica`` replica each.
 
     Parameters
     ----------
@@ -130,23 +145,29 @@ def desired_replicas_for_kv(
     KVDemand or None
         ``None`` when no replica reports a KV capacity (nothing to decide from).
     """
-    capacity_sum = held = running = waiting = 0.0
+    committed_mode = config.demand == "committed"
+    capacity_sum = held = priced = waiting = 0.0
     reporting = 0
     for r in replicas:
         if r.capacity_bytes <= 0:
             continue
         reporting += 1
         capacity_sum += r.capacity_bytes
-        held += max(0.0, r.demand_bytes)
-        running += max(0.0, r.num_running)
-        waiting += max(0.0, r.num_waiting)
+        running, queued = max(0.0, r.num_running), max(0.0, r.num_waiting)
+        if committed_mode and r.committed_bytes > 0:
+            held += max(0.0, r.demand_bytes, r.committed_bytes)
+            priced += running + queued
+        else:
+            held += max(0.0, r.demand_bytes)
+            priced += running
+            waiting += queued
     if reporting == 0:
         return None
     if config.include_handle_queue:
         waiting += max(0.0, handle_queued_requests)
     capacity = capacity_sum / reporting
     per_replica = config.target_kv_utilization * capacity
-    mean_request = held / running if running > 0 else config.queued_request_kv_bytes
+    mean_request = held / priced if priced > 0 else config.queued_request_kv_bytes
     if mean_request > 0:
         desired = (held + waiting * mean_request) / per_replica
     else:
@@ -161,6 +182,7 @@ def kv_metrics_from_context(
     metrics = aggregated_metrics or {}
     capacity = metrics.get("kv_bytes_capacity") or {}
     demand = metrics.get("kv_bytes_demand") or {}
+    committed = metrics.get("kv_bytes_committed") or {}
     running = metrics.get("num_running") or {}
     waiting = metrics.get("num_waiting") or {}
     return [
@@ -169,6 +191,7 @@ def kv_metrics_from_context(
             demand_bytes=float(demand.get(replica, 0.0)),
             num_running=float(running.get(replica, 0.0)),
             num_waiting=float(waiting.get(replica, 0.0)),
+            committed_bytes=float(committed.get(replica, 0.0)),
         )
         for replica, cap in capacity.items()
     ]

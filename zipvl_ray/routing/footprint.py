@@ -60,6 +60,10 @@ class KVProfile:
     ----------
     capacity_bytes, used_bytes, reserved_bytes : int
         Pool size, bytes held by sequences, bytes promised to running sequences' decode growth.
+    lifetime_bytes : int
+        The replica's committed end-of-generation demand: predicted bytes of every running and waiting
+        request once it has generated its whole ``max_tokens`` (``EngineStats.committed_lifetime_bytes``;
+        0 when the replica does not report it). The router's holds are sized the same way.
     block_size : int
         Tokens per block.
     block_bytes : int
@@ -79,10 +83,16 @@ class KVProfile:
     kept_fraction_per_layer: list[float] = field(default_factory=list)
     num_running: int = 0
     num_waiting: int = 0
+    lifetime_bytes: int = 0
 
     @property
     def free_bytes(self) -> int:
         return max(0, self.capacity_bytes - self.used_bytes - self.reserved_bytes)
+
+    @property
+    def committed_bytes(self) -> int:
+        """What the replica has promised: ``max(used + reserved, lifetime)`` (the lifetime when reported)."""
+        return max(self.used_bytes + self.reserved_bytes, self.lifetime_bytes)
 
     @property
     def mean_kept_fraction(self) -> float:
@@ -103,6 +113,7 @@ class KVProfile:
             kept_fraction_per_layer=list(data.get("kept_fraction_per_layer") or []),
             num_running=int(data.get("num_running", 0)),
             num_waiting=int(data.get("num_waiting", 0)),
+            lifetime_bytes=int(data.get("committed_lifetime_bytes", 0) or 0),
         )
 
 

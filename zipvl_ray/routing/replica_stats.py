@@ -34,6 +34,7 @@ AUTOSCALING_METRIC_NAMES = (
     "kv_bytes_reserved",
     "kv_bytes_capacity",
     "kv_bytes_demand",
+    "kv_bytes_committed",
     "kv_utilization",
     "mean_request_kv_bytes",
     "num_running",
@@ -41,6 +42,7 @@ AUTOSCALING_METRIC_NAMES = (
     "mean_kept_fraction",
     "prediction_error_mean",
     "num_preemptions",
+    "waiting_prompt_tokens",
 )
 """Keys of :func:`autoscaling_stats`, in a fixed order (the autoscaling policy reads them by name)."""
 
@@ -83,6 +85,9 @@ def autoscaling_stats(stats: EngineStats) -> dict[str, float]:
         ``kv_bytes_demand`` is what the replica holds plus what admission promised
         (``kv_bytes_used + reserved_bytes``); ``mean_request_kv_bytes`` is that demand per running
         sequence (0 when none runs), which the policy uses to price requests still waiting.
+        ``kv_bytes_committed`` is the end-of-generation demand of every running and waiting request
+        (``max(demand, committed_lifetime_bytes)``, 0 when the engine does not report a lifetime), the
+        size the router packs with.
         Keys: :data:`AUTOSCALING_METRIC_NAMES`.
     """
     demand = stats.kv_bytes_used + stats.reserved_bytes
@@ -92,6 +97,10 @@ def autoscaling_stats(stats: EngineStats) -> dict[str, float]:
         "kv_bytes_reserved": stats.reserved_bytes,
         "kv_bytes_capacity": stats.kv_bytes_capacity,
         "kv_bytes_demand": demand,
+        # 0 = not reported (an engine without the figure), so the policy falls back to the held demand.
+        "kv_bytes_committed": max(demand, stats.committed_lifetime_bytes)
+        if stats.committed_lifetime_bytes
+        else 0,
         "kv_utilization": stats.kv_utilization,
         "mean_request_kv_bytes": per_request,
         "num_running": stats.num_running,
@@ -99,6 +108,7 @@ def autoscaling_stats(stats: EngineStats) -> dict[str, float]:
         "mean_kept_fraction": stats.mean_kept_fraction,
         "prediction_error_mean": stats.prediction_error_mean,
         "num_preemptions": stats.num_preemptions,
+        "waiting_prompt_tokens": stats.waiting_prompt_tokens,
     }
     # Serve rejects the whole dict if one value is not a finite number: never let a NaN through.
     return {name: _finite_float(values[name]) for name in AUTOSCALING_METRIC_NAMES}

@@ -16,7 +16,7 @@ Replica stats arrive seconds late, so the router reserves the predicted bytes on
 ``on_request_routed`` to the replica Serve actually used, releases it in ``on_request_completed`` and
 expires holds of requests that never completed. A hold routed before a replica's stats snapshot is
 *covered* by that snapshot: the replica's committed bytes are
-``max(reported used + reserved, covered holds) + uncovered holds``. The ranking itself is plain Python
+``max(reported committed bytes, covered holds) + uncovered holds``. The ranking itself is plain Python
 (:func:`rank_replicas`, :class:`HoldTable`) so the simulation in ``benchmarks/router_sim.py`` runs the
 same code.
 
@@ -453,10 +453,14 @@ def build_view(
 ) -> ReplicaView:
     """Combine a replica's last report with this router's holds into a :class:`ReplicaView`.
 
-    Fresh stats: ``committed = max(used + reserved, covered holds) + uncovered holds`` (the max guards
-    against requests still waiting in the replica's queue, which its pool does not show yet). Stale
-    stats (older than ``stats_stale_after_s``, or without a timestamp): ``used + reserved + all holds``.
-    Missing stats: ``all holds``, predicted with ``fallback_profile`` (borrowed geometry, kept fraction 1).
+    The replica's own figure is ``reported = max(used + reserved, lifetime)``
+    (:attr:`~zipvl_ray.routing.footprint.KVProfile.committed_bytes`): with the engine's committed lifetime
+    it covers every running and waiting request at the end of its generation, as the holds do, including
+    requests other routers (other ingress processes) sent. Fresh stats:
+    ``committed = max(reported, covered holds) + uncovered holds`` (the max guards against requests
+    still in flight to the replica, which its snapshot does not show yet). Stale stats (older than
+    ``stats_stale_after_s``, or without a timestamp): ``reported + all holds``. Missing stats:
+    ``all holds``, predicted with ``fallback_profile`` (borrowed geometry, kept fraction 1).
     """
     if profile is None:
         totals = holds.totals(key, None, config.coverage_margin_s)
@@ -473,7 +477,7 @@ def build_view(
         )
     fresh = stats_time is not None and now - stats_time <= config.stats_stale_after_s
     totals = holds.totals(key, stats_time if fresh else None, config.coverage_margin_s)
-    reported = profile.used_bytes + profile.reserved_bytes
+    reported = profile.committed_bytes
     if fresh:
         committed = max(reported, totals.covered_bytes) + totals.uncovered_bytes
     else:
