@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import random
+import re
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -136,7 +137,8 @@ class ScalingModel:
     startup_s : float
         From the scale-up decision to a ready replica (GPU node warm; model load).
     drain_timeout_s : float
-        ``graceful_shutdown_timeout_s``: requests still on a stopping replica after this fail.
+        ``graceful_shutdown_timeout_s``: requests still on a stopping replica after this fail. The configs
+        set it to ``http_options.request_timeout_s`` (600 s).
     stats_period_s, stats_delay_s : float
         ``request_routing_stats_period_s`` and the extra delay before routers see a snapshot.
     """
@@ -148,7 +150,7 @@ class ScalingModel:
     look_back_period_s: float = 10.0
     metrics_interval_s: float = 1.0
     startup_s: float = 30.0
-    drain_timeout_s: float = 120.0
+    drain_timeout_s: float = 600.0
     stats_period_s: float = 1.0
     stats_delay_s: float = 0.3
 
@@ -193,15 +195,37 @@ class TraceModel:
     stationary_mix: bool = False
 
 
+def resample_layers(values: list[float], num_layers: int) -> list[float]:
+    """Per-layer values measured on a model with ``len(values)`` layers, mapped onto ``num_layers`` layers
+    by relative depth (linear interpolation: the first and last layers keep their own values)."""
+    n = len(values)
+    if n == num_layers or n == 0:
+        return [float(v) for v in values]
+    if n == 1 or num_layers == 1:
+        return [float(values[0])] * num_layers
+    out = []
+    for i in range(num_layers):
+        x = i * (n - 1) / (num_layers - 1)
+        lo = min(int(x), n - 2)
+        w = x - lo
+        out.append(float(values[lo]) * (1 - w) + float(values[lo + 1]) * w)
+    return out
+
+
 class RetentionModel:
     """Per-request, per-layer kept fractions: the default parametric model or measured samples.
+
+    Measured figures from a model with another number of layers (``tiny-llava`` has 4, the simulated
+    replica 32) are mapped onto the replica's layers by relative depth (:func:`resample_layers`), so the
+    simulated geometry (bytes per token, pool size) stays the GPU model's.
 
     Parameters
     ----------
     num_layers : int
+        Layers of the simulated model (what :meth:`draw` returns).
     samples : dict[str, list[list[float]]] or None
-        Measured per-layer kept fractions by request kind (``"image"``, ``"video"``) or under ``"all"``;
-        a request draws one sample of its kind at random.
+        Measured per-layer kept fractions by request kind (``"image"``, ``"multi_image"``, ``"video"``,
+        ``"long_video"``) or under ``"all"``; a request draws one sample of its kind at random.
     mean_profile : list[float] or None
         A measured mean kept fraction per layer (``EngineStats.kept_fraction_per_layer``): its shape
         replaces the default layer shape and its mean the default means.
@@ -221,10 +245,15 @@ class RetentionModel:
         mean_kept: float | None = None,
     ):
         self.num_layers = num_layers
-        self.samples = samples
+        self.samples = (
+            {kind: [resample_layers(s, num_layers) for s in group] for kind, group in samples.items()}
+            if samples is not None
+            else None
+        )
         if mean_profile:
-            mean = sum(mean_profile) / len(mean_profile)
-            self.shape = [f / mean for f in mean_profile]
+            profile = resample_layers(mean_profile, num_layers)
+            mean = sum(profile) / len(profile)
+            self.shape = [f / mean for f in profile]
             self.means = dict.fromkeys(self.DEFAULT_MEANS, mean)
         else:
             shape = [1.6 if layer < 2 else 1.0 for layer in range(num_layers)]
@@ -238,16 +267,29 @@ class RetentionModel:
     def from_json(cls, path: str | Path, num_layers: int) -> RetentionModel:
         """Read ``--retention-json``: ``{"kept_fraction_per_layer": [...]}`` (a mean profile), or
         ``{"image": [[...], ...], "video": [[...], ...]}`` / ``{"samples": [[...], ...]}`` (per-request
-        samples, e.g. ``RequestMetrics.kept_ratio_per_layer`` of engine runs)."""
+        samples, e.g. ``RequestMetrics.kept_ratio_per_layer`` of engine runs, as ``--measure-retention``
+        writes them; other keys such as ``"meta"`` are ignored). Every sample is mapped onto
+        ``num_layers`` layers."""
         data = json.loads(Path(path).read_text())
         if "kept_fraction_per_layer" in data:
             profile = [float(f) for f in data["kept_fraction_per_layer"]]
-            return cls(len(profile), mean_profile=profile)
-        samples = {"all": data["samples"]} if "samples" in data else {k: v for k, v in data.items() if v}
+            return cls(num_layers, mean_profile=profile)
+        if "samples" in data:
+            samples = {"all": data["samples"]}
+        else:
+            samples = {k: v for k, v in data.items() if isinstance(v, list) and v}
         lengths = {len(s) for group in samples.values() for s in group}
         if len(lengths) != 1:
             raise ValueError(f"every sample needs the same number of layers, got {sorted(lengths)}")
-        return cls(lengths.pop(), samples=samples)
+        return cls(num_layers, samples=samples)
+
+    def mean_kept(self) -> dict[str, float]:
+        """Mean kept fraction per request kind (over the samples, or the parametric means)."""
+        if self.samples is None:
+            return dict(self.means)
+        return {
+            kind: sum(sum(s) / len(s) for s in group) / len(group) for kind, group in self.samples.items()
+        }
 
     def draw(self, kind: str, rng: random.Random) -> list[float]:
         if self.samples is not None:
@@ -401,10 +443,22 @@ class Replica:
         bs = self.model.block_size
         return sum(s.blocks_at(s.generated + self.headroom(s), bs) - s.blocks for s in self.running)
 
+    def committed_lifetime_blocks(self, fractions: list[float]) -> int:
+        """``EngineStats.committed_lifetime_bytes`` in blocks, as ``LLMEngine.stats`` computes it: running
+        (and prefilling) sequences at the end of their generation, waiting ones predicted with the
+        replica's kept fractions and their remaining tokens."""
+        bs = self.model.block_size
+        blocks = sum(s.blocks_at(s.req.max_tokens, bs) for s in self.running)
+        blocks += sum(s.blocks_at(s.req.max_tokens, bs) for s in self.prefilling)
+        blocks += sum(predict_bytes(s.req.prompt_tokens, fractions, s.remaining, bs, 1) for s in self.waiting)
+        return blocks
+
     def engine_stats(self) -> EngineStats:
         m = self.model
         fractions = self.profile_fractions()
         return EngineStats(
+            committed_lifetime_bytes=self.committed_lifetime_blocks(fractions) * m.block_bytes,
+            waiting_prompt_tokens=sum(s.req.prompt_tokens for s in self.waiting),
             kv_bytes_used=self.used_blocks * m.block_bytes,
             kv_bytes_capacity=m.capacity_blocks * m.block_bytes,
             kv_blocks_used=self.used_blocks,
@@ -530,12 +584,15 @@ class Strategy:
         Ray's default queue-length policy at ``target_ongoing_requests``, or ``KVDemandPolicy`` at
         ``target_kv_utilization``.
     target : float
+    demand : {"committed", "held"}
+        ``KVDemandPolicyConfig.demand`` of the KV policy.
     """
 
     label: str
     router: str
     autoscaler: str
     target: float
+    demand: str = "committed"
 
 
 @dataclass
@@ -563,6 +620,7 @@ class SimResult:
             "strategy": self.strategy.label,
             "router": self.strategy.router,
             "autoscaler": self.strategy.autoscaler,
+            "demand": self.strategy.demand if self.strategy.autoscaler == "kv" else "",
             "target": self.strategy.target,
             "requests": len(self.requests),
             "completed": len(done),
@@ -636,7 +694,7 @@ class Simulation:
         else:
             self.router = SimKVRouter(KVRouterConfig(strategy=strategy.router, **(router_config or {})))
         if strategy.autoscaler == "kv":
-            self.policy = KVDemandPolicy(target_kv_utilization=strategy.target)
+            self.policy = KVDemandPolicy(target_kv_utilization=strategy.target, demand=strategy.demand)
             target_ongoing = 2.0
         else:
             self.policy = replica_queue_length_autoscaling_policy
@@ -1001,28 +1059,50 @@ class Simulation:
 # ----------------------------------------------------------------------------------------- the study
 
 
-def strategies(smoke: bool) -> list[Strategy]:
-    """The matrix: power-of-two under Ray's queue policy (target sweep), the KV policy under each router."""
-    if smoke:
-        return [
-            Strategy("pow2+queue(12)", "pow2", "queue", 12),
-            Strategy("spread+kv(0.6)", "spread", "kv", 0.6),
-            Strategy("pack+kv(0.75)", "pack", "kv", 0.75),
-        ]
-    return [
-        *(Strategy(f"pow2+queue({t})", "pow2", "queue", t) for t in (8, 12, 16, 24)),
-        Strategy("pow2+kv(0.6)", "pow2", "kv", 0.6),
-        Strategy("spread+kv(0.6)", "spread", "kv", 0.6),
-        *(Strategy(f"pack+kv({u})", "pack", "kv", u) for u in (0.5, 0.6, 0.75)),
-    ]
+STRATEGY_LABEL = re.compile(r"^(pow2|spread|pack)\+(queue|kv|kvheld)\(([0-9.]+)\)$")
+
+
+def parse_strategy(label: str) -> Strategy:
+    """``"pack+kv(0.75)"`` -> :class:`Strategy`: router ``pow2`` | ``spread`` | ``pack``, autoscaler
+    ``queue(T)`` (Ray's default at ``target_ongoing_requests`` T), ``kv(U)`` (``KVDemandPolicy`` on
+    committed demand at ``target_kv_utilization`` U) or ``kvheld(U)`` (the same on held demand)."""
+    match = STRATEGY_LABEL.match(label)
+    if match is None:
+        raise ValueError(
+            f"strategy {label!r} is not ROUTER+POLICY(TARGET), e.g. pack+kv(0.75) or pow2+queue(8)"
+        )
+    router, policy, target = match.groups()
+    if router != "pow2" and policy == "queue":
+        raise ValueError(f"{label}: the KV routers are simulated with a KV policy only")
+    demand = "held" if policy == "kvheld" else "committed"
+    return Strategy(label, router, "queue" if policy == "queue" else "kv", float(target), demand)
+
+
+SMOKE_STRATEGIES = ("pow2+queue(12)", "spread+kv(0.6)", "pack+kv(0.6)")
+FULL_STRATEGIES = (
+    *(f"pow2+queue({t})" for t in (4, 6, 8, 12, 16, 24)),
+    "pow2+kv(0.6)",
+    "spread+kv(0.6)",
+    "pack+kvheld(0.5)",
+    "pack+kv(0.6)",
+    "pack+kv(0.75)",
+)
+"""The full matrix: Ray's default pair swept until its p95 brackets packing's, the KV policy under each
+router, the KV policy on held demand (the previous default) and two targets on committed demand."""
+
+
+def strategies(smoke: bool, labels: list[str] | None = None) -> list[Strategy]:
+    """The matrix: power-of-two under Ray's queue policy (target sweep), the KV policy under each router
+    (``labels`` replaces it)."""
+    return [parse_strategy(label) for label in (labels or (SMOKE_STRATEGIES if smoke else FULL_STRATEGIES))]
 
 
 WORKLOADS = {"kept~0.45": None, "kept~0.8": 0.8}
 """Default retention (LLaVA-NeXT-7B / LongVA figures of the paper) and every request keeping ~80%
 (Qwen2.5-VL-7B, the outside re-run quoted in the spec): the same matrix runs on both."""
 
-HEADLINE = "pack+kv(0.75)"
-"""The headline row: the KV router's default strategy with KVDemandPolicy's default target."""
+HEADLINE = "pack+kv(0.6)"
+"""The headline row: the KV router's default strategy with KVDemandPolicy's defaults (committed demand, 0.6)."""
 
 
 SUMMED_KEYS = {
@@ -1095,8 +1175,10 @@ def summarize(rows: list[dict[str, Any]], headline: str = HEADLINE) -> dict[str,
         )
         if saving == saving and saving > best[1] and row["failed"] == 0:
             best = (row["strategy"], saving)
-    head = next(r for r in rows if r["strategy"] == headline)
-    head_saving = summary[f"{headline}: saving_conservative"]
+    head = next((r for r in rows if r["strategy"] == headline), packs[0] if packs else rows[0])
+    headline = head["strategy"]
+    summary["headline"] = headline
+    head_saving = summary.get(f"{headline}: saving_conservative", float("nan"))
     summary["headline_ttft_p95_s"] = head["ttft_p95_s"]
     summary["headline_ttft_p99_s"] = head["ttft_p99_s"]
     summary["headline_failures"] = head["failed"]
@@ -1125,7 +1207,8 @@ def plot(results: dict[str, SimResult], rows: list[dict[str, Any]], path: Path) 
     ax1.legend(fontsize=7)
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        families.setdefault(f"{row['workload']} {row['router']}+{row['autoscaler']}", []).append(row)
+        policy = "kvheld" if row.get("demand") == "held" else row["autoscaler"]
+        families.setdefault(f"{row['workload']} {row['router']}+{policy}", []).append(row)
     markers = {"pow2": "o", "spread": "s", "pack": "^"}
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     for family, members in families.items():
@@ -1186,20 +1269,136 @@ COLUMNS = [
 ]
 
 
+RETENTION_KINDS = {
+    # kind -> (pictures per request: a video's frames are pictures of one moving scene, as zipvl-tiny sends them)
+    "image": (1, 1),
+    "multi_image": (2, 4),
+    "video": (8, 16),
+    "long_video": (24, 32),
+}
+
+
+def synthetic_pictures(count: int, rng: random.Random, *, video: bool, side: int = 112) -> list[Any]:
+    """``count`` pictures of coloured shapes on a plain background: separate scenes, or for a video one
+    scene whose shapes move a few pixels per frame."""
+    from PIL import Image, ImageDraw
+
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+    def scene() -> tuple[str, list[tuple[str, str, int, int, int, int]], tuple[int, int]]:
+        shapes = []
+        for _ in range(rng.randint(1, 4)):
+            w, h = rng.randint(10, 40), rng.randint(10, 40)
+            kind = rng.choice(["ellipse", "rectangle"])
+            shapes.append(
+                (rng.choice(colours), kind, w, h, rng.randint(0, side - w), rng.randint(0, side - h))
+            )
+        return rng.choice(["grey", "white", "black"]), shapes, (rng.randint(-3, 3), rng.randint(-3, 3))
+
+    pictures = []
+    background, shapes, (dx, dy) = scene()
+    for frame in range(count):
+        if not video and frame:
+            background, shapes, (dx, dy) = scene()
+        shift = frame if video else 0
+        image = Image.new("RGB", (side, side), background)
+        draw = ImageDraw.Draw(image)
+        for colour, kind, w, h, x, y in shapes:
+            x, y = (x + shift * dx) % (side - w), (y + shift * dy) % (side - h)
+            getattr(draw, kind)([x, y, x + w, y + h], fill=colour)
+        pictures.append(image)
+    return pictures
+
+
+def measure_retention(model: str, tau: float, samples: int, out: Path, seed: int = 0) -> dict[str, Any]:
+    """Per-request kept fractions per layer of ``model`` at ``tau``, measured with the paged engine.
+
+    ``samples`` requests of each kind of :data:`RETENTION_KINDS` (synthetic pictures, a short question,
+    one generated token: only the prefill's selection matters) go through ``zipvl_ray.engine.LLM``;
+    each request's ``RequestMetrics.kept_ratio_per_layer`` is one sample. Writes ``out`` in the format
+    :meth:`RetentionModel.from_json` reads (plus ``"meta"``) and returns it.
+    """
+    import torch
+
+    from zipvl_ray.config import EngineConfig, ZipVLConfig
+    from zipvl_ray.engine import LLM, SamplingParams
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    llm = LLM(model, zipvl=ZipVLConfig(tau=tau), engine=EngineConfig(kv_cache_bytes=64 << 20))
+    questions = ["What is in the picture?", "Describe the scene in detail.", "Which colours do you see?"]
+    prompts, kinds = [], []
+    for kind, (low, high) in RETENTION_KINDS.items():
+        for _ in range(samples):
+            pictures = synthetic_pictures(rng.randint(low, high), rng, video="video" in kind)
+            content = [{"type": "image"}] * len(pictures) + [{"type": "text", "text": rng.choice(questions)}]
+            prompts.append({"messages": [{"role": "user", "content": content}], "images": pictures})
+            kinds.append(kind)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))
+    result: dict[str, Any] = {kind: [] for kind in RETENTION_KINDS}
+    prompt_tokens: dict[str, list[int]] = {kind: [] for kind in RETENTION_KINDS}
+    for kind, output in zip(kinds, outputs, strict=True):
+        result[kind].append([round(float(f), 4) for f in output.metrics.kept_ratio_per_layer])
+        prompt_tokens[kind].append(output.metrics.prompt_tokens)
+    result["meta"] = {
+        "model": model,
+        "tau": tau,
+        "samples_per_kind": samples,
+        "prompt_tokens": {k: [min(v), max(v)] for k, v in prompt_tokens.items()},
+        "mean_kept": {
+            kind: sum(sum(s) / len(s) for s in result[kind]) / len(result[kind]) for kind in RETENTION_KINDS
+        },
+        "command": f"benchmarks/router_sim.py --measure-retention {out} --model {model} --tau {tau} "
+        f"--samples {samples}",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["meta"], indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a 90 s trace, three strategies, one seed")
     parser.add_argument("--seeds", type=int, default=3, help="traces to average over")
     parser.add_argument("--duration-s", type=float, default=None, help="trace length (default 1800)")
     parser.add_argument(
-        "--retention-json", type=Path, default=None, help="measured kept fractions (replaces the workloads)"
+        "--retention-json",
+        type=Path,
+        action="append",
+        default=None,
+        help="measured kept fractions: one more workload per file (repeatable; see RetentionModel.from_json)",
     )
+    parser.add_argument(
+        "--measured-only",
+        action="store_true",
+        help="with --retention-json: drop the two parametric workloads",
+    )
+    parser.add_argument(
+        "--strategy",
+        action="append",
+        default=None,
+        help="ROUTER+POLICY(TARGET), e.g. pack+kv(0.75), pack+kvheld(0.5), pow2+queue(8) (repeatable; "
+        "replaces the matrix)",
+    )
+    parser.add_argument("--drain-timeout-s", type=float, default=None, help="graceful_shutdown_timeout_s")
+    parser.add_argument(
+        "--measure-retention",
+        type=Path,
+        default=None,
+        help="instead of simulating: run the engine on --model and write per-request kept fractions here",
+    )
+    parser.add_argument("--model", default="tiny-llava", help="model of --measure-retention")
+    parser.add_argument("--tau", type=float, default=0.975, help="ZipVL tau of --measure-retention")
+    parser.add_argument("--samples", type=int, default=12, help="requests per kind of --measure-retention")
     parser.add_argument("--kv-pool-gib", type=float, default=None, help="KV pool per replica")
     parser.add_argument("--startup-s", type=float, default=None, help="scale-up decision to ready replica")
     parser.add_argument("--stationary-mix", action="store_true", help="bursts keep the base request mix")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="router_sim")
     args = parser.parse_args(argv)
+    if args.measure_retention is not None:
+        return measure_retention(args.model, args.tau, args.samples, args.measure_retention)
 
     model = ReplicaModel() if args.kv_pool_gib is None else ReplicaModel(kv_pool_gib=args.kv_pool_gib)
     scaling = ScalingModel() if args.startup_s is None else ScalingModel(startup_s=args.startup_s)
@@ -1208,23 +1407,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         trace = TraceModel(duration_s=duration, mean_low_s=30.0, mean_high_s=30.0, ramp_s=10.0)
         scaling = ScalingModel(startup_s=10.0, upscale_delay_s=3.0, downscale_delay_s=15.0)
-    if args.retention_json is not None:
-        measured = RetentionModel.from_json(args.retention_json, model.num_layers)
-        model = ReplicaModel(**{**model.__dict__, "num_layers": measured.num_layers})
-        workloads = {f"measured:{args.retention_json.name}": measured}
-    elif args.smoke:
+    if args.drain_timeout_s is not None:
+        scaling = ScalingModel(**{**scaling.__dict__, "drain_timeout_s": args.drain_timeout_s})
+    if args.smoke:
         workloads = {"kept~0.45": RetentionModel(model.num_layers)}
     else:
         workloads = {name: RetentionModel(model.num_layers, mean_kept=m) for name, m in WORKLOADS.items()}
+    if args.retention_json:
+        measured = {
+            f"measured:{path.stem}": RetentionModel.from_json(path, model.num_layers)
+            for path in args.retention_json
+        }
+        workloads = measured if args.measured_only else {**workloads, **measured}
     seeds = 1 if args.smoke else args.seeds
+    matrix = strategies(args.smoke, args.strategy)
 
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     first_seed: dict[str, SimResult] = {}
     for workload, retention in workloads.items():
-        workload_rows, runs = run_matrix(
-            trace, retention, model, scaling, strategies(args.smoke), seeds, workload
-        )
+        workload_rows, runs = run_matrix(trace, retention, model, scaling, matrix, seeds, workload)
         rows += workload_rows
         first_seed = first_seed or runs
         for key, value in summarize(workload_rows, HEADLINE).items():
@@ -1236,14 +1438,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kv_pool_gib=model.kv_pool_gib,
         startup_s=scaling.startup_s,
         stationary_mix=trace.stationary_mix,
+        drain_timeout_s=scaling.drain_timeout_s,
+        **{f"{name}: mean_kept": retention.mean_kept() for name, retention in workloads.items()},
     )
     notes = (
         "Discrete-event simulation of GPU replicas running the paged ZipVL engine, replaying a bursty trace "
         f"of mixed image / video requests ({seeds} seed(s) per workload, {duration:.0f} s each; counts are "
         "summed over seeds, other figures averaged). pow2 = Ray Serve's default router; queue(T) = Ray's "
         "default queue-length autoscaling policy at target_ongoing_requests T; spread / pack = "
-        "KVPackingRouter's ranking; kv(U) = KVDemandPolicy at target_kv_utilization U. Workloads: requests "
-        "keep ~45% of their tokens (the paper's LLaVA-NeXT-7B / LongVA figures) or ~80% (Qwen2.5-VL-like). "
+        "KVPackingRouter's ranking; kv(U) = KVDemandPolicy at target_kv_utilization U on committed "
+        "(end-of-generation) demand, kvheld(U) on held demand. Workloads: requests keep ~45% of their tokens "
+        "(the paper's LLaVA-NeXT-7B / LongVA figures), ~80% (Qwen2.5-VL-like), or measured:NAME (per-request "
+        "kept fractions measured with the engine, mapped onto the 32 simulated layers by depth). "
         "Savings compare packing with power-of-two at equal p95 TTFT (see the summary keys). Model and "
         "defaults: benchmarks/router_sim.py and docs/routing.md."
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from benchmarks import router_sim
 
 
@@ -16,7 +18,7 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
     payload = json.loads((tmp_path / "smoke.json").read_text())
     assert payload["name"] == "smoke" and payload["meta"]["ray"]
     rows = payload["rows"]
-    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kv(0.75)"}
+    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kv(0.6)"}
     for row in rows:
         # every request is accounted for, and the clock and the cost are physical
         assert row["completed"] + row["failed"] == row["requests"] > 50
@@ -26,9 +28,9 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
         assert 0.0 <= row["mean_kv_utilization"] <= 1.0
     kv_rows = [r for r in rows if r["router"] != "pow2"]
     assert all(r["router_fits"] + r["router_overflow"] > 0 for r in kv_rows)  # the real ranking code ran
-    assert "| pack+kv(0.75) |" in (tmp_path / "smoke.md").read_text()
+    assert "| pack+kv(0.6) |" in (tmp_path / "smoke.md").read_text()
     assert isinstance(out["summary"]["kept~0.45: target_met"], bool)
-    assert "kept~0.45: pack+kv(0.75): saving_conservative" in out["summary"]
+    assert "kept~0.45: pack+kv(0.6): saving_conservative" in out["summary"]
 
 
 def test_same_seed_same_trace_and_every_strategy_sees_it():
@@ -45,19 +47,72 @@ def test_same_seed_same_trace_and_every_strategy_sees_it():
     assert all(0.0 < f <= 1.0 for r in first for f in r.kept) and len(first[0].kept) == model.num_layers
 
 
-def test_retention_json_replaces_the_parametric_model(tmp_path):
-    samples = {"image": [[0.3, 0.2, 0.1]], "video": [[0.9, 0.8, 0.7]]}
+def test_retention_json_is_mapped_onto_the_simulated_layers(tmp_path):
+    samples = {"image": [[0.3, 0.2, 0.1]], "video": [[0.9, 0.8, 0.7]], "meta": {"model": "x"}}
     path = tmp_path / "kept.json"
     path.write_text(json.dumps(samples))
-    retention = router_sim.RetentionModel.from_json(path, num_layers=32)
-    assert retention.num_layers == 3
+    retention = router_sim.RetentionModel.from_json(path, num_layers=5)
+    assert retention.num_layers == 5
     rng = router_sim.random.Random(0)
-    assert retention.draw("image", rng) == [0.3, 0.2, 0.1]
-    assert retention.draw("long_video", rng) == [0.9, 0.8, 0.7]  # falls back to its family
+    assert retention.draw("image", rng) == pytest.approx([0.3, 0.25, 0.2, 0.15, 0.1])
+    assert retention.draw("long_video", rng) == pytest.approx([0.9, 0.85, 0.8, 0.75, 0.7])  # its family
+    assert retention.mean_kept() == pytest.approx({"image": 0.2, "video": 0.8})
 
     path.write_text(json.dumps({"kept_fraction_per_layer": [0.8, 0.4, 0.3, 0.3]}))
     profile = router_sim.RetentionModel.from_json(path, num_layers=32)
-    assert profile.num_layers == 4 and math.isclose(profile.means["video"], 0.45)
+    resampled = router_sim.resample_layers([0.8, 0.4, 0.3, 0.3], 32)
+    assert profile.num_layers == 32 and math.isclose(profile.means["video"], sum(resampled) / 32)
+    assert profile.shape[0] == max(profile.shape)  # the first layer keeps the most, as measured
+
+
+@pytest.mark.parametrize(
+    ("values", "layers", "expected"),
+    [
+        ([0.5, 0.7], 2, [0.5, 0.7]),
+        ([0.4], 3, [0.4, 0.4, 0.4]),
+        ([0.0, 1.0], 5, [0.0, 0.25, 0.5, 0.75, 1.0]),
+        ([0.2, 0.4, 0.6, 0.8, 1.0], 3, [0.2, 0.6, 1.0]),
+    ],
+)
+def test_resample_layers_by_relative_depth(values, layers, expected):
+    assert router_sim.resample_layers(values, layers) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [
+        ("pow2+queue(8)", ("pow2", "queue", 8.0, "committed")),
+        ("pack+kv(0.6)", ("pack", "kv", 0.6, "committed")),
+        ("pack+kvheld(0.5)", ("pack", "kv", 0.5, "held")),
+        ("spread+kv(0.75)", ("spread", "kv", 0.75, "committed")),
+    ],
+)
+def test_parse_strategy(label, expected):
+    strategy = router_sim.parse_strategy(label)
+    assert (strategy.router, strategy.autoscaler, strategy.target, strategy.demand) == expected
+    assert strategy.label == label
+
+
+@pytest.mark.parametrize("label", ["pack+queue(8)", "pow2+kv", "random+kv(0.5)"])
+def test_parse_strategy_refuses_what_is_not_simulated(label):
+    with pytest.raises(ValueError):
+        router_sim.parse_strategy(label)
+
+
+def test_simulated_engine_reports_committed_lifetime_like_the_engine():
+    model = router_sim.ReplicaModel(num_layers=2, kv_heads=1, head_dim=8, kv_pool_gib=0.001)
+    replica = router_sim.Replica(0, model, 0.0, 0.0)
+    running = router_sim.Request(0, 0.0, "image", 40, 32, 20, [0.5, 0.25])
+    waiting = router_sim.Request(1, 0.0, "image", 64, 32, 8, [0.5, 0.5])
+    seq = router_sim.Seq(running, model.block_size)
+    seq.generated = 5
+    replica.running.append(seq)
+    replica.waiting.append(router_sim.Seq(waiting, model.block_size))
+    replica.kept_ema = [0.5, 0.5]
+    stats = replica.engine_stats()
+    # running: kept 20 and 10 tokens + its whole 20 tokens -> 3 + 2 blocks; waiting: 32 + 8 per layer -> 3 + 3
+    assert stats.committed_lifetime_bytes == (5 + 6) * model.block_bytes
+    assert stats.waiting_prompt_tokens == 64
 
 
 def test_iso_p95_cost_interpolates_between_bracketing_rows():

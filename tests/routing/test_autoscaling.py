@@ -20,6 +20,9 @@ from zipvl_ray.routing.autoscaling import (
 from zipvl_ray.routing.replica_stats import autoscaling_stats
 
 GIB = 1 << 30
+#: The figures below are worked out at 75% of a 10 GiB pool per replica (7.5 GiB); the default target is
+#: checked on its own.
+AT_75 = {"target_kv_utilization": 0.75}
 
 
 def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0, committed_gib=0.0) -> ReplicaKVMetrics:
@@ -77,9 +80,20 @@ def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0, committed_g
     ],
 )
 def test_desired_replicas_for_kv(replicas, handle_queued, kwargs, expected):
-    demand = desired_replicas_for_kv(replicas, handle_queued, KVDemandPolicyConfig(**kwargs))
+    demand = desired_replicas_for_kv(replicas, handle_queued, KVDemandPolicyConfig(**{**AT_75, **kwargs}))
     assert demand is not None
     assert demand.desired_replicas == pytest.approx(expected)
+
+
+def test_default_target_leaves_a_replica_40_percent_headroom():
+    # 6 GiB committed on 10 GiB pools: one replica at the default target; 6.1 GiB asks for two.
+    config = KVDemandPolicyConfig()
+    assert config.target_kv_utilization == 0.6 and config.demand == "committed"
+    for committed_gib, expected in ((6.0, 1.0), (6.1, 6.1 / 6)):
+        demand = desired_replicas_for_kv(
+            [replica(demand_gib=1, running=2, committed_gib=committed_gib)], 0, config
+        )
+        assert demand.desired_replicas == pytest.approx(expected)
 
 
 def test_no_capacity_reported_means_no_decision():
@@ -142,14 +156,14 @@ def busy(used_gib: float, running: int, waiting: int = 0) -> EngineStats:
     ],
 )
 def test_kv_policy_from_replica_metrics(stats, queued, expected):
-    desired, state = KVDemandPolicy()(context(metrics_of(*stats), queued=queued))
+    desired, state = KVDemandPolicy(**AT_75)(context(metrics_of(*stats), queued=queued))
     assert desired == expected and isinstance(desired, int)
     assert set(state) == {"kv_demand_bytes", "kv_waiting_requests", "kv_desired_raw"}
 
 
 def test_kv_policy_keeps_the_target_until_metrics_arrive():
-    assert KVDemandPolicy()(context(None, target=3)) == (3, {})
-    assert KVDemandPolicy()(context({}, target=3)) == (3, {})
+    assert KVDemandPolicy(**AT_75)(context(None, target=3)) == (3, {})
+    assert KVDemandPolicy(**AT_75)(context({}, target=3)) == (3, {})
 
 
 def test_kv_policy_inside_serves_wrapper_is_raw_and_delayed_by_serve():
@@ -158,8 +172,12 @@ def test_kv_policy_inside_serves_wrapper_is_raw_and_delayed_by_serve():
     stats = metrics_of(busy(9, 3), busy(9, 3))  # 18 GiB held, 3 GiB per request, 40 queued: 138 GiB
     immediate = AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=0, downscale_delay_s=0)
     delayed = AutoscalingConfig(min_replicas=1, max_replicas=4, upscale_delay_s=60, downscale_delay_s=600)
-    up_now, state = _apply_autoscaling_config(KVDemandPolicy())(context(stats, queued=40, config=immediate))
-    up_later, _ = _apply_autoscaling_config(KVDemandPolicy())(context(stats, queued=40, config=delayed))
+    up_now, state = _apply_autoscaling_config(KVDemandPolicy(**AT_75))(
+        context(stats, queued=40, config=immediate)
+    )
+    up_later, _ = _apply_autoscaling_config(KVDemandPolicy(**AT_75))(
+        context(stats, queued=40, config=delayed)
+    )
     assert up_now == 19  # raw: 138 / 7.5 rounded up
     assert up_later == 2  # Serve holds the current target until the delay has passed
     assert state["kv_desired_raw"] == pytest.approx(138 / 7.5)
@@ -181,8 +199,8 @@ def test_kv_policy_reads_the_committed_demand_from_replica_metrics():
         num_waiting=1,
         committed_lifetime_bytes=12 * GIB,
     )
-    committed, state = KVDemandPolicy()(context(metrics_of(stats)))
-    held, _ = KVDemandPolicy(demand="held")(context(metrics_of(stats)))
+    committed, state = KVDemandPolicy(**AT_75)(context(metrics_of(stats)))
+    held, _ = KVDemandPolicy(**AT_75, demand="held")(context(metrics_of(stats)))
     assert (committed, held) == (2, 1)  # 12 / 7.5 and (2 + 2 / 3) / 7.5, rounded up
     assert state["kv_demand_bytes"] == 12 * GIB
 

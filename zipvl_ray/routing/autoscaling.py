@@ -11,7 +11,7 @@ Wire them under a deployment's ``autoscaling_config``::
       look_back_period_s: 5
       policy:
         policy_function: zipvl_ray.routing.autoscaling:KVDemandPolicy
-        policy_kwargs: {target_kv_utilization: 0.75}
+        policy_kwargs: {target_kv_utilization: 0.6}
 
 Serve builds the class once with ``policy_kwargs`` and calls it about ten times a second with an
 ``AutoscalingContext``; the policies return the *raw* desired replica count and Serve applies the
@@ -38,11 +38,12 @@ class KVDemandPolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target_kv_utilization: float = Field(
-        default=0.75,
+        default=0.6,
         gt=0.0,
         le=1.0,
         description="Fraction of each replica's KV pool the fleet should run at: desired replicas = "
-        "KV demand / (target_kv_utilization x per-replica capacity).",
+        "KV demand / (target_kv_utilization x per-replica capacity). The rest absorbs arrivals while new "
+        "replicas start (docs/routing.md: 0.6 on committed demand in the simulation's study).",
     )
     demand: Literal["committed", "held"] = Field(
         default="committed",
