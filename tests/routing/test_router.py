@@ -160,6 +160,20 @@ def test_equal_room_goes_to_the_replica_seen_first():
     assert names(asyncio.run(scenario())) == ["old", "new"]
 
 
+@pytest.mark.parametrize(("old_kept", "new_kept"), [(0.25, 0.5), (0.5, 0.25)])
+def test_idle_replicas_fill_oldest_first_whatever_they_predict(old_kept, new_kept):
+    # Each replica predicts the request with its own kept fraction; the order must still be by free KV
+    # (equal here), then age, or the fleet would fill a random replica first and Serve stop a busy one.
+    async def scenario():
+        router = make_router(Clock())
+        old = StatsReplica("old", stats(100, kept=(old_kept,)))
+        new = StatsReplica("new", stats(100, kept=(new_kept,)))
+        router.update_replicas([old, new])
+        return await router.choose_replicas([new, old], pending("r1", 10))
+
+    assert names(asyncio.run(scenario())) == ["old", "new"]
+
+
 def test_choose_sets_backoff_so_serve_does_not_busy_loop():
     async def scenario():
         router = make_router(Clock())

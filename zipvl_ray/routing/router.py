@@ -6,9 +6,9 @@ Every replica reports its KV pool and its running mean kept fraction per layer
 the bytes the request will hold *after* ZipVL pruning, decode growth included
 (:func:`~zipvl_ray.routing.footprint.predict_request_bytes`), then ranks the replicas:
 
-- ``pack`` (default): best fit, i.e. the replica left with the least free KV that still fits the request,
-  so load concentrates and idle replicas can be scaled down; when none fits, the one with the most free
-  KV. Ties go to the replica seen first (Serve stops the newest replicas first on downscale).
+- ``pack`` (default): best fit, i.e. the fullest replica (least free KV) that still fits the request, so
+  load concentrates and idle replicas can be scaled down; when none fits, the one with the most free KV.
+  Ties go to the replica seen first (Serve stops the newest replicas first on downscale).
 - ``spread``: the replica with the most free KV (latency first).
 
 Replica stats arrive seconds late, so the router reserves the predicted bytes on its first choice inside
@@ -535,30 +535,35 @@ def rank_replicas(views: Sequence[ReplicaView], hints: RoutingHints, config: KVR
         return Ranking([v.key for v in ordered], dict.fromkeys((v.key for v in views), 0), False, 0, True)
 
     predicted: dict[Hashable, int] = {}
-    room: dict[Hashable, float] = {}
+    free: dict[Hashable, float] = {}
+    fits: dict[Hashable, bool] = {}
     for v in views:
         predicted[v.key] = predict_request_bytes(hints, v.profile) if v.profile is not None else 0
-        room[v.key] = v.capacity_bytes * config.max_fill_fraction - v.committed_bytes - predicted[v.key]
+        free[v.key] = v.capacity_bytes * config.max_fill_fraction - v.committed_bytes
+        fits[v.key] = free[v.key] - predicted[v.key] >= 0
 
+    # Orders use the free bytes *before* the request: each replica predicts the request with its own kept
+    # fractions, and ranking by what is left after it would make a replica that expects the request to be
+    # small look emptier (two idle replicas would be ordered by prediction noise, not by age).
     guarded = [v for v in views if v.queue_len > config.max_queue_len]
     open_views = [v for v in views if v.queue_len <= config.max_queue_len]
     if config.strategy == "pack":
         # Replicas that never reported come after every known one that fits: their load is unknown (other
         # routers may be filling them), and best fit would otherwise favour them for their dense estimate.
         fitting = sorted(
-            (v for v in open_views if room[v.key] >= 0),
-            key=lambda v: (v.stats_state == "missing", room[v.key], v.order),
+            (v for v in open_views if fits[v.key]),
+            key=lambda v: (v.stats_state == "missing", free[v.key], v.order),
         )
-        overflow = sorted((v for v in open_views if room[v.key] < 0), key=lambda v: (-room[v.key], v.order))
+        overflow = sorted((v for v in open_views if not fits[v.key]), key=lambda v: (-free[v.key], v.order))
         head = fitting + overflow
     else:
-        head = sorted(open_views, key=lambda v: (-room[v.key], v.queue_len, v.order))
-    tail = sorted(guarded, key=lambda v: (v.queue_len, -room[v.key], v.order))
+        head = sorted(open_views, key=lambda v: (-free[v.key], v.queue_len, v.order))
+    tail = sorted(guarded, key=lambda v: (v.queue_len, -free[v.key], v.order))
     ordered = head + tail
     return Ranking(
         order=[v.key for v in ordered],
         predicted_bytes=predicted,
-        fits=room[ordered[0].key] >= 0,
+        fits=fits[ordered[0].key],
         demoted=len(guarded),
     )
 
