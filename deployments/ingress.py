@@ -169,7 +169,7 @@ class RayServeBackend:
             raise
         finally:
             if not finished and outputs is not None:
-                outputs.cancel()
+                cancel_quietly(outputs)
             _end_generate(span, request_id, prompt, last, error)
 
     async def _ping(self, handle: DeploymentHandle) -> str | None:
@@ -249,6 +249,17 @@ def unavailable_error(exc: Exception) -> APIError:
     return APIError(
         message, status_code=503, code="overloaded", headers={"Retry-After": str(max(1, round(retry_after)))}
     )
+
+
+def cancel_quietly(response: Any) -> None:
+    """Cancel a handle call whatever state it is in.
+
+    Ray 2.60's ``DeploymentResponseGenerator.cancel()`` fetches the routing result when the router
+    runs in its own loop, so on a call that failed (backpressure, a dead replica) it raises that
+    failure again: from a ``finally`` clause it would replace the error being reported.
+    """
+    with contextlib.suppress(Exception):  # the call already failed or finished: nothing left to cancel
+        response.cancel()
 
 
 def is_replica_failure(exc: BaseException) -> bool:
