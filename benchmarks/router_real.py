@@ -19,7 +19,7 @@ compute; replica-seconds are the comparable cost, latencies mostly show queueing
 
 Run::
 
-    .venv/bin/python -u benchmarks/router_real.py            # two strategies, 150 s trace each (about 8 min)
+    .venv/bin/python -u benchmarks/router_real.py            # two strategies, 120 s trace each (about 8 min)
     .venv/bin/python -u benchmarks/router_real.py --smoke    # 20 s trace, 2 replicas (what the test runs)
 
 The helpers (:class:`ReplicaStatsSampler`, :class:`ServeStatusSampler`, :func:`chat_body`, ...) are also
@@ -55,6 +55,9 @@ from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
 from benchmarks.router_sim import Strategy, parse_strategy, percentile, synthetic_pictures  # noqa: E402
 
 MULTI_CONFIG = REPO_ROOT / "configs" / "zipvl-multi.yaml"
+#: Serve's default pair (router and policy at its default target_ongoing_requests of 2) against the KV
+#: router with the KV policy at its default target.
+DEFAULT_STRATEGIES = ("pow2+queue(2)", "pack+kv(0.6)")
 APP_NAME = "zipvl"
 LLM_DEPLOYMENT = "LLMServer"
 #: Replica states that hold (or are about to hold, or still hold) a replica's resources.
@@ -435,7 +438,7 @@ class RealTraceModel:
         The trace starts with a quiet phase this long (so every strategy starts from one replica).
     """
 
-    duration_s: float = 150.0
+    duration_s: float = 120.0
     low_rate: float = 0.3
     high_rate: float = 2.0
     mean_low_s: float = 30.0
@@ -724,9 +727,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--strategy",
         action="append",
         default=None,
-        help="ROUTER+POLICY(TARGET) as in router_sim (repeatable; default pow2+queue(2) and pack+kv(0.75))",
+        help=f"ROUTER+POLICY(TARGET) as in router_sim (repeatable; default: {' and '.join(DEFAULT_STRATEGIES)})",
     )
-    parser.add_argument("--duration-s", type=float, default=None, help="trace length (default 150, smoke 20)")
+    parser.add_argument("--duration-s", type=float, default=None, help="trace length (default 120, smoke 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="router_real")
@@ -735,13 +738,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    labels = args.strategy or ["pow2+queue(2)", "pack+kv(0.75)"]
+    labels = args.strategy or list(DEFAULT_STRATEGIES)
     strategies = [parse_strategy(label) for label in labels]
     if args.smoke:
         trace_model = RealTraceModel(duration_s=args.duration_s or 20.0, mean_high_s=8.0, first_burst_s=3.0)
         scaling = Scaling(max_replicas=2, downscale_delay_s=5.0)
     else:
-        trace_model = RealTraceModel(duration_s=args.duration_s or 150.0)
+        trace_model = RealTraceModel(duration_s=args.duration_s or 120.0)
         scaling = Scaling()
     trace = make_real_trace(trace_model, args.seed)
 
