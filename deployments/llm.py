@@ -76,6 +76,28 @@ class StreamError:
     code: str = "invalid_request"
 
 
+#: What the engine says when a request does not fit in the whole KV pool even alone
+#: (``LLMEngine._prefill_did_not_fit``).
+POOL_OVERFLOW_ERROR = "more KV memory than the whole pool holds"
+
+
+def needs_more_than_the_pool(output: RequestOutput) -> bool:
+    """True for the engine's refusal of a request that cannot fit in the replica's KV pool even alone."""
+    return (
+        output.finish_reason == "error"
+        and not output.token_ids
+        and POOL_OVERFLOW_ERROR in (output.error or "")
+    )
+
+
+def pool_overflow_message(capacity_bytes: int) -> str:
+    """The client's message for :func:`needs_more_than_the_pool`."""
+    return (
+        f"the request needs more KV cache memory than one model replica holds ({capacity_bytes} bytes), even "
+        "after ZipVL pruning: send fewer or smaller images, a shorter prompt or a smaller max_tokens"
+    )
+
+
 def slim_output(output: RequestOutput) -> RequestOutput:
     """What crosses the process boundary: deltas only until the final output, which carries everything.
 
@@ -174,6 +196,15 @@ class LLMServer:
                 timing.observe(output)
                 if output.finished:
                     final = output
+                    if needs_more_than_the_pool(output):
+                        # Nothing was generated and nothing ever could be on this replica: the
+                        # client's request is too large, not a server failure (HTTP 400).
+                        yield StreamError(
+                            status_code=400,
+                            message=pool_overflow_message(self.engine.stats().kv_bytes_capacity),
+                            code="kv_capacity_exceeded",
+                        )
+                        continue  # the engine's last output: the stream ends here
                 if request.stream or output.finished:
                     yield slim_output(output)
         except RequestError as exc:
