@@ -243,7 +243,10 @@ class RunConfig:
     forced_ratio: float | None = None
 
 
-def run_configs(ratios: list[float], adaptive_tau: float, with_tau1: bool) -> list[RunConfig]:
+def run_configs(
+    ratios: list[float], adaptive_tau: float, with_tau1: bool, adaptive: bool = True
+) -> list[RunConfig]:
+    """Dense, then ZipVL at tau = 1 (optional), at each forced ratio and at the adaptive tau (optional)."""
     configs = [RunConfig("dense", None)]
     if with_tau1:
         configs.append(RunConfig("zipvl tau=1", ZipVLConfig(tau=1.0)))
@@ -251,7 +254,8 @@ def run_configs(ratios: list[float], adaptive_tau: float, with_tau1: bool) -> li
         configs.append(
             RunConfig(f"zipvl r={r:g}", ZipVLConfig(tau=FORCED_TAU, max_keep_ratio=r), forced_ratio=r)
         )
-    configs.append(RunConfig(f"zipvl tau={adaptive_tau:g}", ZipVLConfig(tau=adaptive_tau)))
+    if adaptive:
+        configs.append(RunConfig(f"zipvl tau={adaptive_tau:g}", ZipVLConfig(tau=adaptive_tau)))
     return configs
 
 
@@ -411,6 +415,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ratios", type=float, nargs="+", default=None, help="forced keep ratios")
     parser.add_argument("--tau", type=float, default=0.975, help="tau of the adaptive run")
     parser.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run ZipVL at the adaptive tau (--no-adaptive: forced ratios only)",
+    )
+    parser.add_argument(
         "--with-tau1", action="store_true", help="also run ZipVL at tau = 1 (dense via ZipVL)"
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per size (best is reported)")
@@ -461,18 +471,16 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     if gemm == "fp32":
         use_fp32_gemm(model)
     enable_zipvl(model, ZipVLConfig())
-    configs = run_configs(ratios, args.tau, args.with_tau1)
+    configs = run_configs(ratios, args.tau, args.with_tau1, args.adaptive)
     print(
         f"shape {shape_name} ({shape.note}), {device}, bf16, {gemm} GEMMs, dense={dense_impl}, zipvl={backend}"
     )
     warm = torch.randint(0, shape.vocab_size, (1, min(256, min(sizes))), device=device)
     for config in configs:  # first-call costs (kernel selection, allocator) out of the timed rounds
         prefill_once(model, warm, activate(model, config, dense_impl)())
-    rows = []
-    for n in sizes:
-        if gpu:
-            torch.cuda.empty_cache()
-        rows += measure_size(model, configs, n, args, device, dense_impl)
+    name = args.name or ("prefill_smoke" if args.smoke else "prefill_gpu" if gpu else "prefill")
+    if gemm == "fp32" and not args.name:
+        name += "_fp32gemm"
     summary = {
         "device": str(device),
         "shape": shape_name,
@@ -484,9 +492,8 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         "dense_attention": dense_impl,
         "zipvl_kernel": backend,
         "forced_tau": FORCED_TAU,
-        "adaptive_tau": args.tau,
+        "adaptive_tau": args.tau if args.adaptive else None,
         "repeats": args.repeats,
-        **targets(rows, device),
     }
     notes = (
         "Dense vs ZipVL prefill, interleaved rounds in one process, best of the rounds. `limit_s` = dense "
@@ -494,18 +501,21 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         "`overhead_pct` = probe scoring + selection over the dense TTFT. Random weights give near-uniform "
         "attention, so the adaptive tau keeps most tokens."
     )
-    name = args.name or ("prefill_smoke" if args.smoke else "prefill_gpu" if gpu else "prefill")
-    if gemm == "fp32" and not args.name:
-        name += "_fp32gemm"
-    paths = write_results(
-        name,
-        rows,
-        columns=COLUMNS,
-        summary=summary,
-        title="Prefill: dense vs ZipVL",
-        notes=notes,
-        out_dir=args.out_dir,
-    )
+    rows: list[dict] = []
+    for n in sizes:
+        if gpu:
+            torch.cuda.empty_cache()
+        rows += measure_size(model, configs, n, args, device, dense_impl)
+        # Written after every length, so a long run that is stopped keeps what it measured.
+        paths = write_results(
+            name,
+            rows,
+            columns=COLUMNS,
+            summary={**summary, **targets(rows, device)},
+            title="Prefill: dense vs ZipVL",
+            notes=notes,
+            out_dir=args.out_dir,
+        )
     for row in rows:
         print(
             f"{row['n_tokens']:6d} {row['config']:16s} keep {row['keep_ratio']:.3f} ttft {row['ttft_s']:8.3f} s "

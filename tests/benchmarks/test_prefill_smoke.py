@@ -67,10 +67,20 @@ def test_prefill_benchmark_smoke(tmp_path):
 
 def test_prefill_benchmark_separate_breakdown_path(tmp_path):
     """The GPU-mode flow (bare timed rounds, then one instrumented run per config) on CPU."""
-    argv = ["--smoke", "--threads", "1", "--sizes", "256", "--ratios", "0.25", "--separate-breakdown"]
+    argv = [
+        "--smoke",
+        "--threads",
+        "1",
+        "--sizes",
+        "256",
+        "--ratios",
+        "0.25",
+        "--no-adaptive",
+        "--separate-breakdown",
+    ]
     json_path, _ = prefill.main([*argv, "--name", "sep", "--out-dir", str(tmp_path)])
     rows = {r["config"]: r for r in json.loads(json_path.read_text())["rows"]}
-    assert set(rows) == {"dense", "zipvl r=0.25", "zipvl tau=0.975"}
+    assert set(rows) == {"dense", "zipvl r=0.25"}
     assert rows["zipvl r=0.25"]["kept_per_layer"] == [64] * prefill.SHAPES["smoke"].num_layers
     for row in rows.values():
         assert 0 < row["attention_share"] <= 1 and row["limit_s"] > 0
