@@ -40,11 +40,14 @@ class Cluster:
 
 
 @contextmanager
-def ray_cluster(**node_env: str) -> Iterator[Cluster]:
-    """Ray + Serve on loopback, with ``node_env`` in the environment of every Ray process.
+def ray_cluster(secret_env: dict[str, str] | None = None, **node_env: str) -> Iterator[Cluster]:
+    """Ray + Serve on loopback, with ``node_env`` and ``secret_env`` in the environment of every Ray process.
 
     The proxy callback (:data:`PROXY_CALLBACK_IMPORT_PATH`) is always installed: Serve's proxy reads
     it from its own environment only, so it goes in the node environment, as on a real node.
+    ``secret_env`` (API keys) reaches the processes only through the node environment, as a Kubernetes
+    Secret does, never through a ``runtime_env``: Ray's runtime-env agent writes runtime envs, their
+    variables included, to its log file.
     """
     import pytest
 
@@ -53,7 +56,7 @@ def ray_cluster(**node_env: str) -> Iterator[Cluster]:
 
     env = ray_test_env(RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=PROXY_CALLBACK_IMPORT_PATH, **node_env)
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
+        for key, value in {**env, **(secret_env or {})}.items():
             patch.setenv(key, value)
         ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
         try:

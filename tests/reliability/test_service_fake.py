@@ -99,7 +99,7 @@ def deployed():
 
     with (
         image_host(oversized_bytes=400_000) as host,
-        ray_cluster(**{DEFAULT_API_KEYS_ENV: ",".join(API_KEYS)}) as cluster,
+        ray_cluster(secret_env={DEFAULT_API_KEYS_ENV: ",".join(API_KEYS)}) as cluster,
     ):
         main_args = AppArgs.model_validate(
             _app_args(
@@ -269,12 +269,12 @@ def test_schemathesis_finds_no_server_error(main, record_figures):
     modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
     statuses: Counter = Counter()
     server_errors: list[str] = []
-    examples = {"POST /v1/chat/completions": 100}
+    examples = {"POST /v1/chat/completions": 75}
 
     def fuzz(operation, mode) -> None:
         @given(operation.as_strategy(generation_mode=mode))
         @settings(
-            max_examples=examples.get(operation.label, 15),
+            max_examples=examples.get(operation.label, 10),
             deadline=None,
             database=None,
             phases=[Phase.generate],
@@ -296,7 +296,7 @@ def test_schemathesis_finds_no_server_error(main, record_figures):
             fuzz(result.ok(), mode)
     total = sum(statuses.values())
     assert not server_errors, "\n".join(server_errors[:10])
-    assert total >= 200
+    assert total >= 150
     assert any(status == 200 for (label, status) in statuses if label == "POST /v1/chat/completions")
     assert main.healthy()
     main.wait_llm_idle()
