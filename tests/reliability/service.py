@@ -161,6 +161,17 @@ def replica_actors(app_name: str, deployment: str) -> dict[str, Any]:
     return out
 
 
+def proxy_actors() -> dict[str, Any]:
+    """``name -> actor handle`` of Serve's HTTP proxies."""
+    import ray
+
+    out = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith("SERVE_PROXY_ACTOR"):
+            out[entry["name"]] = ray.get_actor(entry["name"], namespace=entry["namespace"])
+    return out
+
+
 def _pid_of_self(_replica: Any) -> int:
     return os.getpid()
 

@@ -35,6 +35,7 @@ from tests.reliability.load import drop_after_events, drop_after_seconds, percen
 from tests.reliability.service import (
     API_KEYS,
     Service,
+    proxy_actors,
     ray_cluster,
     replica_actors,
     replica_pid,
@@ -403,11 +404,13 @@ def test_overload_is_answered_with_503_and_retry_after_and_nothing_is_lost(tight
 
 
 def _replica_rss(app_name: str) -> dict[str, int]:
+    """Resident memory of the application's replicas and of Serve's HTTP proxy."""
     pids = {
         f"{deployment}#{replica}": replica_pid(actor)
         for deployment in ("OpenAIIngress", "LLMServer", "VisionEncoder")
         for replica, actor in replica_actors(app_name, deployment).items()
     }
+    pids |= {f"proxy#{name[-6:]}": replica_pid(actor) for name, actor in proxy_actors().items()}
     return {name: rss_bytes(pid) for name, pid in pids.items()}
 
 
