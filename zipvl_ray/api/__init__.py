@@ -3,6 +3,7 @@
 Pure Python on FastAPI and pydantic; no Ray. The Ray Serve glue lives in ``deployments/``.
 """
 
+from zipvl_ray.api.auth import APIKeyMiddleware, AuthSettings
 from zipvl_ray.api.errors import APIError, error_payload, install_error_handlers
 from zipvl_ray.api.images import ImageLimits, decode_image, load_image, parse_data_url
 from zipvl_ray.api.schemas import (
@@ -17,6 +18,8 @@ from zipvl_ray.api.sse import SSE_DONE, parse_sse, sse_event
 __all__ = [
     "SSE_DONE",
     "APIError",
+    "APIKeyMiddleware",
+    "AuthSettings",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
