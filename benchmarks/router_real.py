@@ -2,7 +2,7 @@
 
 The application of ``configs/zipvl-multi.yaml`` (the built-in ``tiny-llava`` on CPU, LLM replicas with
 1 MiB KV pools, 1 to 3 of them) replays one seeded bursty trace of mixed requests (text, one picture,
-2-4 pictures, 6-8 video frames; ``max_tokens`` 32-192, generated to the end) once per strategy:
+2-4 pictures, 6-8 video frames; ``max_tokens`` 32-128, generated to the end) once per strategy:
 
 - ``pow2+queue(T)``: Ray Serve's default router (power of two choices) and its default autoscaling
   policy at ``target_ongoing_requests = T``;
@@ -57,7 +57,7 @@ from benchmarks.router_sim import Strategy, parse_strategy, percentile, syntheti
 MULTI_CONFIG = REPO_ROOT / "configs" / "zipvl-multi.yaml"
 #: Serve's default pair (router and policy at its default target_ongoing_requests of 2) against the KV
 #: router with the KV policy at its default target.
-DEFAULT_STRATEGIES = ("pow2+queue(2)", "pack+kv(0.6)")
+DEFAULT_STRATEGIES = ("pow2+queue(2)", "pack+kvheld(0.5)")
 APP_NAME = "zipvl"
 LLM_DEPLOYMENT = "LLMServer"
 #: Replica states that hold (or are about to hold, or still hold) a replica's resources.
@@ -436,14 +436,18 @@ class RealTraceModel:
     mean_low_s, mean_high_s : float
     first_burst_s : float
         The trace starts with a quiet phase this long (so every strategy starts from one replica).
+    max_tokens_median, max_tokens_max : int
+        Generation budget: log-normal around the median (videos 1.5x), clipped to [32, max].
     """
 
     duration_s: float = 120.0
-    low_rate: float = 0.3
-    high_rate: float = 2.0
+    low_rate: float = 0.2
+    high_rate: float = 0.8
     mean_low_s: float = 30.0
     mean_high_s: float = 20.0
     first_burst_s: float = 10.0
+    max_tokens_median: int = 64
+    max_tokens_max: int = 128
 
 
 KIND_PICTURES = {"text": (0, 0), "image": (1, 1), "multi_image": (2, 4), "video": (6, 8)}
@@ -472,7 +476,8 @@ def make_real_trace(model: RealTraceModel, seed: int = 0) -> list[TraceRequest]:
             return out
         kind = rng.choices(list(mix), weights=list(mix.values()))[0]
         low, top = KIND_PICTURES[kind]
-        max_tokens = int(min(192, max(32, rng.lognormvariate(math.log(96 if kind != "video" else 128), 0.5))))
+        median = model.max_tokens_median * (1.5 if kind == "video" else 1.0)
+        max_tokens = int(min(model.max_tokens_max, max(32, rng.lognormvariate(math.log(median), 0.5))))
         out.append(TraceRequest(t, kind, rng.randint(low, top), max_tokens, rng.randrange(1 << 30)))
 
 

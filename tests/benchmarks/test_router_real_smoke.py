@@ -62,7 +62,7 @@ def test_trace_is_seeded_mixed_and_starts_quiet():
     assert {r.kind for r in trace} <= set(router_real.KIND_PICTURES) and len({r.kind for r in trace}) >= 3
     for r in trace:
         low, high = router_real.KIND_PICTURES[r.kind]
-        assert low <= r.pictures <= high and 32 <= r.max_tokens <= 192
+        assert low <= r.pictures <= high and 32 <= r.max_tokens <= model.max_tokens_max
     quiet = [r for r in trace if r.arrival_s < model.first_burst_s]
     assert len(quiet) <= 3 * model.low_rate * model.first_burst_s + 2
 
@@ -137,4 +137,4 @@ def test_router_real_smoke_run(tmp_path):
         assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"] <= row["e2e_p95_s"]
         assert row["preemptions"] >= 0 and 0.0 < row["mean_kv_utilization"] <= 1.0
     assert set(payload["requests"]) == set(router_real.DEFAULT_STRATEGIES)
-    assert not math.isnan(out["summary"]["pack+kv(0.6) vs pow2+queue(2): saving"])
+    assert not math.isnan(out["summary"]["pack+kvheld(0.5) vs pow2+queue(2): saving"])

@@ -18,7 +18,7 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
     payload = json.loads((tmp_path / "smoke.json").read_text())
     assert payload["name"] == "smoke" and payload["meta"]["ray"]
     rows = payload["rows"]
-    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kv(0.6)"}
+    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.5)"}
     for row in rows:
         # every request is accounted for, and the clock and the cost are physical
         assert row["completed"] + row["failed"] == row["requests"] > 50
@@ -28,9 +28,9 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
         assert 0.0 <= row["mean_kv_utilization"] <= 1.0
     kv_rows = [r for r in rows if r["router"] != "pow2"]
     assert all(r["router_fits"] + r["router_overflow"] > 0 for r in kv_rows)  # the real ranking code ran
-    assert "| pack+kv(0.6) |" in (tmp_path / "smoke.md").read_text()
+    assert "| pack+kvheld(0.5) |" in (tmp_path / "smoke.md").read_text()
     assert isinstance(out["summary"]["kept~0.45: target_met"], bool)
-    assert "kept~0.45: pack+kv(0.6): saving_conservative" in out["summary"]
+    assert "kept~0.45: pack+kvheld(0.5): saving_conservative" in out["summary"]
 
 
 def test_same_seed_same_trace_and_every_strategy_sees_it():

@@ -23,6 +23,7 @@ GIB = 1 << 30
 #: The figures below are worked out at 75% of a 10 GiB pool per replica (7.5 GiB); the default target is
 #: checked on its own.
 AT_75 = {"target_kv_utilization": 0.75}
+COMMITTED = {"demand": "committed"}
 
 
 def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0, committed_gib=0.0) -> ReplicaKVMetrics:
@@ -57,16 +58,11 @@ def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0, committed_g
         # mixed pool sizes: mean capacity
         ([replica(capacity_gib=20, demand_gib=7.5, running=1), replica(capacity_gib=10)], 0, {}, 7.5 / 11.25),
         # committed (end-of-generation) demand already prices the engine's waiting requests: 15 GiB
-        ([replica(demand_gib=5, running=3, waiting=2, committed_gib=15)], 0, {}, 15 / 7.5),
+        ([replica(demand_gib=5, running=3, waiting=2, committed_gib=15)], 0, COMMITTED, 15 / 7.5),
         # ... and prices the handle's queue at committed / (running + waiting) = 3 GiB: 15 + 2 x 3
-        ([replica(demand_gib=5, running=3, waiting=2, committed_gib=15)], 2, {}, 21 / 7.5),
-        # held mode ignores it: 5 GiB + 2 waiting x 5/3 GiB
-        (
-            [replica(demand_gib=5, running=3, waiting=2, committed_gib=15)],
-            0,
-            {"demand": "held"},
-            (5 + 10 / 3) / 7.5,
-        ),
+        ([replica(demand_gib=5, running=3, waiting=2, committed_gib=15)], 2, COMMITTED, 21 / 7.5),
+        # held mode (the default) ignores it: 5 GiB + 2 waiting x 5/3 GiB
+        ([replica(demand_gib=5, running=3, waiting=2, committed_gib=15)], 0, {}, (5 + 10 / 3) / 7.5),
         # a replica that does not report a committed figure counts as held, the others as committed
         (
             [
@@ -74,7 +70,7 @@ def replica(capacity_gib=10.0, demand_gib=0.0, running=0, waiting=0, committed_g
                 replica(demand_gib=3, running=1, waiting=1),
             ],
             0,
-            {},
+            COMMITTED,
             (15 + 3 + 1 * 18 / 6) / 7.5,
         ),
     ],
@@ -85,13 +81,14 @@ def test_desired_replicas_for_kv(replicas, handle_queued, kwargs, expected):
     assert demand.desired_replicas == pytest.approx(expected)
 
 
-def test_default_target_leaves_a_replica_40_percent_headroom():
-    # 6 GiB committed on 10 GiB pools: one replica at the default target; 6.1 GiB asks for two.
+def test_default_is_half_the_pool_on_held_demand():
+    # 5 GiB held on 10 GiB pools: one replica at the default target; 5.1 GiB asks for a second. The
+    # committed figure (15 GiB) is ignored unless asked for.
     config = KVDemandPolicyConfig()
-    assert config.target_kv_utilization == 0.6 and config.demand == "committed"
-    for committed_gib, expected in ((6.0, 1.0), (6.1, 6.1 / 6)):
+    assert config.target_kv_utilization == 0.5 and config.demand == "held"
+    for held_gib, expected in ((5.0, 1.0), (5.1, 5.1 / 5)):
         demand = desired_replicas_for_kv(
-            [replica(demand_gib=1, running=2, committed_gib=committed_gib)], 0, config
+            [replica(demand_gib=held_gib, running=2, committed_gib=15)], 0, config
         )
         assert demand.desired_replicas == pytest.approx(expected)
 
@@ -199,8 +196,8 @@ def test_kv_policy_reads_the_committed_demand_from_replica_metrics():
         num_waiting=1,
         committed_lifetime_bytes=12 * GIB,
     )
-    committed, state = KVDemandPolicy(**AT_75)(context(metrics_of(stats)))
-    held, _ = KVDemandPolicy(**AT_75, demand="held")(context(metrics_of(stats)))
+    committed, state = KVDemandPolicy(**AT_75, **COMMITTED)(context(metrics_of(stats)))
+    held, _ = KVDemandPolicy(**AT_75)(context(metrics_of(stats)))
     assert (committed, held) == (2, 1)  # 12 / 7.5 and (2 + 2 / 3) / 7.5, rounded up
     assert state["kv_demand_bytes"] == 12 * GIB
 

@@ -72,7 +72,9 @@ def service():
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        strategy = router_real.parse_strategy(f"pack+kv({KVDemandPolicyConfig().target_kv_utilization})")
+        policy = KVDemandPolicyConfig()  # the defaults
+        label = f"pack+{'kvheld' if policy.demand == 'held' else 'kv'}({policy.target_kv_utilization})"
+        strategy = router_real.parse_strategy(label)
         args = AppArgs.model_validate(router_real.app_args(strategy, SCALING))
         serve.run(build_app(args), name=router_real.APP_NAME, route_prefix="/")
         yield {"url": f"http://127.0.0.1:{port}", "args": args}
