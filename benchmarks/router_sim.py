@@ -1198,7 +1198,7 @@ def summarize(rows: list[dict[str, Any]], headline: str = HEADLINE) -> dict[str,
 
 
 def plot(results: dict[str, SimResult], rows: list[dict[str, Any]], path: Path) -> None:
-    """Left: replicas over time (seed 0); right: cost against p95 TTFT, one line per family."""
+    """Left: replicas over time (the first seed); right: cost against p95 TTFT, one line per family."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1212,7 +1212,7 @@ def plot(results: dict[str, SimResult], rows: list[dict[str, Any]], path: Path) 
         ax1.step(ts, ns, where="post", label=label, linewidth=1.0)
     ax1.set_xlabel("time (s)")
     ax1.set_ylabel("replicas allocated")
-    ax1.set_title(f"Replicas over the trace ({rows[0]['workload']}, seed 0)")
+    ax1.set_title(f"Replicas over the trace ({rows[0]['workload']}, first seed)")
     ax1.legend(fontsize=7)
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -1245,16 +1245,18 @@ def run_matrix(
     matrix: list[Strategy],
     seeds: int,
     workload: str,
+    first: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, SimResult]]:
-    """Every strategy on the same ``seeds`` traces; one averaged row each, and seed 0's runs."""
+    """Every strategy on the same traces (seeds ``first`` .. ``first + seeds - 1``); one averaged row each,
+    and the first seed's runs."""
     per_strategy: dict[str, list[dict[str, Any]]] = {}
     first_seed: dict[str, SimResult] = {}
-    for seed in range(seeds):
+    for seed in range(first, first + seeds):
         requests = make_trace(trace, retention, seed)
         for strategy in matrix:
             result = Simulation(requests, strategy, model, scaling, seed=seed).run()
             per_strategy.setdefault(strategy.label, []).append({"workload": workload, **result.row()})
-            if seed == 0:
+            if seed == first:
                 first_seed[strategy.label] = result
     return [mean_rows(v) for v in per_strategy.values()], first_seed
 
@@ -1410,6 +1412,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a 90 s trace, three strategies, one seed")
     parser.add_argument("--seeds", type=int, default=3, help="traces to average over")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seed of the first trace (fresh traces: 100)"
+    )
     parser.add_argument("--duration-s", type=float, default=None, help="trace length (default 1800)")
     parser.add_argument(
         "--retention-json",
@@ -1490,13 +1495,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     first_seed: dict[str, SimResult] = {}
     for workload, retention in workloads.items():
-        workload_rows, runs = run_matrix(trace, retention, model, scaling, matrix, seeds, workload)
+        workload_rows, runs = run_matrix(
+            trace, retention, model, scaling, matrix, seeds, workload, args.first_seed
+        )
         rows += workload_rows
         first_seed = first_seed or runs
         for key, value in summarize(workload_rows, HEADLINE).items():
             summary[f"{workload}: {key}"] = value
     summary.update(
         seeds=seeds,
+        first_seed=args.first_seed,
         trace_duration_s=duration,
         requests_per_seed=rows[0]["requests"] / seeds,
         kv_pool_gib=model.kv_pool_gib,
