@@ -69,3 +69,26 @@ def test_timecode_is_drawn_in_the_top_left_cell():
 def test_to_pil_round_trips_the_pixels():
     scene = Scene(objects=[SceneObject("cross", "green", GRID - 1, 2)], timecode=3)
     assert np.array_equal(np.asarray(scene.to_pil()), scene.render())
+
+
+def test_patch_labels_describe_each_patch():
+    from zipvl_ray.data.scenes import PATCH_LABELS, patch_labels
+
+    scene = Scene(
+        objects=[SceneObject("circle", "blue", 2, 3), SceneObject("square", "red", 2, 4)], timecode=37
+    )
+    labels = patch_labels(scene)
+    assert labels.shape == (GRID * GRID, len(PATCH_LABELS))
+    circle, square = 2 * GRID + 3, 2 * GRID + 4
+    assert labels[circle, :2].tolist() == [SHAPES.index("circle") + 1, list(COLOURS).index("blue") + 1]
+    assert labels[square, :3].tolist() == [
+        SHAPES.index("square") + 1,
+        list(COLOURS).index("red") + 1,
+        SHAPES.index("circle") + 1,
+    ]
+    assert labels[square + 1, 2] == SHAPES.index("square") + 1 and labels[square + 1, 0] == 0
+    assert (labels[:, 3] == 4).all() and (labels[:, 4] == 8).all()
+    assert labels[:, :2].astype(bool).sum() == 4
+    assert not patch_labels(Scene(objects=[SceneObject("cross", "white", 0, 0)]))[:, 3:].any()
+    for column, classes in enumerate(PATCH_LABELS.values()):
+        assert labels[:, column].max() < classes

@@ -176,3 +176,41 @@ def free_cells(scene: Scene, *, reserve_timecode: bool) -> list[tuple[int, int]]
     if reserve_timecode:
         used.add((0, 0))
     return [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in used]
+
+
+#: Columns of :func:`patch_labels` and their number of classes (class 0 = nothing there).
+PATCH_LABELS: dict[str, int] = {
+    "shape": len(SHAPES) + 1,
+    "colour": len(COLOURS) + 1,
+    "left_shape": len(SHAPES) + 1,
+    "timecode_tens": 11,
+    "timecode_units": 11,
+}
+
+
+def patch_labels(scene: Scene) -> np.ndarray:
+    """What each vision patch of ``scene`` shows, for supervising the vision tower.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``int64 (GRID * GRID, len(PATCH_LABELS))`` in raster (patch) order; columns follow
+        :data:`PATCH_LABELS`: the shape and colour in the cell, the shape in the cell to its left
+        (``1 + index``, 0 for none), and the frame's timecode digits (``1 + digit``, 0 for a still
+        picture) repeated on every patch of the frame.
+    """
+    labels = np.zeros((GRID * GRID, len(PATCH_LABELS)), dtype=np.int64)
+    colour_index = {name: i for i, name in enumerate(COLOURS)}
+    shape_at = {}
+    for obj in scene.objects:
+        cell = obj.row * GRID + obj.col
+        labels[cell, 0] = SHAPES.index(obj.shape) + 1
+        labels[cell, 1] = colour_index[obj.colour] + 1
+        shape_at[(obj.row, obj.col)] = SHAPES.index(obj.shape) + 1
+    for (row, col), shape in shape_at.items():
+        if col + 1 < GRID:
+            labels[row * GRID + col + 1, 2] = shape
+    if scene.timecode is not None:
+        labels[:, 3] = scene.timecode // 10 + 1
+        labels[:, 4] = scene.timecode % 10 + 1
+    return labels

@@ -15,7 +15,16 @@ import numpy as np
 from PIL import Image
 
 from zipvl_ray.data.scenes import Scene
-from zipvl_ray.data.tasks import PICTURE_TASKS, TASKS, VIDEO_TASKS
+from zipvl_ray.data.tasks import (
+    PICTURE_TASKS,
+    TASKS,
+    VIDEO_TASKS,
+    Turn,
+    choose_turns,
+    find_turn,
+    picture_conversation,
+    video_conversation,
+)
 
 PARTITION_IDS = {"train": 1, "val": 2, "test": 3}
 
@@ -64,6 +73,10 @@ class Sample:
         One scene per frame (one for a picture).
     question, answer : str
         The question text and the expected answer (a word or a number).
+    evidence : tuple of (frame, row, col)
+        The cells the answer depends on (see :class:`~zipvl_ray.data.tasks.Turn`).
+    followups : list of Turn
+        More questions about the same frames, asked in later turns (training conversations only).
     """
 
     split: str
@@ -73,6 +86,8 @@ class Sample:
     scenes: list[Scene] = field(repr=False)
     question: str = ""
     answer: str = ""
+    evidence: tuple[tuple[int, int, int], ...] = ()
+    followups: list[Turn] = field(default_factory=list)
 
     @property
     def num_frames(self) -> int:
@@ -90,6 +105,10 @@ class Sample:
         """A one-turn chat: every frame as an image part, then the question."""
         content = [{"type": "image"} for _ in self.scenes] + [{"type": "text", "text": self.question}]
         return [{"role": "user", "content": content}]
+
+    def turns(self) -> list[Turn]:
+        """The first and every follow-up question."""
+        return [Turn(self.task, self.question, self.answer, self.evidence), *self.followups]
 
 
 def sample_rng(split: str, partition: str, index: int, seed: int = 0) -> np.random.Generator:
@@ -137,7 +156,10 @@ def make_sample(
             )
         frames = num_frames
     scenes, question, answer = TASKS[name](rng, frames)
-    return Sample(split, partition, name, index, scenes, question, answer)
+    turn = find_turn(scenes, question)
+    if turn.answer != answer or turn.task != name:
+        raise AssertionError(f"task {name} generated {question!r} -> {answer!r} but the frames say {turn}")
+    return Sample(split, partition, name, index, scenes, question, answer, turn.evidence)
 
 
 def make_split(split: str, partition: str, size: int, *, seed: int = 0, start: int = 0) -> list[Sample]:
@@ -151,3 +173,28 @@ def iterate_split(split: str, partition: str, *, seed: int = 0, start: int = 0) 
     while True:
         yield make_sample(split, partition, index, seed=seed)
         index += 1
+
+
+def make_conversation(
+    split: str,
+    partition: str,
+    index: int,
+    *,
+    seed: int = 0,
+    num_frames: int | None = None,
+    max_turns: int = 6,
+) -> Sample:
+    """A training sample asking up to ``max_turns`` questions about the same frames (multi-turn chat).
+
+    The frames are random (not built around one question) and the questions are every unambiguous
+    question of the split's tasks, so one long video supervises several answers.
+    """
+    spec = SPLITS[split]
+    rng = np.random.default_rng([PARTITION_IDS[partition], spec.split_id, seed, index, 99])
+    frames = num_frames or int(rng.integers(spec.min_frames, spec.max_frames + 1))
+    make = picture_conversation if spec.max_frames == 1 else video_conversation
+    scenes, candidates = make(rng, frames)
+    first, *followups = choose_turns(rng, [t for t in candidates if t.task in spec.tasks], max_turns)
+    return Sample(
+        split, partition, first.task, index, scenes, first.question, first.answer, first.evidence, followups
+    )

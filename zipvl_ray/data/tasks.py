@@ -26,6 +26,7 @@ task              question                                    what the model mus
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -163,3 +164,141 @@ TASKS: dict[str, TaskFn] = {
 }
 PICTURE_TASKS = ("colour", "shape", "count", "left_of")
 VIDEO_TASKS = ("video_colour", "video_frame", "frame_colour")
+
+
+# -- every answerable question of a picture or video, with its evidence -----------------------------
+
+
+class Turn(NamedTuple):
+    """One question about some frames.
+
+    Attributes
+    ----------
+    task, question, answer : str
+    evidence : tuple of (frame, row, col)
+        The cells the answer depends on (frame index 0-based): the object asked about, every object
+        counted, or the left neighbour of the object named.
+    """
+
+    task: str
+    question: str
+    answer: str
+    evidence: tuple[tuple[int, int, int], ...] = ()
+
+
+def picture_questions(scene: Scene) -> list[Turn]:
+    """Every question of the picture tasks that ``scene`` answers unambiguously (counts up to 5)."""
+    objs = scene.objects
+    turns: list[Turn] = []
+    for shape in SHAPES:
+        same = [o for o in objs if o.shape == shape]
+        if len(same) <= 5:
+            cells = tuple((0, o.row, o.col) for o in same)
+            turns.append(Turn("count", f"How many {PLURALS[shape]} are there?", str(len(same)), cells))
+        if len(same) == 1:
+            target = same[0]
+            turns.append(
+                Turn("colour", f"What colour is the {shape}?", target.colour, ((0, target.row, target.col),))
+            )
+            left = [o for o in objs if (o.row, o.col) == (target.row, target.col - 1)]
+            if left:
+                evidence = ((0, target.row, target.col - 1), (0, target.row, target.col))
+                turns.append(Turn("left_of", f"What is left of the {shape}?", left[0].shape, evidence))
+    for colour in COLOUR_NAMES:
+        same = [o for o in objs if o.colour == colour]
+        if len(same) == 1:
+            target = same[0]
+            turns.append(
+                Turn(
+                    "shape",
+                    f"What shape is the {colour} object?",
+                    target.shape,
+                    ((0, target.row, target.col),),
+                )
+            )
+    return turns
+
+
+def video_questions(frames: Scenes) -> list[Turn]:
+    """Every question of the video tasks that ``frames`` answer unambiguously."""
+    turns: list[Turn] = []
+    for shape in SHAPES:
+        where = [(i, o) for i, frame in enumerate(frames) for o in frame.objects if o.shape == shape]
+        if len(where) == 1:
+            index, target = where[0]
+            evidence = ((index, target.row, target.col),)
+            turns.append(Turn("video_colour", f"What colour is the {shape}?", target.colour, evidence))
+            turns.append(
+                Turn("video_frame", f"In which frame is the {shape}?", str(frames[index].timecode), evidence)
+            )
+        elif len({i for i, _ in where}) >= 2:
+            for index in sorted({i for i, _ in where}):
+                here = [o for i, o in where if i == index]
+                if len(here) == 1:
+                    question = f"What colour is the {shape} in frame {frames[index].timecode}?"
+                    evidence = ((index, here[0].row, here[0].col),)
+                    turns.append(Turn("frame_colour", question, here[0].colour, evidence))
+    return turns
+
+
+def find_turn(scenes: Scenes, question: str) -> Turn:
+    """The :class:`Turn` (with its evidence) of ``question`` about ``scenes``; raises if it is ambiguous."""
+    candidates = picture_questions(scenes[0]) if len(scenes) == 1 and scenes[0].timecode is None else []
+    candidates = candidates or video_questions(scenes)
+    for turn in candidates:
+        if turn.question == question:
+            return turn
+    raise ValueError(f"{question!r} has no unambiguous answer in these frames")
+
+
+# -- training conversations: several questions about the same picture or video ---------------------
+
+
+def picture_conversation(rng: np.random.Generator, num_frames: int = 1) -> tuple[Scenes, list[Turn]]:
+    """A picture of 3-8 random objects (most with a unique shape beside a left neighbour) and its questions."""
+    scene = Scene()
+    exclude: tuple[str, ...] = ()
+    if rng.random() < 0.7:  # a unique shape with a left neighbour, for left_of questions
+        row, col = int(rng.integers(GRID)), int(rng.integers(1, GRID))
+        target = _pick(rng, SHAPES)
+        scene.objects.append(random_object(rng, target, _pick(rng, COLOUR_NAMES), row, col))
+        scene.objects.append(
+            random_object(rng, _pick(rng, SHAPES, (target,)), _pick(rng, COLOUR_NAMES), row, col - 1)
+        )
+        exclude = (target,)
+    _fill(rng, scene, int(rng.integers(3, 9)) - len(scene.objects), exclude_shapes=exclude)
+    return [scene], picture_questions(scene)
+
+
+def video_conversation(rng: np.random.Generator, num_frames: int) -> tuple[Scenes, list[Turn]]:
+    """A video whose shapes play three roles: 1-2 needles (once in the video), one shape in 2-6 frames
+    (once per frame), and 1-2 distractor shapes (anywhere); returns the frames and their questions."""
+    shapes = list(rng.permutation(SHAPES))
+    needles = shapes[: int(rng.integers(1, 3))]
+    repeated = shapes[len(needles)]
+    frames = [Scene(timecode=i + 1) for i in range(num_frames)]
+    distractors = shapes[len(needles) + 1 :]
+    for frame in frames:
+        _fill(rng, frame, int(rng.integers(0, 4)), exclude_shapes=(*needles, repeated), video=True)
+    copies = int(rng.integers(2, min(6, num_frames) + 1))
+    for index in rng.choice(num_frames, size=copies, replace=False):
+        _place(rng, frames[int(index)], repeated, _pick(rng, COLOUR_NAMES), video=True)
+    for shape in needles:
+        _place(rng, frames[int(rng.integers(num_frames))], shape, _pick(rng, COLOUR_NAMES), video=True)
+    assert distractors  # five shapes: at most 2 needles + 1 repeated
+    return frames, video_questions(frames)
+
+
+def choose_turns(rng: np.random.Generator, turns: list[Turn], count: int) -> list[Turn]:
+    """Up to ``count`` distinct questions, tasks as balanced as the candidates allow."""
+    by_task: dict[str, list[Turn]] = {}
+    for turn in turns:
+        by_task.setdefault(turn[0], []).append(turn)
+    pools = [list(rng.permutation(len(v))) for v in by_task.values()]
+    chosen: list[Turn] = []
+    order = list(rng.permutation(len(by_task)))
+    while len(chosen) < count and any(pools):
+        for k in order:
+            if pools[k] and len(chosen) < count:
+                chosen.append(list(by_task.values())[k][int(pools[k].pop())])
+    return chosen

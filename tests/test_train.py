@@ -1,0 +1,152 @@
+"""Training of zipvl-tiny: batches match the processor, the smoke run works, and the committed checkpoint
+loads offline and answers held-out questions through the reference generate path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zipvl_ray.data import make_sample, make_split
+from zipvl_ray.data.scenes import PATCH_LABELS
+from zipvl_ray.models.zipvl_tiny import ZIPVL_TINY_SPEC, build_untrained_zipvl_tiny
+from zipvl_ray.train import (
+    DEFAULT_OUT,
+    SMOKE_CONFIG,
+    Encoder,
+    TrainConfig,
+    draw_batch,
+    frames_range,
+    learning_rate,
+    main,
+)
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    return build_untrained_zipvl_tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def encoder(untrained):
+    return Encoder(untrained[1])
+
+
+@pytest.mark.parametrize(("split", "index"), [("short", 0), ("short", 3), ("medium", 1), ("medium", 2)])
+def test_encoder_matches_the_processor(untrained, encoder, split, index):
+    _, processor = untrained
+    sample = make_sample(split, "test", index)
+    prompt = processor.apply_chat_template(sample.messages(), add_generation_prompt=True, tokenize=False)
+    reference = processor(text=[prompt], images=sample.images(), return_tensors="pt")
+    assert encoder.prompt_ids(sample) == reference["input_ids"][0].tolist()
+    torch.testing.assert_close(encoder.pixel_values([sample]), reference["pixel_values"], rtol=0, atol=1e-6)
+
+
+def test_batch_supervises_only_the_answer(encoder):
+    samples = make_split("short", "train", 3)
+    batch = encoder.batch(samples)
+    tokenizer = encoder.processor.tokenizer
+    for row, sample in enumerate(samples):
+        supervised = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        # the prompt ends in "ASSISTANT: ", so the answer has no leading space
+        assert tokenizer.decode(supervised) == f"{sample.answer}{tokenizer.eos_token}"
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["labels"][row, length - len(supervised) : length].tolist() == supervised
+    assert batch["pixel_values"].shape == (3, 3, 112, 112)
+    assert encoder.patch_labels(samples).shape == (3, 64, len(PATCH_LABELS))
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [(0, (2, 8)), (299, (2, 8)), (300, (2, 24)), (599, (2, 24)), (600, (8, 64)), (999, (8, 64))],
+)
+def test_curriculum_stages(step, expected):
+    config = TrainConfig(steps=1000, video_frames=[(0.0, 2, 8), (0.3, 2, 24), (0.6, 8, 64)])
+    assert frames_range(config, step) == expected
+
+
+def test_batches_are_reproducible_and_drawn_from_training_streams():
+    config = TrainConfig(steps=100)
+    for step in (0, 7, 42):
+        first, again = draw_batch(config, step), draw_batch(config, step)
+        assert [(s.question, s.answer, s.index) for s in first] == [
+            (s.question, s.answer, s.index) for s in again
+        ]
+        assert {s.partition for s in first} == {"train"}
+        assert len({s.num_frames for s in first}) == 1
+    assert draw_batch(config, 1)[0].index != draw_batch(config, 2)[0].index
+
+
+@pytest.mark.parametrize(
+    ("step", "low", "high"), [(0, 0.0, 2e-3 / 100 + 1e-12), (99, 2e-3 - 1e-9, 2e-3 + 1e-9), (2999, 0.0, 2e-4)]
+)
+def test_learning_rate_schedule(step, low, high):
+    config = TrainConfig(steps=3000, lr=2e-3, warmup_steps=100, min_lr_ratio=0.05)
+    assert low <= learning_rate(config, step) <= high
+
+
+def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
+    record = main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    assert record["config"]["steps"] == SMOKE_CONFIG.steps
+    assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
+    assert json.loads((tmp_path / "training.json").read_text())["config"]["seed"] == 0
+    from zipvl_ray.models import load_model
+
+    model, processor = load_model(str(tmp_path), device="cpu")
+    text_config = model.config.get_text_config(decoder=True)
+    assert text_config.num_hidden_layers == ZIPVL_TINY_SPEC.num_layers
+    assert model.config.vision_config.num_attention_heads == ZIPVL_TINY_SPEC.vision_heads
+
+
+# -- the committed checkpoint -----------------------------------------------------------------------
+
+needs_checkpoint = pytest.mark.skipif(
+    not (DEFAULT_OUT / "model.safetensors").exists(), reason="zipvl-tiny has not been trained yet"
+)
+
+
+@pytest.fixture(scope="module")
+def zipvl_tiny():
+    from zipvl_ray.models import load_model
+
+    return load_model("zipvl-tiny", device="cpu")
+
+
+@needs_checkpoint
+def test_checkpoint_is_small_and_complete():
+    files = {p.name: p.stat().st_size for p in DEFAULT_OUT.iterdir() if p.is_file()}
+    assert sum(files.values()) <= 25 * 1024 * 1024
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "training.json",
+    ):
+        assert name in files
+
+
+#: Held-out questions (test partition) the trained model answers correctly, densely and with ZipVL.
+KNOWN_ANSWERS = [("short", 0), ("medium", 0)]
+
+
+@needs_checkpoint
+@pytest.mark.parametrize(("split", "index"), KNOWN_ANSWERS)
+def test_checkpoint_answers_a_held_out_question(zipvl_tiny, split, index):
+    from zipvl_ray import ZipVLCache, ZipVLConfig
+
+    model, processor = zipvl_tiny
+    sample = make_sample(split, "test", index)
+    prompt = processor.apply_chat_template(sample.messages(), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=sample.images(), return_tensors="pt")
+    for config in (ZipVLConfig(enabled=False), ZipVLConfig(tau=0.975)):
+        cache = ZipVLCache(model, config)
+        with torch.no_grad():
+            out = model.generate(**inputs, past_key_values=cache, max_new_tokens=10, do_sample=False)
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert text.strip() == sample.answer, (config, sample.question)

@@ -1,0 +1,653 @@
+"""Train ``zipvl-tiny``: ``python -m zipvl_ray.train [--smoke] [--out DIR] [--threads N]``.
+
+The model (:mod:`zipvl_ray.models.zipvl_tiny`) learns the synthetic tasks of :mod:`zipvl_ray.data`
+from scratch on CPU: pictures (one image, 64 visual tokens) and videos (2-64 frames, up to 4,096
+visual tokens) whose answer sits in one cell of one frame. Only the answer tokens are supervised.
+
+Reproducible: every batch is drawn from the ``train`` partition with a generator seeded by
+``(seed, step)``, weights start from ``seed``, and the number of steps is fixed (not a time limit),
+so the same command with the same thread count gives the same checkpoint.
+
+Attention concentration
+-----------------------
+Loss on the answer alone trains where the *question* looks, but leaves the attention rows of the
+thousands of visual tokens unconstrained; in a tiny model trained for minutes they stay close to
+uniform, unlike the sink-dominated rows of large pretrained VLMs. ``--entropy-weight`` adds the mean
+attention entropy (nats) of a random sample of query rows per layer to the loss, a generic pressure
+towards peaked attention that every score-based pruning method (ZipVL, fixed ratio, FastV) benefits
+from alike. It is computed by the ``"entropy_probe"`` attention function registered below (SDPA for
+the output, plus the sampled rows' softmax for the penalty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from zipvl_ray.data import make_sample, make_split
+from zipvl_ray.data.scenes import COLOURS, GRID, PATCH_LABELS, PLURALS, SHAPES, patch_labels
+from zipvl_ray.data.splits import SPLITS, Sample, make_conversation
+from zipvl_ray.models.zipvl_tiny import ZIPVL_TINY_NAME, build_untrained_zipvl_tiny, save_checkpoint
+
+#: Where the committed checkpoint lives.
+DEFAULT_OUT = Path(__file__).resolve().parent / "checkpoints" / ZIPVL_TINY_NAME
+#: Attention implementation key of the text model while training (SDPA + attention loss terms).
+TRAIN_ATTN_KEY = "zipvl_tiny_training"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run.
+
+    Attributes
+    ----------
+    steps : int
+        Optimizer steps.
+    tokens_per_step : int
+        Approximate prompt tokens per batch (batch size = this // sample length, at least 1).
+    lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip : float / int
+        AdamW with linear warm-up and cosine decay to ``lr * min_lr_ratio``.
+    short_fraction : float
+        Share of steps on one-picture samples (the rest are videos).
+    single_fraction : float
+        Share of steps whose samples ask one question (the test format); the others are conversations.
+    max_turns : int
+        Questions per training conversation.
+    video_frames : list of (start_fraction, min_frames, max_frames)
+        Curriculum: from ``start_fraction`` of the run on, videos have ``min..max`` frames.
+    vision_steps : int
+        Steps of the first stage, which trains the vision tower alone to name what each patch shows
+        (shape, colour, left neighbour, timecode digits; :func:`~zipvl_ray.data.scenes.patch_labels`),
+        the part a real VLM inherits from a pretrained CLIP.
+    vision_frames_per_step : int
+        Frames per vision step.
+    aux_weight : float
+        Weight of the same patch loss during the second (whole-model) stage.
+    grounding_weight : float
+        Weight of the grounding terms (0 turns them off): ``-log`` of the attention mass that the
+        first ``grounding_heads`` heads put on the right tokens, for three queries per question, each
+        in its own layer (``grounding_layers``): (0) the question's object word ("triangle") on the
+        image tokens of every object it names, (1) the last prompt token on that word (and on the
+        frame number's digits), (2) the last prompt token on the answer's evidence cells. A
+        pretrained VLM brings such retrieval circuits; from scratch, an answer-only loss takes far
+        longer than this budget to form them. What is read from the attended tokens (colour, frame
+        number, neighbour, count) is learned from the answers alone.
+    grounding_layers : tuple[int, int, int]
+        Layers of the three roles.
+    grounding_heads : int
+    entropy_weight : float
+        Weight of the attention-entropy penalty (0 turns it off).
+    entropy_rows : int
+        Query rows sampled per layer and sequence for the penalty.
+    seed : int
+        Weights and data seed.
+    eval_every : int
+        Steps between validation passes (0: only at the end).
+    val_size : int
+        Validation samples per split.
+    val_splits : tuple of str
+        Splits validated (the ``val`` partition).
+    """
+
+    steps: int = 3000
+    tokens_per_step: int = 3072
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    short_fraction: float = 0.3
+    single_fraction: float = 0.25
+    max_turns: int = 6
+    video_frames: list[tuple[float, int, int]] = field(
+        default_factory=lambda: [(0.0, 2, 8), (0.3, 2, 24), (0.6, 8, 64)]
+    )
+    vision_steps: int = 800
+    vision_frames_per_step: int = 48
+    aux_weight: float = 0.2
+    grounding_weight: float = 0.3
+    grounding_layers: tuple[int, int, int] = (0, 1, 2)
+    grounding_heads: int = 1
+    entropy_weight: float = 0.0
+    entropy_rows: int = 32
+    seed: int = 0
+    eval_every: int = 500
+    val_size: int = 24
+    val_splits: tuple[str, ...] = ("short", "medium", "long")
+
+
+SMOKE_CONFIG = TrainConfig(
+    steps=6,
+    vision_steps=3,
+    vision_frames_per_step=8,
+    tokens_per_step=600,
+    warmup_steps=2,
+    video_frames=[(0.0, 2, 3)],
+    eval_every=0,
+    val_size=2,
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoder:
+    """Turns samples into model inputs exactly as the processor would, without its per-image overhead.
+
+    The scenes are rendered at the vision tower's input size, so the image processor's resize and
+    centre crop are identities and preprocessing reduces to ``(x / 255 - mean) / std`` (a test checks
+    equality with the processor).
+    """
+
+    processor: object
+    image_mean: np.ndarray = field(init=False)
+    image_std: np.ndarray = field(init=False)
+    image_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        ip = self.processor.image_processor
+        self.image_mean = np.asarray(ip.image_mean, dtype=np.float32)
+        self.image_std = np.asarray(ip.image_std, dtype=np.float32)
+        side = ip.crop_size["height"]
+        self.image_tokens = (side // self.processor.patch_size) ** 2
+
+    def prompt_ids(self, sample: Sample) -> list[int]:
+        """Token ids of the rendered chat prompt, each ``<image>`` expanded to the frame's tokens."""
+        text = self.processor.apply_chat_template(
+            sample.messages(), add_generation_prompt=True, tokenize=False
+        )
+        image = self.processor.image_token
+        return self.processor.tokenizer(text.replace(image, image * self.image_tokens))["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The supervised continuation: the answer and the end-of-turn token."""
+        tok = self.processor.tokenizer
+        return tok(answer)["input_ids"] + [tok.eos_token_id]
+
+    def conversation_ids(
+        self, sample: Sample
+    ) -> tuple[list[int], list[int], list[tuple[int, list[int], int]]]:
+        """Token ids, labels and attention targets of the whole chat (every turn of :meth:`Sample.turns`).
+
+        Labels are -100 except on each answer and its end-of-turn token. Attention targets are
+        ``(query position, target positions, role)`` with role 0, 1, 2 (see :class:`TrainConfig`):
+        the question's object word -> the image tokens of every object it names; the last prompt
+        token -> the object word and the frame number's digits; the last prompt token -> the answer's
+        evidence cells. The chat template renders each prefix ending in ``"ASSISTANT: "`` as a prefix
+        of the full conversation, so the pieces are tokenized separately and concatenated.
+        """
+        tok = self.processor.tokenizer
+        image = self.processor.image_token
+        messages = sample.messages()
+        ids, labels, targets, rendered = [], [], [], ""
+        image_positions: list[int] = []
+
+        def image_cells(cells):
+            return [image_positions[f * self.image_tokens + r * GRID + c] for f, r, c in cells]
+
+        for turn_index, turn in enumerate(sample.turns()):
+            if turn_index > 0:
+                messages = [*messages, {"role": "user", "content": [{"type": "text", "text": turn.question}]}]
+            prefix = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            piece = tok(prefix[len(rendered) :].replace(image, image * self.image_tokens))["input_ids"]
+            if turn_index == 0:
+                image_positions = [i for i, t in enumerate(piece) if t == self.processor.image_token_id]
+            last = len(ids) + len(piece) - 1
+            word, cells = anchor_cells(sample.scenes, turn)
+            word_id = tok.convert_tokens_to_ids(word)
+            if word_id in piece:
+                anchor = len(ids) + len(piece) - 1 - piece[::-1].index(word_id)
+                if cells:
+                    targets.append((anchor, image_cells(cells), 0))
+                digits = (
+                    [anchor + 1 + i for i, t in enumerate(piece[anchor - len(ids) + 1 :]) if chr(t).isdigit()]
+                    if (turn.task == "frame_colour")
+                    else []
+                )
+                targets.append((last, [anchor, *digits], 1))
+            if turn.evidence:
+                targets.append((last, image_cells(turn.evidence), 2))
+            target = self.answer_ids(turn.answer)
+            ids += piece + target
+            labels += [-100] * len(piece) + target
+            messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": turn.answer}]}]
+            rendered = self.processor.apply_chat_template(messages, tokenize=False)
+            rendered = rendered[: rendered.rindex(tok.eos_token) + len(tok.eos_token)]
+        return ids, labels, targets
+
+    def pixel_values(self, samples: list[Sample]) -> torch.Tensor:
+        """``(total_frames, 3, H, W)`` float32, normalized like the CLIP image processor."""
+        pixels = np.concatenate([s.pixels() for s in samples]).astype(np.float32) / 255.0
+        return torch.from_numpy(((pixels - self.image_mean) / self.image_std).transpose(0, 3, 1, 2).copy())
+
+    @staticmethod
+    def patch_labels(samples: list[Sample]) -> torch.Tensor:
+        """``(total_frames, patches, len(PATCH_LABELS))`` labels of every patch, frames in order."""
+        return torch.from_numpy(np.stack([patch_labels(scene) for s in samples for scene in s.scenes]))
+
+    def batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (answers only), ``pixel_values``, and
+        ``grounding``: ``(row, query position, target positions, role)`` (not a model input).
+        """
+        rows = [self.conversation_ids(s) for s in samples]
+        width = max(len(row[0]) for row in rows)
+        pad = self.processor.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row_ids, row_labels, _) in enumerate(rows):
+            ids[i, : len(row_ids)] = torch.tensor(row_ids)
+            labels[i, : len(row_labels)] = torch.tensor(row_labels)
+            mask[i, : len(row_ids)] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": self.pixel_values(samples),
+            "grounding": [
+                (i, query, cells, role) for i, row in enumerate(rows) for query, cells, role in row[2]
+            ],
+        }
+
+
+def anchor_cells(scenes, turn) -> tuple[str, list[tuple[int, int, int]]]:
+    """The object word of a question and every cell (frame, row, col) showing such an object.
+
+    The word is the colour in "What shape is the blue object?" and the shape (or its plural)
+    otherwise; the cells are all objects of that colour or shape in all frames, whatever the rest of
+    the question narrows them to (the frame, the left neighbour, the count).
+    """
+    words = turn.question.rstrip("?").split()
+    if turn.task == "shape":
+        word = next(w for w in words if w in COLOURS)
+        match = [(i, o) for i, frame in enumerate(scenes) for o in frame.objects if o.colour == word]
+    else:
+        word = next(w for w in words if w in SHAPES or w in PLURALS.values())
+        shape = word if word in SHAPES else next(k for k, v in PLURALS.items() if v == word)
+        match = [(i, o) for i, frame in enumerate(scenes) for o in frame.objects if o.shape == shape]
+    return word, [(i, o.row, o.col) for i, o in match]
+
+
+def frames_range(config: TrainConfig, step: int) -> tuple[int, int]:
+    """Video length range of the curriculum stage that ``step`` belongs to."""
+    fraction = step / max(config.steps, 1)
+    low, high = config.video_frames[0][1:]
+    for start, lo, hi in config.video_frames:
+        if fraction >= start:
+            low, high = lo, hi
+    return low, high
+
+
+def draw_batch(config: TrainConfig, step: int, prompt_tokens_per_frame: int = 64) -> list[Sample]:
+    """The samples of training step ``step`` (deterministic in ``(config.seed, step)``).
+
+    All samples of a batch have the same number of frames, so padding is only the questions'. A
+    share ``1 - single_fraction`` of the batches are multi-turn conversations (several questions about
+    the same frames); the others have the test format (one question).
+    """
+    rng = np.random.default_rng([config.seed, step, 7])
+    if rng.random() < config.short_fraction:
+        frames, split = 1, "short"
+    else:
+        low, high = frames_range(config, step)
+        frames = int(rng.integers(low, high + 1))
+        split = "medium" if frames <= SPLITS["medium"].max_frames else "long"
+    conversation = rng.random() >= config.single_fraction
+    turns = config.max_turns if conversation else 1
+    size = max(1, config.tokens_per_step // (frames * prompt_tokens_per_frame + 48 * turns))
+    first = int(rng.integers(0, 2**31 - 1))
+    forced = None if frames == 1 else frames
+    if conversation:
+        return [
+            make_conversation(split, "train", first + i, seed=config.seed, num_frames=forced, max_turns=turns)
+            for i in range(size)
+        ]
+    return [make_sample(split, "train", first + i, seed=config.seed, num_frames=forced) for i in range(size)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision supervision: name what every patch shows
+# ---------------------------------------------------------------------------------------------------
+
+
+class PatchHead(torch.nn.Module):
+    """Linear classifiers from the vision features the projector reads to each :data:`PATCH_LABELS` column.
+
+    Only used while training (it is not part of the checkpoint).
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Linear(hidden, classes) for classes in PATCH_LABELS.values()
+        )
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy per label column, plus the same over the patches where it is not 0; ``features (frames, patches, hidden)``, ``labels (frames, patches, k)``."""
+        flat = features.reshape(-1, features.shape[-1])
+        targets = labels.reshape(-1, labels.shape[-1])
+        losses = []
+        for i, head in enumerate(self.heads):
+            logits = head(flat)
+            losses.append(F.cross_entropy(logits, targets[:, i]))
+            present = targets[:, i] > 0  # objects are rare among the patches: weigh them up
+            if present.any():
+                losses.append(F.cross_entropy(logits[present], targets[present, i]))
+        return torch.stack(losses).mean()
+
+
+class ProjectorInput:
+    """Captures the vision features entering the multimodal projector (``(frames, patches, hidden)``)."""
+
+    def __init__(self, model):
+        self.features: torch.Tensor | None = None
+        model.model.multi_modal_projector.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args):
+        self.features = args[0]
+
+
+def draw_vision_batch(config: TrainConfig, step: int) -> list[Sample]:
+    """Pictures and short videos (train partition) totalling about ``vision_frames_per_step`` frames."""
+    rng = np.random.default_rng([config.seed, step, 11])
+    samples, frames = [], 0
+    while frames < config.vision_frames_per_step:
+        index = int(rng.integers(0, 2**31 - 1))
+        split = "short" if rng.random() < 0.5 else "medium"
+        samples.append(make_sample(split, "train", index, seed=config.seed + 1000))
+        frames += samples[-1].num_frames
+    return samples
+
+
+def train_vision(
+    model, encoder: Encoder, head: PatchHead, capture: ProjectorInput, config: TrainConfig, log=print
+):
+    """Stage 1: the vision tower and the patch head learn :func:`patch_labels`."""
+    params = list(model.model.vision_tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    start = time.perf_counter()
+    for step in range(config.vision_steps):
+        samples = draw_vision_batch(config, step)
+        model.model.get_image_features(
+            pixel_values=encoder.pixel_values(samples),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+        loss = head.loss(capture.features, encoder.patch_labels(samples))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0 or step == config.vision_steps - 1:
+            log(
+                f"vision step {step + 1}/{config.vision_steps} patch loss {loss.item():.4f} "
+                f"{time.perf_counter() - start:.0f}s"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention terms of the loss: grounding and entropy
+# ---------------------------------------------------------------------------------------------------
+
+
+class AttentionTerms:
+    """What the training attention function records during one forward (class-level state).
+
+    Attributes
+    ----------
+    grounding : list of (batch row, query position, target positions, role)
+        Queries whose attention is supervised (set before the forward).
+    role_layers : tuple[int, ...]
+        The decoder layer of each role.
+    grounding_heads : int
+        The first this many heads of those layers are supervised.
+    entropy_rows : int
+        Random query rows per layer for the entropy term (0: off).
+    grounding_losses, entropies : list[torch.Tensor]
+        Filled by the forward.
+    """
+
+    grounding: list[tuple[int, int, list[int], int]] = []
+    role_layers: tuple[int, ...] = ()
+    grounding_heads: int = 1
+    entropy_rows: int = 0
+    grounding_losses: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] = []
+
+    @classmethod
+    def reset(cls, grounding: list[tuple[int, int, list[int], int]]) -> None:
+        cls.grounding, cls.grounding_losses, cls.entropies = grounding, [], []
+
+
+def _row_log_probs(query, key, batch_rows, query_rows, scaling):
+    """Causal log-softmax attention of ``query[b, :, r]`` over ``key[b]``: ``(len(rows), H, n)``."""
+    heads, n = query.shape[1], key.shape[2]
+    group = heads // key.shape[1]
+    k = key[batch_rows].float()
+    k = k.repeat_interleave(group, dim=1) if group > 1 else k  # (r, H, n, d)
+    q = query[batch_rows, :, query_rows].float()  # (r, H, d)
+    logits = torch.einsum("rhd,rhnd->rhn", q, k) * scaling
+    causal = torch.arange(n, device=query.device)[None, :] > query_rows[:, None]
+    return F.log_softmax(logits.masked_fill(causal[:, None, :], float("-inf")), dim=-1)
+
+
+def training_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA attention that also records the attention terms of :class:`AttentionTerms`.
+
+    Shapes: ``query (B, H, q, d)``, ``key / value (B, Hkv, q, d)``.
+
+    * Grounding: ``-log`` of the attention mass that the first ``grounding_heads`` heads of each
+      supervised query put on its targets, in the layer of its role.
+    * Entropy: mean entropy (nats) of ``entropy_rows`` random query rows (padding rows included).
+    """
+    out = sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+    if not module.training or query.shape[2] == 1:
+        return out
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    terms = AttentionTerms
+    mine = [g for g in terms.grounding if terms.role_layers[g[3]] == module.layer_idx]
+    if mine:
+        rows = torch.tensor([b for b, _, _, _ in mine], device=query.device)
+        queries = torch.tensor([q for _, q, _, _ in mine], device=query.device)
+        logp = _row_log_probs(query, key, rows, queries, scaling)[:, : terms.grounding_heads]
+        for i, (_, _, cells, _) in enumerate(mine):
+            mass = torch.logsumexp(logp[i][:, cells], dim=-1)  # (heads,)
+            terms.grounding_losses.append(-mass.mean())
+    if terms.entropy_rows:
+        batch, _, n, _ = query.shape
+        picks = torch.randint(0, n, (batch * terms.entropy_rows,), device=query.device)
+        rows = torch.arange(batch, device=query.device).repeat_interleave(terms.entropy_rows)
+        logp = _row_log_probs(query, key, rows, picks, scaling)
+        terms.entropies.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1).mean())
+    return out
+
+
+def register_training_attention() -> None:
+    AttentionInterface.register(TRAIN_ATTN_KEY, training_attention)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation (dense, greedy)
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dense_accuracy(
+    model, encoder: Encoder, samples: list[Sample], max_new_tokens: int = 10
+) -> dict[str, float]:
+    """Greedy exact-match accuracy per task and overall, with plain (dense) attention, one sample at a time."""
+    model.eval()
+    tokenizer = encoder.processor.tokenizer
+    hits: dict[str, list[int]] = {}
+    for sample in samples:
+        ids = torch.tensor([encoder.prompt_ids(sample)])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=encoder.pixel_values([sample]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        hits.setdefault(sample.task, []).append(int(text == sample.answer))
+    result = {task: sum(v) / len(v) for task, v in hits.items()}
+    result["all"] = sum(sum(v) for v in hits.values()) / max(1, sum(len(v) for v in hits.values()))
+    return result
+
+
+def validation_sets(config: TrainConfig) -> dict[str, list[Sample]]:
+    return {split: make_split(split, "val", config.val_size, seed=config.seed) for split in config.val_splits}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path | None = None) -> dict:
+    """Train, validate, save the checkpoint to ``out`` (if given); return the training record."""
+    torch.manual_seed(config.seed)
+    model, processor = build_untrained_zipvl_tiny(seed=config.seed)
+    if init_from is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(init_from) / "model.safetensors")), strict=False)
+    encoder = Encoder(processor)
+    head = PatchHead(model.config.vision_config.hidden_size)
+    capture = ProjectorInput(model)
+    train_vision(model, encoder, head, capture, config, log)
+    register_training_attention()
+    AttentionTerms.role_layers = tuple(config.grounding_layers)
+    AttentionTerms.grounding_heads = config.grounding_heads
+    AttentionTerms.entropy_rows = config.entropy_rows if config.entropy_weight > 0 else 0
+    model.set_attn_implementation({"text_config": TRAIN_ATTN_KEY, "vision_config": "sdpa"})
+    named = list(model.named_parameters()) + [(f"patch_head.{n}", p) for n, p in head.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+    val = validation_sets(config)
+    history: list[dict] = []
+    start = time.perf_counter()
+    running = {"answer": 0.0, "grounding": 0.0, "entropy": 0.0, "patch": 0.0, "n": 0}
+    for step in range(config.steps):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        samples = draw_batch(config, step)
+        batch = encoder.batch(samples)
+        AttentionTerms.reset(batch.pop("grounding") if config.grounding_weight > 0 else [])
+        outputs = model(**batch)
+        loss = outputs.loss
+        terms = {"answer": outputs.loss}
+        if config.aux_weight > 0:
+            terms["patch"] = head.loss(capture.features, encoder.patch_labels(samples))
+            loss = loss + config.aux_weight * terms["patch"]
+        if AttentionTerms.grounding_losses:
+            terms["grounding"] = torch.stack(AttentionTerms.grounding_losses).mean()
+            loss = loss + config.grounding_weight * terms["grounding"]
+        if AttentionTerms.entropies:
+            terms["entropy"] = torch.stack(AttentionTerms.entropies).mean()
+            loss = loss + config.entropy_weight * terms["entropy"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name, value in terms.items():
+            running[name] += value.item()
+        running["n"] += 1
+        last = step == config.steps - 1
+        if (step + 1) % 50 == 0 or last:
+            means = " ".join(f"{k} {v / running['n']:.3f}" for k, v in running.items() if k != "n")
+            log(
+                f"step {step + 1}/{config.steps} {means} lr {learning_rate(config, step):.2e} "
+                f"frames {samples[0].num_frames} batch {len(samples)} {time.perf_counter() - start:.0f}s"
+            )
+            running = dict.fromkeys(running, 0.0)
+            running["n"] = 0
+        if (config.eval_every and (step + 1) % config.eval_every == 0) or last:
+            accuracy = {split: dense_accuracy(model, encoder, samples) for split, samples in val.items()}
+            history.append(
+                {"step": step + 1, "elapsed_s": time.perf_counter() - start, "val_accuracy": accuracy}
+            )
+            log(
+                f"  val {json.dumps({k: {t: round(a, 2) for t, a in v.items()} for k, v in accuracy.items()})}"
+            )
+    elapsed = time.perf_counter() - start
+    model.set_attn_implementation("sdpa")
+    model.eval()
+    record = {
+        "config": asdict(config),
+        "torch_threads": torch.get_num_threads(),
+        "train_seconds": elapsed,
+        "history": history,
+    }
+    if out is not None:
+        files = save_checkpoint(model, processor, out)
+        (Path(out) / "training.json").write_text(json.dumps(record, indent=2))
+        record["checkpoint_bytes"] = sum(f.stat().st_size for f in files)
+        log(f"saved {out} ({record['checkpoint_bytes'] / 1e6:.2f} MB) after {elapsed:.0f}s")
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="a few tiny steps (< 60 s), for the test suite")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"checkpoint directory (default {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--entropy-weight", type=float, default=None)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--init-from", type=Path, default=None, help="start from a checkpoint's weights")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SMOKE_CONFIG if args.smoke else TrainConfig()
+    overrides = {
+        "steps": args.steps,
+        "seed": args.seed,
+        "entropy_weight": args.entropy_weight,
+        "eval_every": args.eval_every,
+    }
+    config = TrainConfig(**{**asdict(config), **{k: v for k, v in overrides.items() if v is not None}})
+    out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
+    return train(config, out, init_from=args.init_from)
+
+
+if __name__ == "__main__":
+    main()
