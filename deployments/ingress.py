@@ -49,24 +49,10 @@ REPLICA_FAILURE_RETRIES = 2
 
 
 def load_processor(model: str):
-    """The served model's processor, without loading its weights when that can be avoided.
+    """The served model's processor: :func:`zipvl_ray.models.load_processor` (no checkpoint weights)."""
+    from zipvl_ray.models import load_processor as load
 
-    Built-in models are built whole (they are tiny); checkpoints and hub ids load only the processor.
-    """
-    from zipvl_ray import models
-
-    if hasattr(models, "load_processor"):
-        return models.load_processor(model)
-    if model in models.BUILTIN_MODELS or model in models.builtin_model_names():
-        return models.load_model(model)[1]
-    from transformers import AutoProcessor
-
-    local = models.CHECKPOINT_DIR / model
-    processor = AutoProcessor.from_pretrained(str(local) if (local / "config.json").exists() else model)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return processor
+    return load(model)
 
 
 class RayServeBackend:

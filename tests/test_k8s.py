@@ -644,7 +644,8 @@ def test_stage_demands_follow_serve_replica_bounds(llm, expected):
 def _render_with_llm(tmp_path: Path, **llm: Any) -> dict:
     root = _copy_repo_inputs(tmp_path)
     config = yaml.safe_load((root / k8s.GPU_VARIANT.config).read_text())
-    config["applications"][0]["args"]["llm"].pop("num_replicas")
+    config["applications"][0]["args"]["llm"].pop("num_replicas", None)
+    config["applications"][0]["args"]["llm"].pop("autoscaling_config", None)
     config["applications"][0]["args"]["llm"].update(llm)
     (root / k8s.GPU_VARIANT.config).write_text(yaml.safe_dump(config, sort_keys=False))
     return k8s.render_rayservice(k8s.GPU_VARIANT, root).manifest
@@ -670,7 +671,10 @@ def test_worker_group_starts_with_the_autoscaling_minimum(tmp_path):
 
 def test_a_config_beyond_the_pod_budget_is_refused(tmp_path):
     budget = k8s.GPU_VARIANT.max_worker_pods
-    with pytest.raises(ValueError, match=f"needs up to {budget + 1} worker pods"):
+    vision_max = {
+        d.stage: d for d in k8s.stage_demands(load(k8s.GPU_VARIANT.config)["applications"][0]["args"])
+    }["vision"].max_replicas
+    with pytest.raises(ValueError, match=f"needs up to {budget + vision_max} worker pods"):
         _render_with_llm(tmp_path, autoscaling_config={"min_replicas": 1, "max_replicas": budget})
 
 

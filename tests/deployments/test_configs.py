@@ -57,7 +57,12 @@ def test_gpu_config_runs_llava_next_on_several_gpu_replicas():
     args = AppArgs.model_validate(load("zipvl-gpu.yaml")["applications"][0]["args"])
     assert "llava-v1.6" in args.model
     assert args.device == "cuda" and args.dtype == "bfloat16"
-    assert args.llm.num_gpus == 1 and isinstance(args.llm.num_replicas, int) and args.llm.num_replicas > 1
+    assert args.llm.num_gpus == 1
+    # One engine per GPU, autoscaled on KV demand between several replicas.
+    scaling = args.llm.autoscaling_config
+    assert args.llm.num_replicas is None and scaling["min_replicas"] >= 2
+    assert scaling["max_replicas"] > scaling["min_replicas"]
+    assert scaling["policy"]["policy_function"].endswith(":KVDemandPolicy")
     assert args.vision.num_gpus and args.vision.num_gpus > 0
 
 

@@ -65,22 +65,56 @@ def builtin_model_names() -> list[str]:
     return names
 
 
+def _checkpoint_path(name_or_path: str) -> str:
+    """A shipped checkpoint's directory, a local directory, or the hub id itself (checked offline)."""
+    local = CHECKPOINT_DIR / name_or_path
+    path = str(local) if (local / "config.json").exists() else name_or_path
+    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a built-in model ({', '.join(builtin_model_names())}) nor a local "
+            "directory, and HF_HUB_OFFLINE=1 forbids the hub"
+        )
+    return path
+
+
+def _load_pretrained_processor(path: str):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    return processor
+
+
 def _load_pretrained(path: str, dtype: torch.dtype | None):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {config.model_type!r} is not supported; zipvl-ray serves {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    processor = AutoProcessor.from_pretrained(path)
+    processor = _load_pretrained_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype if dtype is not None else "auto", attn_implementation="sdpa"
     )
-    if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token_id is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def load_processor(name_or_path: str, *, seed: int = 0, spec: TinySpec | None = None):
+    """The processor of :func:`load_model`'s model, without loading checkpoint weights.
+
+    Built-in random models are built whole (they are tiny, and their processor is made with them);
+    shipped checkpoints, local directories and hub ids load only the processor files. The ingress
+    uses this: it tokenizes and preprocesses images but never runs the model.
+    """
+    if name_or_path in BUILTIN_MODELS:
+        kwargs = {"seed": seed} if spec is None else {"seed": seed, "spec": spec}
+        return BUILTIN_MODELS[name_or_path](**kwargs)[1]
+    return _load_pretrained_processor(_checkpoint_path(name_or_path))
 
 
 def load_model(
@@ -121,14 +155,7 @@ def load_model(
             kwargs["spec"] = spec
         model, processor = BUILTIN_MODELS[name_or_path](**kwargs)
     else:
-        local = CHECKPOINT_DIR / name_or_path
-        path = str(local) if (local / "config.json").exists() else name_or_path
-        if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(
-                f"{name_or_path!r} is neither a built-in model ({', '.join(builtin_model_names())}) nor a local "
-                "directory, and HF_HUB_OFFLINE=1 forbids the hub"
-            )
-        model, processor = _load_pretrained(path, torch_dtype)
+        model, processor = _load_pretrained(_checkpoint_path(name_or_path), torch_dtype)
     model = model.to(device=resolve_device(device))
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
@@ -143,6 +170,7 @@ __all__ = [
     "TinySpec",
     "builtin_model_names",
     "load_model",
+    "load_processor",
     "resolve_device",
     "resolve_dtype",
 ]

@@ -1,0 +1,57 @@
+"""``load_model`` / ``load_processor`` on built-in names, local checkpoint directories and offline hub ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zipvl_ray.models import builtin_model_names, load_model, load_processor
+
+PROMPT = "USER: <image>\nwhat colour is the square? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_llava(tmp_path_factory):
+    """``tiny-llava`` written the way a user's checkpoint directory looks (safetensors + processor files)."""
+    model, processor = load_model("tiny-llava")
+    path = tmp_path_factory.mktemp("tiny-llava-checkpoint")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor, path
+
+
+def test_builtin_processor_matches_the_models_own():
+    _, processor = load_model("tiny-llava")
+    assert load_processor("tiny-llava").tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
+
+
+def test_a_local_checkpoint_loads_with_the_same_weights_and_processor(saved_tiny_llava):
+    model, processor, path = saved_tiny_llava
+    loaded, loaded_processor = load_model(str(path))
+    assert loaded_processor.tokenizer.padding_side == "left"
+    assert loaded_processor.tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # The ingress loads the processor alone: same tokens, no weights read.
+    alone = load_processor(str(path))
+    assert alone.tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
+    assert alone.image_processor.to_dict() == processor.image_processor.to_dict()
+
+
+def test_unknown_names_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load in (load_model, load_processor):
+        with pytest.raises(FileNotFoundError, match="neither a built-in model .* HF_HUB_OFFLINE=1"):
+            load("no-such-org/no-such-model")
+    assert "tiny-llava" in builtin_model_names()
+
+
+def test_an_unsupported_architecture_is_refused(saved_tiny_llava, tmp_path):
+    _, _, path = saved_tiny_llava
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        load_model(str(tmp_path))
