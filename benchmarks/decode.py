@@ -98,9 +98,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--headroom", type=int, default=16, help="decode tokens reserved per layer at admission"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; 1 on a machine shared with other jobs)",
+    )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.requests, args.images, args.max_tokens, args.kv_mb = 6, 2, 4, 1
     torch.manual_seed(0)
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens": prompt_tokens,
         "max_tokens": args.max_tokens,
         "kv_pool_mb": args.kv_mb,
+        "torch_threads": torch.get_num_threads(),
         "decode_throughput_x_at_r0.35": rows[1]["decode_throughput_x"],
         "target_x": 2.8,
     }
