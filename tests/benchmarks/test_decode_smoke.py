@@ -2,11 +2,18 @@
 
 import json
 
+import pytest
+import torch
+
 from benchmarks import decode
 
 
-def test_decode_benchmark_smoke(tmp_path):
-    result = decode.main(["--smoke", "--out-dir", str(tmp_path)])
+@pytest.mark.parametrize("timing", [[], ["--threads", "1", "--clock", "cpu"]], ids=["wall", "cpu-clock"])
+def test_decode_benchmark_smoke(tmp_path, timing):
+    threads = torch.get_num_threads()
+    result = decode.main(["--smoke", "--out-dir", str(tmp_path), *timing])
+    assert torch.get_num_threads() == threads  # restored for whatever runs next
+    assert result["summary"]["clock"] == ("cpu" if timing else "wall")
     rows = {r["config"]: r for r in result["rows"]}
     assert set(rows) == {"dense", "zipvl r=0.35", "zipvl adaptive (tau=0.975)"}
     for row in rows.values():
