@@ -31,7 +31,7 @@ def target():
 
     env = ray_test_env(**{TOKEN_DELAY_ENV: "0.01"})
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -21,12 +21,14 @@ import pytest
 import yaml
 
 from tests.api import service_checks as checks
-from tests.deployments.conftest import REPO_ROOT, free_port, ray_test_env
+from tests.deployments.conftest import REPO_ROOT, free_ports, ray_test_env
 from zipvl_ray import k8s
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STARTUP_TIMEOUT_S = 300
+#: How long one attempt waits for the head's dashboard before the cluster is started again on new ports.
+DASHBOARD_TIMEOUT_S = 120
 MANIFEST = REPO_ROOT / k8s.CPU_VARIANT.output
 
 
@@ -65,37 +67,65 @@ def cluster(tmp_path_factory):
 
     manifest = _manifest()
     head, worker = _containers(manifest)
-    ports = {"serve": free_port(), "dashboard": free_port(), "agent": free_port()}
     config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
-    config["http_options"]["port"] = ports["serve"]
 
     container_env = {e["name"]: e["value"] for e in head["env"] if "value" in e}
     # No OTLP collector here: the same exporter function writes the spans to files instead.
     container_env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     spans = tmp_path_factory.mktemp("spans")
     container_env.update({"ZIPVL_TRACING_EXPORTER": "file", "ZIPVL_TRACING_FILE_DIR": str(spans)})
+    # Like the pod: token authentication only if the manifest asks for it. A ``ray.init()`` earlier in this
+    # process (other tests) sets RAY_AUTH_MODE=token in os.environ, and the dashboard would answer 401.
+    container_env.setdefault("RAY_AUTH_MODE", "disabled")
     env = {**container_env, **ray_test_env()}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     head_params = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
-    local = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": int(head_params["num-cpus"]),
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": ports["dashboard"],
-            "dashboard_agent_listen_port": ports["agent"],
-        },
-    )
-    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
-    try:
-        local.add_node(num_cpus=int(worker["resources"]["limits"]["cpu"]))
-        _wait_for(
-            "dashboard", lambda: httpx.get(f"{dashboard}/api/ray/version", timeout=5).status_code == 200
+
+    def start() -> tuple[Cluster, dict[str, int], str]:
+        ports = dict(zip(("serve", "dashboard", "agent"), free_ports(3), strict=True))
+        local = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": int(head_params["num-cpus"]),
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": ports["dashboard"],
+                "dashboard_agent_listen_port": ports["agent"],
+            },
         )
-        put = httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=120)
-        assert put.status_code == 200, put.text
+        local.add_node(num_cpus=int(worker["resources"]["limits"]["cpu"]))
+        return local, ports, f"http://127.0.0.1:{ports['dashboard']}"
+
+    def dashboard_up(url: str) -> bool:
+        answer = httpx.get(f"{url}/api/ray/version", timeout=5)
+        if answer.status_code != 200:
+            # Reported if it never comes up (e.g. another process took the port before the dashboard).
+            raise httpx.HTTPError(f"GET /api/ray/version: {answer.status_code} {answer.text[:200]!r}")
+        return True
+
+    # The ports are free when picked, but the cluster's own processes pick random ports too while it
+    # starts; a dashboard that never answers gets one fresh cluster on fresh ports.
+    local, ports, dashboard = start()
+    try:
+        _wait_for("dashboard", lambda: dashboard_up(dashboard), timeout_s=DASHBOARD_TIMEOUT_S)
+    except AssertionError:
+        local.shutdown()
+        local, ports, dashboard = start()
+    config["http_options"]["port"] = ports["serve"]
+    try:
+        _wait_for("dashboard", lambda: dashboard_up(dashboard), timeout_s=DASHBOARD_TIMEOUT_S)
+
+        def deployed() -> bool:
+            # The operator retries a failed PUT on its next reconcile; so does this (e.g. Serve's proxy
+            # failing its readiness check on a busy machine fails the first PUT with a 500).
+            put = httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=120)
+            if put.status_code != 200:
+                time.sleep(5)
+                raise httpx.HTTPError(f"PUT /api/serve/applications/: {put.status_code} {put.text[-300:]!r}")
+            return True
+
+        _wait_for("serveConfigV2 accepted", deployed)
 
         def running():
             status = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10).json()
