@@ -74,6 +74,9 @@ class TrainConfig:
         Frames per vision step.
     aux_weight : float
         Weight of the same patch loss during the second (whole-model) stage.
+    patch_features : str
+        Where the patch head reads: ``"projector"`` (the image-token embeddings, default) or
+        ``"vision"`` (the vision tower's output); see :class:`ProjectorInput`.
     grounding_weight : float
         Weight of the grounding terms (0 turns them off): ``-log`` of the attention mass that the
         first ``grounding_heads`` heads put on the right tokens, for three queries per question, each
@@ -90,21 +93,32 @@ class TrainConfig:
         Weight of the attention-entropy penalty (0 turns it off).
     entropy_rows : int
         Query rows sampled per layer and sequence for the penalty.
+    entropy_start : float
+        Fraction of the steps after which the penalty applies: peaked attention early in training
+        saturates the softmax before the retrieval circuits have formed, so they form first.
+    early_answer_layers : tuple of int
+        Deep supervision: the answer loss is also applied to the residual stream after these decoder
+        layers (read through the final norm and the output head), which shortens the gradient path
+        to the attention circuits that fetch the answer.
+    early_answer_weight : float
+        Weight of each early answer loss (0 turns them off).
     seed : int
         Weights and data seed.
     eval_every : int
         Steps between validation passes (0: only at the end).
+    log_every : int
+        Steps between loss lines.
     val_size : int
         Validation samples per split.
     val_splits : tuple of str
         Splits validated (the ``val`` partition).
     """
 
-    steps: int = 3000
-    tokens_per_step: int = 3072
+    steps: int = 1400
+    tokens_per_step: int = 2048
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     short_fraction: float = 0.3
@@ -113,17 +127,22 @@ class TrainConfig:
     video_frames: list[tuple[float, int, int]] = field(
         default_factory=lambda: [(0.0, 2, 8), (0.3, 2, 24), (0.6, 8, 64)]
     )
-    vision_steps: int = 800
-    vision_frames_per_step: int = 48
+    vision_steps: int = 400
+    vision_frames_per_step: int = 32
     aux_weight: float = 0.2
+    patch_features: str = "projector"
     grounding_weight: float = 0.3
     grounding_layers: tuple[int, int, int] = (0, 1, 2)
     grounding_heads: int = 1
-    entropy_weight: float = 0.0
+    entropy_weight: float = 0.05
     entropy_rows: int = 32
+    entropy_start: float = 0.5
+    early_answer_layers: tuple[int, ...] = ()
+    early_answer_weight: float = 0.0
     seed: int = 0
-    eval_every: int = 500
-    val_size: int = 24
+    eval_every: int = 350
+    log_every: int = 25
+    val_size: int = 16
     val_splits: tuple[str, ...] = ("short", "medium", "long")
 
 
@@ -351,14 +370,30 @@ class PatchHead(torch.nn.Module):
 
 
 class ProjectorInput:
-    """Captures the vision features entering the multimodal projector (``(frames, patches, hidden)``)."""
+    """Captures the patch features the patch head reads (``(frames, patches, hidden)``).
 
-    def __init__(self, model):
+    ``where="projector"`` (default): the multimodal projector's output, i.e. the image-token embeddings
+    the language model reads, so that shape, colour and timecode are prominent in them (not merely
+    decodable from the vision tower's output, where they hide among background variation that the
+    projector passes on and the language model's attention then averages in). ``where="vision"``:
+    the vision tower's output (the projector's input).
+    """
+
+    def __init__(self, model, where: str = "projector"):
         self.features: torch.Tensor | None = None
-        model.model.multi_modal_projector.register_forward_pre_hook(self._capture)
+        projector = model.model.multi_modal_projector
+        if where == "projector":
+            projector.register_forward_hook(self._capture_output)
+        elif where == "vision":
+            projector.register_forward_pre_hook(self._capture_input)
+        else:
+            raise ValueError(f"where must be 'projector' or 'vision', not {where!r}")
 
-    def _capture(self, module, args):
+    def _capture_input(self, module, args):
         self.features = args[0]
+
+    def _capture_output(self, module, args, output):
+        self.features = output
 
 
 def draw_vision_batch(config: TrainConfig, step: int) -> list[Sample]:
@@ -377,7 +412,11 @@ def train_vision(
     model, encoder: Encoder, head: PatchHead, capture: ProjectorInput, config: TrainConfig, log=print
 ):
     """Stage 1: the vision tower and the patch head learn :func:`patch_labels`."""
-    params = list(model.model.vision_tower.parameters()) + list(head.parameters())
+    params = (
+        list(model.model.vision_tower.parameters())
+        + list(model.model.multi_modal_projector.parameters())
+        + list(head.parameters())
+    )
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0)
     start = time.perf_counter()
     for step in range(config.vision_steps):
@@ -392,7 +431,7 @@ def train_vision(
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step == config.vision_steps - 1:
+        if (step + 1) % config.log_every == 0 or step == config.vision_steps - 1:
             log(
                 f"vision step {step + 1}/{config.vision_steps} patch loss {loss.item():.4f} "
                 f"{time.perf_counter() - start:.0f}s"
@@ -520,6 +559,21 @@ def validation_sets(config: TrainConfig) -> dict[str, list[Sample]]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def early_answer_loss(model, hidden_states, labels: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Mean answer cross-entropy read from the residual stream after each of ``early_answer_layers``.
+
+    ``hidden_states[k + 1]`` is the output of decoder layer ``k``; position ``t`` predicts ``labels[t + 1]``.
+    """
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    norm, head = model.model.language_model.norm, model.lm_head
+    losses = []
+    for layer in config.early_answer_layers:
+        hidden = hidden_states[layer + 1][:, :-1][supervised]
+        losses.append(F.cross_entropy(head(norm(hidden)).float(), targets[supervised]))
+    return torch.stack(losses).mean()
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -537,8 +591,11 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
 
         model.load_state_dict(load_file(str(Path(init_from) / "model.safetensors")), strict=False)
     encoder = Encoder(processor)
-    head = PatchHead(model.config.vision_config.hidden_size)
-    capture = ProjectorInput(model)
+    on_projector = config.patch_features == "projector"
+    head = PatchHead(
+        model.config.text_config.hidden_size if on_projector else model.config.vision_config.hidden_size
+    )
+    capture = ProjectorInput(model, config.patch_features)
     train_vision(model, encoder, head, capture, config, log)
     register_training_attention()
     AttentionTerms.role_layers = tuple(config.grounding_layers)
@@ -556,7 +613,7 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
     val = validation_sets(config)
     history: list[dict] = []
     start = time.perf_counter()
-    running = {"answer": 0.0, "grounding": 0.0, "entropy": 0.0, "patch": 0.0, "n": 0}
+    running = {"answer": 0.0, "grounding": 0.0, "entropy": 0.0, "patch": 0.0, "early": 0.0, "n": 0}
     for step in range(config.steps):
         model.train()
         for group in optimizer.param_groups:
@@ -564,9 +621,15 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
         samples = draw_batch(config, step)
         batch = encoder.batch(samples)
         AttentionTerms.reset(batch.pop("grounding") if config.grounding_weight > 0 else [])
-        outputs = model(**batch)
+        entropy_on = config.entropy_weight > 0 and step >= config.entropy_start * config.steps
+        AttentionTerms.entropy_rows = config.entropy_rows if entropy_on else 0
+        early = bool(config.early_answer_layers) and config.early_answer_weight > 0
+        outputs = model(**batch, output_hidden_states=early)
         loss = outputs.loss
         terms = {"answer": outputs.loss}
+        if early:
+            terms["early"] = early_answer_loss(model, outputs.hidden_states, batch["labels"], config)
+            loss = loss + config.early_answer_weight * terms["early"]
         if config.aux_weight > 0:
             terms["patch"] = head.loss(capture.features, encoder.patch_labels(samples))
             loss = loss + config.aux_weight * terms["patch"]
@@ -584,7 +647,7 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
             running[name] += value.item()
         running["n"] += 1
         last = step == config.steps - 1
-        if (step + 1) % 50 == 0 or last:
+        if (step + 1) % config.log_every == 0 or last:
             means = " ".join(f"{k} {v / running['n']:.3f}" for k, v in running.items() if k != "n")
             log(
                 f"step {step + 1}/{config.steps} {means} lr {learning_rate(config, step):.2e} "
