@@ -11,8 +11,9 @@ proxy and ingress replica) must not pay for torch and transformers.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from zipvl_ray._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -43,10 +44,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from zipvl_ray.models import load_model
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'zipvl_ray' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,20 +5,14 @@ killed and restarted; importing the prompt processor (and torch with it) took 6 
 machine.
 """
 
-import subprocess
-import sys
-
 import pytest
+
+from tests.import_check import HEAVY, heavy_modules_loaded_by
 
 
 def test_proxy_callback_imports_without_torch():
-    code = (
-        "import sys; from zipvl_ray.api.middleware import proxy_middlewares; "
-        "heavy = [m for m in ('torch', 'transformers', 'zipvl_ray.api.server') if m in sys.modules]; "
-        "print(','.join(heavy)); sys.exit(1 if heavy else 0)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"importing the proxy callback loaded {result.stdout.strip()}"
+    statement = "from zipvl_ray.api.middleware import proxy_middlewares"
+    assert heavy_modules_loaded_by(statement, (*HEAVY, "zipvl_ray.api.server")) == []
 
 
 def test_api_exports_resolve_on_first_use():

@@ -9,8 +9,9 @@ and torch, which it never uses (a slow start fails the proxy's readiness check o
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from zipvl_ray._lazy import lazy_getattr
 
 _EXPORTS = {
     "APIKeyMiddleware": "zipvl_ray.api.auth",
@@ -49,13 +50,7 @@ if TYPE_CHECKING:
     from zipvl_ray.api.sse import SSE_DONE, parse_sse, sse_event
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'zipvl_ray.api' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 __all__ = [

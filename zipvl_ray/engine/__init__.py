@@ -9,8 +9,9 @@ Names are imported lazily so that ``zipvl_ray.engine.types`` (read by routers) s
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from zipvl_ray._lazy import lazy_getattr
 
 _EXPORTS = {
     "AsyncLLMEngine": "zipvl_ray.engine.async_engine",
@@ -49,10 +50,4 @@ if TYPE_CHECKING:  # pragma: no cover
     )
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'zipvl_ray.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
