@@ -446,10 +446,12 @@ class LLMEngine:
         for seq in self.scheduler.running:
             held = kv.seqs.get(seq.request_id)
             if held is not None:
-                growth = seq.remaining_tokens()
+                growth = seq.replay_backlog() + seq.remaining_tokens()
                 lifetime += sum(-(-(length + growth) // bs) for length in held.lengths) * layout.block_bytes
         waiting = list(self.scheduler.waiting)
-        lifetime += sum(self._predict_seq_bytes(seq, seq.remaining_tokens()) for seq in waiting)
+        lifetime += sum(
+            self._predict_seq_bytes(seq, seq.replay_backlog() + seq.remaining_tokens()) for seq in waiting
+        )
         return EngineStats(
             kv_bytes_used=kv.used_bytes,
             kv_bytes_capacity=kv.capacity_bytes,

@@ -55,8 +55,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def headroom(self, seq: Sequence) -> int:
-        """Decode tokens reserved for ``seq``: ``min(tokens still to generate, decode_headroom_tokens)``."""
-        return max(0, min(seq.remaining_tokens(), self.config.decode_headroom_tokens))
+        """Decode tokens reserved for ``seq``: its replay backlog after a preemption (tokens it already
+        generated and feeds back) plus ``min(tokens still to generate, decode_headroom_tokens)``.
+
+        Without the backlog a preempted sequence is readmitted as if it were new, does not fit once its
+        generated tokens are replayed, and is preempted again (thrashing under KV pressure).
+        """
+        return seq.replay_backlog() + max(0, min(seq.remaining_tokens(), self.config.decode_headroom_tokens))
 
     def reserved_bytes(self) -> int:
         """Bytes running sequences are expected to add within their headroom (beyond what they hold)."""

@@ -93,3 +93,7 @@ class Sequence:
 
     def remaining_tokens(self) -> int:
         return self.sampling.max_tokens - len(self.output_token_ids)
+
+    def replay_backlog(self) -> int:
+        """Generated tokens a preempted sequence still has to feed back (their KV is appended again)."""
+        return max(0, len(self.output_token_ids) - 1 - self.num_fed)
