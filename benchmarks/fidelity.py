@@ -259,10 +259,13 @@ def run_benchmark(
     *,
     taus: Iterable[float] = TAUS,
     match_taus: Iterable[float] = MATCH_TAUS,
-    ablations: bool = True,
+    ablations: bool | Iterable[str] = True,
     log=print,
 ) -> list[MethodResult]:
-    """Every method on every split, in one process, on the same samples."""
+    """Every method on every split, in one process, on the same samples.
+
+    ``ablations``: True (every split), False (none) or the names of the splits that get them.
+    """
     results: list[MethodResult] = []
     for split, samples in splits.items():
         log(f"split {split}: {len(samples)} samples")
@@ -285,7 +288,7 @@ def run_benchmark(
                 ),
             ):
                 results.append(evaluate(backend, split, samples, method, log))
-        if ablations:
+        if ablations is True or (not isinstance(ablations, bool) and split in set(ablations)):
             for name, overrides in PROBE_ABLATIONS.items():
                 method = zipvl_method(HEADLINE_TAU, "probes", f"probes: {name}", **overrides)
                 results.append(evaluate(backend, split, samples, method, log))
@@ -433,6 +436,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="budgets the baselines are matched to",
     )
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument(
+        "--ablation-splits",
+        nargs="+",
+        default=None,
+        help="splits that get the probe and metric ablations (default: every split)",
+    )
+    parser.add_argument(
+        "--split-samples",
+        nargs="+",
+        default=[],
+        metavar="SPLIT=N",
+        help="per-split sample counts overriding --samples, e.g. short=64 long=32",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few samples, few methods, seconds")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -447,9 +463,14 @@ def main(argv: list[str] | None = None) -> dict:
         splits = {name: make_split(name, "test", size) for name, size in SMOKE_SPLIT_SIZES.items()}
         results = run_benchmark(backend, splits, taus=(0.975,), match_taus=(0.975,), ablations=False)
     else:
-        splits = {name: make_split(name, "test", args.samples) for name in args.splits}
+        sizes = {name: args.samples for name in args.splits}
+        for item in args.split_samples:
+            name, _, size = item.partition("=")
+            sizes[name] = int(size)
+        splits = {name: make_split(name, "test", sizes[name]) for name in args.splits}
+        ablations = False if args.no_ablations else (args.ablation_splits if args.ablation_splits else True)
         results = run_benchmark(
-            backend, splits, taus=args.taus, match_taus=args.match_taus, ablations=not args.no_ablations
+            backend, splits, taus=args.taus, match_taus=args.match_taus, ablations=ablations
         )
     rows, summary = summarize(results)
     name = "fidelity_smoke" if args.smoke else "fidelity"
@@ -468,7 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
     notes = (
         f"Model `{args.model}`, greedy decoding through `model.generate(..., past_key_values=ZipVLCache(model))`; "
         "kept_ratio = mean over layers of kept / prompt tokens; flops_reduction = 1 - mean_l (kept_l / n)^2. "
-        "Per-task accuracy and per-layer kept ratios are in the JSON file."
+        "Per-task accuracy and per-layer kept ratios are in the JSON file. "
+        f"Command: `python benchmarks/fidelity.py {' '.join(sys.argv[1:] if argv is None else argv)}`."
     )
     json_path, md_path = write_results(
         name,

@@ -167,7 +167,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
-        "tiny-llava",
+        "zipvl-tiny",
         min_length=1,
         description="Built-in model name (tiny-llava, zipvl-tiny, ...), local checkpoint directory or hub id.",
     )

@@ -153,3 +153,25 @@ def test_tau_one_equals_dense(served):
 
 def test_bad_requests_and_still_healthy(served):
     checks.check_bad_requests(served)
+
+
+def test_default_model_answers_a_held_out_question(served):
+    """``configs/zipvl.yaml`` serves the trained zipvl-tiny: a held-out video question (three data-URL
+    frames) answered over HTTP (its prior answer: the checkpoint is at chance level, docs/fidelity.md)."""
+    from tests.test_zipvl_tiny import CORRECT, held_out_chat
+    from zipvl_ray.data import make_sample
+
+    if served.model != "zipvl-tiny":
+        pytest.skip(f"configs/zipvl.yaml serves {served.model}")
+    split, index = CORRECT
+    sample = make_sample(split, "test", index)
+    body = {
+        "model": served.model,
+        "messages": held_out_chat(sample),
+        "max_tokens": 8,
+        "temperature": 0,
+        "zipvl": {"tau": 0.975},
+    }
+    response = httpx.post(f"{served.base_url}/v1/chat/completions", json=body, timeout=served.timeout_s)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].strip() == sample.answer

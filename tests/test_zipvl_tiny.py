@@ -1,0 +1,140 @@
+"""The committed ``zipvl-tiny`` checkpoint, end to end: it loads offline by name, and the paged engine
+(``LLM.generate``) and the HTTP service (uvicorn over the real engine and vision encoder, no Ray;
+``tests/deployments/test_serve_run.py`` asks over ``serve run configs/zipvl.yaml``) give the reference
+``model.generate`` answers to held-out questions.
+
+The checkpoint's accuracy is at chance level (docs/fidelity.md): it answers each task with its prior
+("green", "cross", "1", ...). ``CORRECT`` is a held-out question whose answer happens to be that prior,
+so "answers correctly" here shows the serving paths, not visual understanding.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from zipvl_ray.config import ZipVLConfig
+from zipvl_ray.data import make_sample
+from zipvl_ray.models import CHECKPOINT_DIR, builtin_model_names
+from zipvl_ray.models.zipvl_tiny import ZIPVL_TINY_NAME
+
+pytestmark = pytest.mark.skipif(
+    not (CHECKPOINT_DIR / ZIPVL_TINY_NAME / "model.safetensors").exists(),
+    reason="zipvl-tiny has not been trained yet (python -m zipvl_ray.train)",
+)
+
+#: Held-out questions (test partition, never trained on): a picture and a 2-frame video.
+HELD_OUT = [("short", 0), ("medium", 1)]
+#: A held-out question (3-frame video) the checkpoint answers correctly, densely and at tau = 0.975.
+CORRECT = ("medium", 3)
+
+
+def held_out_chat(sample) -> list[dict]:
+    """The sample as OpenAI chat messages with PNG data-URL images (frames in order, then the question)."""
+    import base64
+    import io
+
+    parts = []
+    for image in sample.images():
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": sample.question}]}]
+
+
+def test_zipvl_tiny_is_a_builtin_name_loaded_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from zipvl_ray.models import load_model
+
+    assert ZIPVL_TINY_NAME in builtin_model_names()
+    model, processor = load_model(ZIPVL_TINY_NAME, device="cpu")
+    assert model.config.model_type == "llava"
+    assert not model.training
+    assert processor.tokenizer.convert_tokens_to_ids("triangle") != processor.tokenizer.unk_token_id
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from zipvl_ray.engine import LLM
+
+    return LLM(ZIPVL_TINY_NAME, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy answers of transformers' own ``generate`` (dense and ZipVL tau = 0.975) per sample."""
+    import torch
+
+    from zipvl_ray import ZipVLCache
+    from zipvl_ray.models import load_model
+
+    model, processor = load_model(ZIPVL_TINY_NAME, device="cpu")
+    answers = {}
+    for split, index in [*HELD_OUT, CORRECT]:
+        sample = make_sample(split, "test", index)
+        prompt = processor.apply_chat_template(sample.messages(), add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], images=sample.images(), return_tensors="pt")
+        for config in (ZipVLConfig(enabled=False), ZipVLConfig(tau=0.975)):
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs, past_key_values=ZipVLCache(model, config), max_new_tokens=8, do_sample=False
+                )
+            text = processor.tokenizer.decode(
+                out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            answers[(split, index, config.enabled)] = text.strip()
+    return answers
+
+
+@pytest.mark.parametrize(("split", "index"), [*HELD_OUT, CORRECT])
+def test_llm_generate_gives_the_reference_answers(llm, reference, split, index):
+    from zipvl_ray.engine import SamplingParams
+
+    sample = make_sample(split, "test", index)
+    prompt = {"messages": sample.messages(), "images": sample.images()}
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    for enabled, zipvl in ((False, {"enabled": False}), (True, {"tau": 0.975})):
+        (out,) = llm.generate([prompt], greedy, zipvl=zipvl)
+        assert out.text.strip() == reference[(split, index, enabled)], (zipvl, sample.question)
+    assert 0 < out.metrics.mean_kept_ratio < 1  # ZipVL pruned something
+
+
+def test_llm_generate_answers_a_held_out_question_correctly(llm):
+    from zipvl_ray.engine import SamplingParams
+
+    split, index = CORRECT
+    sample = make_sample(split, "test", index)
+    prompt = {"messages": sample.messages(), "images": sample.images()}
+    for zipvl in ({"enabled": False}, {"tau": 0.975}):
+        (out,) = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0), zipvl=zipvl)
+        assert out.text.strip() == sample.answer
+
+
+@pytest.fixture(scope="module")
+def local_http():
+    from benchmarks.serve import start_local_server
+
+    base_url, stop = start_local_server(ZIPVL_TINY_NAME, "cpu")
+    yield base_url
+    stop()
+
+
+@pytest.mark.parametrize(("split", "index"), [*HELD_OUT, CORRECT])
+def test_http_service_gives_the_reference_answers(local_http, reference, split, index):
+    sample = make_sample(split, "test", index)
+    body = {
+        "model": ZIPVL_TINY_NAME,
+        "messages": held_out_chat(sample),
+        "max_tokens": 8,
+        "temperature": 0,
+        "zipvl": {"tau": ZipVLConfig().tau},
+    }
+    response = httpx.post(f"{local_http}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert reply["choices"][0]["message"]["content"].strip() == reference[(split, index, True)]
+    if (split, index) == CORRECT:
+        assert reply["choices"][0]["message"]["content"].strip() == sample.answer
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert 0 < reply["zipvl"]["mean_kept_ratio"] < 1
