@@ -298,6 +298,18 @@ def run_benchmark(
     return results
 
 
+def headline_result(results: list[MethodResult], split: str) -> MethodResult | None:
+    """ZipVL at the headline tau on ``split``, if it was run."""
+    return next(
+        (
+            r
+            for r in results
+            if r.split == split and r.method.family == "zipvl" and r.method.tau == HEADLINE_TAU
+        ),
+        None,
+    )
+
+
 def summarize(results: list[MethodResult]) -> tuple[list[dict], dict]:
     """Table rows (with ``vs_dense``) and headline figures per split."""
     dense = {r.split: r.accuracy for r in results if r.method.family == "dense"}
@@ -305,14 +317,7 @@ def summarize(results: list[MethodResult]) -> tuple[list[dict], dict]:
     summary: dict = {}
     for split in dense:
         summary[f"{split}: dense accuracy"] = dense[split]
-        head = next(
-            (
-                r
-                for r in results
-                if r.split == split and r.method.family == "zipvl" and r.method.tau == HEADLINE_TAU
-            ),
-            None,
-        )
+        head = headline_result(results, split)
         if head is None:
             continue
         summary[f"{split}: ZipVL tau={HEADLINE_TAU} accuracy"] = head.accuracy
@@ -390,14 +395,7 @@ def plot(results: list[MethodResult], out_dir: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
     for ax, split in zip(axes[0], splits, strict=True):
-        head = next(
-            (
-                r
-                for r in results
-                if r.split == split and r.method.family == "zipvl" and r.method.tau == HEADLINE_TAU
-            ),
-            None,
-        )
+        head = headline_result(results, split)
         if head is None:
             continue
         for task in head.task_accuracy():

@@ -120,6 +120,21 @@ def _finish(model, processor, seed):
     return model, processor
 
 
+def llava_processor(tokenizer, side: int, chat_template: str) -> LlavaProcessor:
+    """A LLaVA-1.5 processor for ``side`` x ``side`` pictures (14-pixel patches, CLS dropped) on PIL."""
+    return LlavaProcessor(
+        image_processor=LlavaImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
 def build_tiny_llava(spec: TinySpec = TinySpec(), *, seed: int = 0, next_variant: bool = False):
     """LLaVA-1.5 (or LLaVA-NeXT with ``next_variant``) with random weights and an offline processor."""
     tokenizer = byte_tokenizer(["<image>"])
@@ -167,18 +182,7 @@ def build_tiny_llava(spec: TinySpec = TinySpec(), *, seed: int = 0, next_variant
     else:
         config = LlavaConfig(**common)
         model = LlavaForConditionalGeneration._from_config(copy.deepcopy(config))
-        image_processor = LlavaImageProcessorPil(
-            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            chat_template=LLAVA_CHAT_TEMPLATE,
-            image_token="<image>",
-            num_additional_image_tokens=1,
-        )
+        processor = llava_processor(tokenizer, side, LLAVA_CHAT_TEMPLATE)
     return _finish(model, processor, seed)
 
 

@@ -27,12 +27,10 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
 )
-from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from zipvl_ray.data.scenes import COLOURS, PLURALS, SHAPES
-from zipvl_ray.models.builtin import LLAVA_CHAT_TEMPLATE, TinySpec, _finish, _text_kwargs
+from zipvl_ray.models.builtin import LLAVA_CHAT_TEMPLATE, TinySpec, _finish, _text_kwargs, llava_processor
 from zipvl_ray.models.tokenizer import byte_tokenizer
 
 #: Name under which :func:`zipvl_ray.models.load_model` finds the trained checkpoint.
@@ -128,17 +126,7 @@ def build_untrained_zipvl_tiny(spec: TinySpec = ZIPVL_TINY_SPEC, *, seed: int = 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(copy.deepcopy(config))
     side = spec.image_size
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(
-            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        chat_template=ZIPVL_TINY_CHAT_TEMPLATE,
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
+    processor = llava_processor(tokenizer, side, ZIPVL_TINY_CHAT_TEMPLATE)
     return _finish(model, processor, seed)
 
 
