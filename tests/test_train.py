@@ -15,6 +15,7 @@ from zipvl_ray.train import (
     DEFAULT_OUT,
     SMOKE_CONFIG,
     Encoder,
+    PatchHead,
     TrainConfig,
     draw_batch,
     frames_range,
@@ -84,6 +85,63 @@ def test_batches_are_reproducible_and_drawn_from_training_streams():
 def test_learning_rate_schedule(step, low, high):
     config = TrainConfig(steps=3000, lr=2e-3, warmup_steps=100, min_lr_ratio=0.05)
     assert low <= learning_rate(config, step) <= high
+
+
+def test_picture_steps_draw_only_pictures_first():
+    config = TrainConfig(steps=200, picture_steps=40)
+    assert all(s.num_frames == 1 for step in range(40) for s in draw_batch(config, step))
+    assert any(s.num_frames > 1 for step in range(40, 60) for s in draw_batch(config, step))
+
+
+def test_align_mode_regresses_onto_concept_embeddings(untrained):
+    encoder = Encoder(untrained[1])
+    samples = [make_sample("short", "train", 3), make_sample("medium", "train", 4)]
+    labels = encoder.patch_labels(samples)
+    head = PatchHead(32, mode="align", seed=0)
+    concepts = head.concept_embedding(labels)
+    assert concepts.shape == (*labels.shape[:2], 32)
+    assert head.loss(concepts, labels).item() == 0.0
+    assert head.loss(torch.zeros_like(concepts), labels).item() > 0.5
+    # An empty still-picture cell is the "empty" vector alone; equal labels give equal embeddings.
+    empty = (labels[0, :, :].sum(-1) == 0).nonzero()[0, 0]
+    assert torch.equal(concepts[0, empty], head.concept_empty)
+    assert torch.equal(PatchHead(32, mode="align", seed=0).concept_embedding(labels), concepts)
+    with pytest.raises(ValueError, match="mode"):
+        PatchHead(32, mode="nope")
+
+
+def test_concept_features_and_frozen_vision_smoke(tmp_path):
+    """The diagnostic run (exact concept features, vision side frozen) trains the decoder only."""
+    record = main(
+        [
+            "--smoke",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--set",
+            'feature_source="concepts"',
+            "--set",
+            "freeze_vision=true",
+            "--set",
+            'patch_mode="align"',
+        ]
+    )
+    assert record["config"]["feature_source"] == "concepts" and record["config"]["freeze_vision"]
+    from zipvl_ray.models import load_model
+
+    trained = load_model(str(tmp_path), device="cpu")[0].state_dict()
+    fresh = build_untrained_zipvl_tiny(seed=0)[0].state_dict()
+    projector = [k for k in trained if "multi_modal_projector" in k]
+    decoder = [k for k in trained if "layers.0.self_attn" in k]
+    assert projector and decoder
+    assert all(torch.equal(trained[k], fresh[k]) for k in projector)
+    assert any(not torch.equal(trained[k], fresh[k]) for k in decoder)
+
+
+def test_set_rejects_unknown_fields():
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--set", "no_such_field=1"])
 
 
 def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):

@@ -58,8 +58,13 @@ class TrainConfig:
         Approximate prompt tokens per batch (batch size = this // sample length, at least 1).
     lr, min_lr_ratio, warmup_steps, weight_decay, grad_clip : float / int
         AdamW with linear warm-up and cosine decay to ``lr * min_lr_ratio``.
+    picture_steps : int
+        Steps at the start of the second stage that draw only one-picture samples. The decoder's
+        retrieval circuit (question word -> image token -> answer) forms after a plateau of about
+        400-600 such steps (measured with exact symbolic image features, see ``docs/fidelity.md``);
+        pictures cross it at a fraction of the cost of videos, which then reuse the circuit.
     short_fraction : float
-        Share of steps on one-picture samples (the rest are videos).
+        Share of the later steps on one-picture samples (the rest are videos).
     single_fraction : float
         Share of steps whose samples ask one question (the test format); the others are conversations.
     max_turns : int
@@ -72,8 +77,19 @@ class TrainConfig:
         the part a real VLM inherits from a pretrained CLIP.
     vision_frames_per_step : int
         Frames per vision step.
+    feature_source : str
+        ``"vision"`` (the model's own image-token embeddings) or ``"concepts"``, a diagnostic: the
+        projector's output is replaced by the exact concept embedding of each patch's true labels
+        (:meth:`PatchHead.concept_embedding`), which isolates the decoder's learning from the vision
+        side's errors. A checkpoint trained so is not a working VLM (its vision side is ignored).
+    freeze_vision : bool
+        Keep the vision tower and projector fixed in the second stage (the language model then learns
+        on the image-token embeddings the first stage produced; the patch loss is not used there).
     aux_weight : float
-        Weight of the same patch loss during the second (whole-model) stage.
+        Weight of the same patch loss during the second stage (when the vision side is not frozen).
+    patch_mode : str
+        ``"classify"`` (linear heads) or ``"align"`` (regression onto concept embeddings); see
+        :class:`PatchHead`.
     patch_features : str
         Where the patch head reads: ``"projector"`` (the image-token embeddings, default) or
         ``"vision"`` (the vision tower's output); see :class:`ProjectorInput`.
@@ -121,6 +137,7 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    picture_steps: int = 0
     short_fraction: float = 0.3
     single_fraction: float = 0.25
     max_turns: int = 6
@@ -129,8 +146,11 @@ class TrainConfig:
     )
     vision_steps: int = 400
     vision_frames_per_step: int = 32
+    freeze_vision: bool = False
+    feature_source: str = "vision"
     aux_weight: float = 0.2
     patch_features: str = "projector"
+    patch_mode: str = "classify"
     grounding_weight: float = 0.3
     grounding_layers: tuple[int, int, int] = (0, 1, 2)
     grounding_heads: int = 1
@@ -148,6 +168,7 @@ class TrainConfig:
 
 SMOKE_CONFIG = TrainConfig(
     steps=6,
+    picture_steps=2,
     vision_steps=3,
     vision_frames_per_step=8,
     tokens_per_step=600,
@@ -319,7 +340,7 @@ def draw_batch(config: TrainConfig, step: int, prompt_tokens_per_frame: int = 64
     the same frames); the others have the test format (one question).
     """
     rng = np.random.default_rng([config.seed, step, 7])
-    if rng.random() < config.short_fraction:
+    if rng.random() < config.short_fraction or step < config.picture_steps:
         frames, split = 1, "short"
     else:
         low, high = frames_range(config, step)
@@ -344,19 +365,49 @@ def draw_batch(config: TrainConfig, step: int, prompt_tokens_per_frame: int = 64
 
 
 class PatchHead(torch.nn.Module):
-    """Linear classifiers from the vision features the projector reads to each :data:`PATCH_LABELS` column.
+    """Supervision of the patch features by :data:`PATCH_LABELS` (only used while training; it is not
+    part of the checkpoint).
 
-    Only used while training (it is not part of the checkpoint).
+    ``mode="classify"``: linear classifiers, one per label column (the features must make each label
+    linearly decodable). ``mode="align"``: the features are regressed onto a fixed *concept embedding*
+    of the patch, the sum of one seeded random vector per present label (shape, colour, left
+    neighbour, timecode digits; zero for an empty cell): the image-token embeddings then describe each
+    cell in one fixed vocabulary of concepts, the way LLaVA's first stage aligns CLIP features with the
+    language model's input space.
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, mode: str = "classify", seed: int = 0):
         super().__init__()
+        if mode not in ("classify", "align"):
+            raise ValueError(f"mode must be 'classify' or 'align', not {mode!r}")
+        self.mode = mode
         self.heads = torch.nn.ModuleList(
             torch.nn.Linear(hidden, classes) for classes in PATCH_LABELS.values()
         )
+        generator = torch.Generator().manual_seed(seed + 5)
+        for i, classes in enumerate(PATCH_LABELS.values()):
+            self.register_buffer(f"concepts_{i}", torch.randn(classes, hidden, generator=generator))
+        self.register_buffer("concept_empty", torch.randn(hidden, generator=generator))
+
+    def concept_embedding(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(..., hidden)``: the sum of the concept vectors of the labels present (class > 0), plus an
+        "empty cell" vector where no object is (a fixed direction: after the decoder's RMSNorm, near-zero
+        background embeddings would otherwise become unit-size noise that every attention row sees).
+        """
+        total = self.concept_empty * (labels[..., :1] == 0)
+        for i in range(labels.shape[-1]):
+            table = getattr(self, f"concepts_{i}")
+            total = total + table[labels[..., i]] * (labels[..., i : i + 1] > 0)
+        return total
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy per label column, plus the same over the patches where it is not 0; ``features (frames, patches, hidden)``, ``labels (frames, patches, k)``."""
+        """Patch loss; ``features (frames, patches, hidden)``, ``labels (frames, patches, k)``.
+
+        ``classify``: mean cross-entropy per label column, plus the same over the patches where it is
+        not 0. ``align``: mean squared error to :meth:`concept_embedding`.
+        """
+        if self.mode == "align":
+            return F.mse_loss(features, self.concept_embedding(labels))
         flat = features.reshape(-1, features.shape[-1])
         targets = labels.reshape(-1, labels.shape[-1])
         losses = []
@@ -367,6 +418,21 @@ class PatchHead(torch.nn.Module):
             if present.any():
                 losses.append(F.cross_entropy(logits[present], targets[present, i]))
         return torch.stack(losses).mean()
+
+
+class ConceptFeatures:
+    """Diagnostic (``feature_source="concepts"``): the projector returns ``head.concept_embedding`` of
+    the labels set in :attr:`labels` (``(frames, patches, k)``) instead of its own output."""
+
+    def __init__(self, model, head: PatchHead):
+        self.head = head
+        self.labels: torch.Tensor | None = None
+        model.model.multi_modal_projector.register_forward_hook(self._replace)
+
+    def _replace(self, module, args, output):
+        if self.labels is None:
+            return output
+        return self.head.concept_embedding(self.labels).to(output.dtype) + 0.0 * output
 
 
 class ProjectorInput:
@@ -528,13 +594,16 @@ def register_training_attention() -> None:
 
 @torch.no_grad()
 def dense_accuracy(
-    model, encoder: Encoder, samples: list[Sample], max_new_tokens: int = 10
+    model, encoder: Encoder, samples: list[Sample], max_new_tokens: int = 10, before=None
 ) -> dict[str, float]:
-    """Greedy exact-match accuracy per task and overall, with plain (dense) attention, one sample at a time."""
+    """Greedy exact-match accuracy per task and overall, with plain (dense) attention, one sample at a time
+    (``before(sample)`` is called first, if given)."""
     model.eval()
     tokenizer = encoder.processor.tokenizer
     hits: dict[str, list[int]] = {}
     for sample in samples:
+        if before is not None:
+            before(sample)
         ids = torch.tensor([encoder.prompt_ids(sample)])
         out = model.generate(
             input_ids=ids,
@@ -593,16 +662,29 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
     encoder = Encoder(processor)
     on_projector = config.patch_features == "projector"
     head = PatchHead(
-        model.config.text_config.hidden_size if on_projector else model.config.vision_config.hidden_size
+        model.config.text_config.hidden_size if on_projector else model.config.vision_config.hidden_size,
+        mode=config.patch_mode,
+        seed=config.seed,
     )
     capture = ProjectorInput(model, config.patch_features)
-    train_vision(model, encoder, head, capture, config, log)
+    if config.feature_source not in ("vision", "concepts"):
+        raise ValueError(f"feature_source must be 'vision' or 'concepts', not {config.feature_source!r}")
+    oracle = ConceptFeatures(model, head) if config.feature_source == "concepts" else None
+    if oracle is None:
+        train_vision(model, encoder, head, capture, config, log)
     register_training_attention()
     AttentionTerms.role_layers = tuple(config.grounding_layers)
     AttentionTerms.grounding_heads = config.grounding_heads
     AttentionTerms.entropy_rows = config.entropy_rows if config.entropy_weight > 0 else 0
     model.set_attn_implementation({"text_config": TRAIN_ATTN_KEY, "vision_config": "sdpa"})
-    named = list(model.named_parameters()) + [(f"patch_head.{n}", p) for n, p in head.named_parameters()]
+    if config.freeze_vision:
+        for module in (model.model.vision_tower, model.model.multi_modal_projector, head):
+            module.requires_grad_(False)
+    named = [
+        (n, p)
+        for n, p in [*model.named_parameters(), *((f"patch_head.{n}", p) for n, p in head.named_parameters())]
+        if p.requires_grad
+    ]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -620,6 +702,8 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
             group["lr"] = learning_rate(config, step)
         samples = draw_batch(config, step)
         batch = encoder.batch(samples)
+        if oracle is not None:
+            oracle.labels = encoder.patch_labels(samples)
         AttentionTerms.reset(batch.pop("grounding") if config.grounding_weight > 0 else [])
         entropy_on = config.entropy_weight > 0 and step >= config.entropy_start * config.steps
         AttentionTerms.entropy_rows = config.entropy_rows if entropy_on else 0
@@ -630,7 +714,7 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
         if early:
             terms["early"] = early_answer_loss(model, outputs.hidden_states, batch["labels"], config)
             loss = loss + config.early_answer_weight * terms["early"]
-        if config.aux_weight > 0:
+        if config.aux_weight > 0 and not config.freeze_vision:
             terms["patch"] = head.loss(capture.features, encoder.patch_labels(samples))
             loss = loss + config.aux_weight * terms["patch"]
         if AttentionTerms.grounding_losses:
@@ -640,7 +724,7 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
             terms["entropy"] = torch.stack(AttentionTerms.entropies).mean()
             loss = loss + config.entropy_weight * terms["entropy"]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for name, value in terms.items():
@@ -656,7 +740,13 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
             running = dict.fromkeys(running, 0.0)
             running["n"] = 0
         if (config.eval_every and (step + 1) % config.eval_every == 0) or last:
-            accuracy = {split: dense_accuracy(model, encoder, samples) for split, samples in val.items()}
+            before = (
+                None if oracle is None else lambda s: setattr(oracle, "labels", encoder.patch_labels([s]))
+            )
+            accuracy = {
+                split: dense_accuracy(model, encoder, samples, before=before)
+                for split, samples in val.items()
+            }
             history.append(
                 {"step": step + 1, "elapsed_s": time.perf_counter() - start, "val_accuracy": accuracy}
             )
@@ -696,6 +786,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--entropy-weight", type=float, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--init-from", type=Path, default=None, help="start from a checkpoint's weights")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="override any TrainConfig field, e.g. --set picture_steps=1200 --set patch_mode='\"align\"'",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
@@ -707,7 +804,13 @@ def main(argv: list[str] | None = None) -> dict:
         "entropy_weight": args.entropy_weight,
         "eval_every": args.eval_every,
     }
-    config = TrainConfig(**{**asdict(config), **{k: v for k, v in overrides.items() if v is not None}})
+    fields = asdict(config)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields:
+            parser.error(f"--set {item}: TrainConfig has no field {name!r}")
+        overrides[name] = json.loads(value)
+    config = TrainConfig(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
     out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
     return train(config, out, init_from=args.init_from)
 
