@@ -82,6 +82,15 @@ class TrainConfig:
         projector's output is replaced by the exact concept embedding of each patch's true labels
         (:meth:`PatchHead.concept_embedding`), which isolates the decoder's learning from the vision
         side's errors. A checkpoint trained so is not a working VLM (its vision side is ignored).
+    empty_concept : bool
+        Add a fixed "empty cell" vector to the concept embedding of background cells (see
+        :meth:`PatchHead.concept_embedding`).
+    concept_steps, concept_anneal_steps : int
+        Feature teacher forcing (:class:`ConceptFeatures`): the first ``concept_steps`` second-stage
+        steps feed the decoder the exact concept embeddings instead of the projector's output, the
+        next ``concept_anneal_steps`` blend linearly back to the projector's output. With exact
+        features the decoder's retrieval circuit forms in a few hundred picture steps; with its own
+        (noisier) features it stays on the answer prior far longer.
     freeze_vision : bool
         Keep the vision tower and projector fixed in the second stage (the language model then learns
         on the image-token embeddings the first stage produced; the patch loss is not used there).
@@ -130,37 +139,40 @@ class TrainConfig:
         Splits validated (the ``val`` partition).
     """
 
-    steps: int = 1400
+    steps: int = 4000
     tokens_per_step: int = 2048
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 50
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    picture_steps: int = 0
+    grad_clip: float = 10.0
+    picture_steps: int = 800
     short_fraction: float = 0.3
     single_fraction: float = 0.25
     max_turns: int = 6
     video_frames: list[tuple[float, int, int]] = field(
-        default_factory=lambda: [(0.0, 2, 8), (0.3, 2, 24), (0.6, 8, 64)]
+        default_factory=lambda: [(0.0, 2, 8), (0.35, 2, 24), (0.6, 8, 64)]
     )
-    vision_steps: int = 400
+    vision_steps: int = 1500
     vision_frames_per_step: int = 32
-    freeze_vision: bool = False
+    freeze_vision: bool = True
+    empty_concept: bool = False
+    concept_steps: int = 1400
+    concept_anneal_steps: int = 600
     feature_source: str = "vision"
     aux_weight: float = 0.2
     patch_features: str = "projector"
-    patch_mode: str = "classify"
+    patch_mode: str = "align"
     grounding_weight: float = 0.3
     grounding_layers: tuple[int, int, int] = (0, 1, 2)
     grounding_heads: int = 1
     entropy_weight: float = 0.05
     entropy_rows: int = 32
-    entropy_start: float = 0.5
+    entropy_start: float = 0.6
     early_answer_layers: tuple[int, ...] = ()
     early_answer_weight: float = 0.0
     seed: int = 0
-    eval_every: int = 350
+    eval_every: int = 1000
     log_every: int = 25
     val_size: int = 16
     val_splits: tuple[str, ...] = ("short", "medium", "long")
@@ -169,6 +181,8 @@ class TrainConfig:
 SMOKE_CONFIG = TrainConfig(
     steps=6,
     picture_steps=2,
+    concept_steps=2,
+    concept_anneal_steps=2,
     vision_steps=3,
     vision_frames_per_step=8,
     tokens_per_step=600,
@@ -376,11 +390,12 @@ class PatchHead(torch.nn.Module):
     language model's input space.
     """
 
-    def __init__(self, hidden: int, mode: str = "classify", seed: int = 0):
+    def __init__(self, hidden: int, mode: str = "classify", seed: int = 0, empty: bool = False):
         super().__init__()
         if mode not in ("classify", "align"):
             raise ValueError(f"mode must be 'classify' or 'align', not {mode!r}")
         self.mode = mode
+        self.empty = empty
         self.heads = torch.nn.ModuleList(
             torch.nn.Linear(hidden, classes) for classes in PATCH_LABELS.values()
         )
@@ -390,11 +405,11 @@ class PatchHead(torch.nn.Module):
         self.register_buffer("concept_empty", torch.randn(hidden, generator=generator))
 
     def concept_embedding(self, labels: torch.Tensor) -> torch.Tensor:
-        """``(..., hidden)``: the sum of the concept vectors of the labels present (class > 0), plus an
-        "empty cell" vector where no object is (a fixed direction: after the decoder's RMSNorm, near-zero
-        background embeddings would otherwise become unit-size noise that every attention row sees).
+        """``(..., hidden)``: the sum of the concept vectors of the labels present (class > 0); zero for an
+        empty cell of a still picture, unless ``empty`` adds a fixed "empty cell" vector there (with it,
+        the decoder stays on the answer prior far longer: ``docs/fidelity.md``).
         """
-        total = self.concept_empty * (labels[..., :1] == 0)
+        total = self.concept_empty * (labels[..., :1] == 0) if self.empty else 0
         for i in range(labels.shape[-1]):
             table = getattr(self, f"concepts_{i}")
             total = total + table[labels[..., i]] * (labels[..., i : i + 1] > 0)
@@ -421,18 +436,36 @@ class PatchHead(torch.nn.Module):
 
 
 class ConceptFeatures:
-    """Diagnostic (``feature_source="concepts"``): the projector returns ``head.concept_embedding`` of
-    the labels set in :attr:`labels` (``(frames, patches, k)``) instead of its own output."""
+    """Feature teacher forcing: the projector returns ``mix * head.concept_embedding(labels) + (1 - mix) *
+    its own output`` for the labels set in :attr:`labels` (``(frames, patches, k)``).
+
+    ``mix = 1`` is the diagnostic ``feature_source="concepts"``; the ``concept_steps`` /
+    ``concept_anneal_steps`` curriculum moves it from 1 to 0, after which the model reads its own
+    image-token embeddings (the saved checkpoint always does: hooks are not saved).
+    """
 
     def __init__(self, model, head: PatchHead):
         self.head = head
         self.labels: torch.Tensor | None = None
+        self.mix = 1.0
         model.model.multi_modal_projector.register_forward_hook(self._replace)
 
     def _replace(self, module, args, output):
-        if self.labels is None:
+        if self.labels is None or self.mix <= 0.0:
             return output
-        return self.head.concept_embedding(self.labels).to(output.dtype) + 0.0 * output
+        concepts = self.head.concept_embedding(self.labels).to(output.dtype)
+        return self.mix * concepts + (1.0 - self.mix) * output
+
+
+def concept_mix(config: TrainConfig, step: int) -> float:
+    """Share of the exact concept embedding in the image-token embeddings at second-stage ``step``."""
+    if config.feature_source == "concepts":
+        return 1.0
+    if step < config.concept_steps:
+        return 1.0
+    if step < config.concept_steps + config.concept_anneal_steps:
+        return 1.0 - (step - config.concept_steps + 1) / (config.concept_anneal_steps + 1)
+    return 0.0
 
 
 class ProjectorInput:
@@ -665,12 +698,14 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
         model.config.text_config.hidden_size if on_projector else model.config.vision_config.hidden_size,
         mode=config.patch_mode,
         seed=config.seed,
+        empty=config.empty_concept,
     )
     capture = ProjectorInput(model, config.patch_features)
     if config.feature_source not in ("vision", "concepts"):
         raise ValueError(f"feature_source must be 'vision' or 'concepts', not {config.feature_source!r}")
-    oracle = ConceptFeatures(model, head) if config.feature_source == "concepts" else None
-    if oracle is None:
+    teacher = config.feature_source == "concepts" or config.concept_steps + config.concept_anneal_steps > 0
+    oracle = ConceptFeatures(model, head) if teacher else None
+    if config.feature_source == "vision":
         train_vision(model, encoder, head, capture, config, log)
     register_training_attention()
     AttentionTerms.role_layers = tuple(config.grounding_layers)
@@ -704,6 +739,7 @@ def train(config: TrainConfig, out: Path | None, *, log=print, init_from: Path |
         batch = encoder.batch(samples)
         if oracle is not None:
             oracle.labels = encoder.patch_labels(samples)
+            oracle.mix = concept_mix(config, step)
         AttentionTerms.reset(batch.pop("grounding") if config.grounding_weight > 0 else [])
         entropy_on = config.entropy_weight > 0 and step >= config.entropy_start * config.steps
         AttentionTerms.entropy_rows = config.entropy_rows if entropy_on else 0

@@ -156,8 +156,8 @@ def test_bad_requests_and_still_healthy(served):
 
 
 def test_default_model_answers_a_held_out_question(served):
-    """``configs/zipvl.yaml`` serves the trained zipvl-tiny: a held-out video question (three data-URL
-    frames) answered over HTTP (its prior answer: the checkpoint is at chance level, docs/fidelity.md)."""
+    """``configs/zipvl.yaml`` serves the trained zipvl-tiny: a held-out picture question (a data-URL
+    image) answered correctly over HTTP at tau = 0.975."""
     from tests.test_zipvl_tiny import CORRECT, held_out_chat
     from zipvl_ray.data import make_sample
 
