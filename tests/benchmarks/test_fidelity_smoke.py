@@ -99,3 +99,18 @@ def test_smoke_mode_writes_results(tmp_path, one_thread):
     dense = [row for row in payload["rows"] if row["family"] == "dense"]
     assert all(row["kept_ratio"] == 1.0 for row in dense)
     assert out["summary"]
+
+
+def test_dense_layers_benchmark_smoke_and_all_dense_equals_dense(tmp_path):
+    from benchmarks import fidelity_dense_layers
+
+    rows = fidelity_dense_layers.main(["--smoke", "--model", "tiny-llava", "--out-dir", str(tmp_path)])
+    assert [r["dense_layers"] for r in rows] == [None, [], [0]]
+    assert json.loads((tmp_path / "fidelity_dense_layers.json").read_text())["rows"] == rows
+    assert "| short |" in (tmp_path / "fidelity_dense_layers.md").read_text()
+    # Every layer dense: no selection anywhere, so the answers and kept ratio are the dense ones.
+    every = tuple(range(4))  # tiny-llava has 4 decoder layers
+    dense, all_dense = fidelity_dense_layers.run(
+        "tiny-llava", {"short": 2}, (0.9,), (every,), log=lambda _: None
+    )
+    assert all_dense["kept_ratio"] == 1.0 and all_dense["accuracy"] == dense["accuracy"]
