@@ -175,6 +175,7 @@ def scaled_down(service, packed_burst):
             SCALING.downscale_delay_s + 60,
             "back to one replica",
         )
+        status.poll()  # the sampler thread's last sample can predate the state wait_for just saw
     survivors = [name.rsplit("#", 1)[-1] for name in router_real.llm_replica_actor_names()]
     print(f"phase down: {waited:.1f} s")
     return {"status": status.samples, "waited_s": waited, "survivors": survivors}
