@@ -28,7 +28,7 @@ with measured figures.
 
 Run::
 
-    .venv/bin/python benchmarks/router_sim.py            # the full comparison (about a minute)
+    .venv/bin/python benchmarks/router_sim.py            # the full comparison (about 4 minutes)
     .venv/bin/python benchmarks/router_sim.py --smoke    # seconds; what tests/benchmarks runs
 """
 
@@ -95,9 +95,10 @@ class ReplicaModel:
     max_ongoing_requests : int
         Serve's per-replica concurrency limit (running + waiting in the engine).
     readmit_counts_generated : bool
-        Admission of a preempted sequence also counts the tokens it already generated (it re-feeds them).
-        False mirrors ``zipvl_ray.engine.scheduler`` today, which predicts it like a new request; under KV
-        pressure such a sequence is readmitted, does not fit and is preempted again (thrashing).
+        Admission of a preempted sequence also counts the tokens it already generated (it re-feeds them),
+        as ``zipvl_ray.engine.scheduler`` does since f57acc6. False models the engine before that fix,
+        which predicted it like a new request; under KV pressure such a sequence was readmitted, did not
+        fit and was preempted again (thrashing).
     """
 
     num_layers: int = 32
@@ -117,7 +118,7 @@ class ReplicaModel:
     hbm_bytes_per_s: float = 2.4e12
     decode_chunk: int = 8
     max_ongoing_requests: int = 64
-    readmit_counts_generated: bool = False
+    readmit_counts_generated: bool = True
 
     @property
     def block_bytes(self) -> int:
@@ -591,6 +592,8 @@ class Strategy:
     target : float
     demand : {"committed", "held"}
         ``KVDemandPolicyConfig.demand`` of the KV policy.
+    spare : float
+        ``KVDemandPolicyConfig.spare_replicas`` of the KV policy.
     """
 
     label: str
@@ -598,6 +601,7 @@ class Strategy:
     autoscaler: str
     target: float
     demand: str = "committed"
+    spare: float = 0.0
 
 
 @dataclass
@@ -627,6 +631,7 @@ class SimResult:
             "autoscaler": self.strategy.autoscaler,
             "demand": self.strategy.demand if self.strategy.autoscaler == "kv" else "",
             "target": self.strategy.target,
+            "spare_replicas": self.strategy.spare,
             "requests": len(self.requests),
             "completed": len(done),
             "failed": len(failed),
@@ -687,6 +692,7 @@ class Simulation:
         ttft_timeout_s: float = 300.0,
         max_tail_s: float = 3600.0,
         router_config: dict | None = None,
+        policy_config: dict | None = None,
     ):
         self.requests = [Request(**{**r.__dict__}) for r in requests]
         self.strategy = strategy
@@ -699,7 +705,12 @@ class Simulation:
         else:
             self.router = SimKVRouter(KVRouterConfig(strategy=strategy.router, **(router_config or {})))
         if strategy.autoscaler == "kv":
-            self.policy = KVDemandPolicy(target_kv_utilization=strategy.target, demand=strategy.demand)
+            self.policy = KVDemandPolicy(
+                target_kv_utilization=strategy.target,
+                demand=strategy.demand,
+                spare_replicas=strategy.spare,
+                **(policy_config or {}),
+            )
             target_ongoing = 2.0
         else:
             self.policy = replica_queue_length_autoscaling_policy
@@ -844,8 +855,8 @@ class Simulation:
             n = seq.req.prompt_tokens
             if batch and tokens + n > m.max_num_batched_tokens:
                 break
-            # The engine predicts a readmitted (preempted) sequence like a new one: prompt + headroom, without
-            # the tokens it already generated and will re-feed. ``readmit_counts_generated`` adds them.
+            # The engine predicts a readmitted (preempted) sequence with the tokens it already generated and
+            # will re-feed; without ``readmit_counts_generated`` (the engine before f57acc6) like a new one.
             decode = replica.headroom(seq) + (seq.generated if m.readmit_counts_generated else 0)
             need = predict_bytes(n, fractions, decode, m.block_size, m.block_bytes) // m.block_bytes
             if committed + need > m.capacity_blocks and (batch or replica.running):
@@ -1064,36 +1075,45 @@ class Simulation:
 # ----------------------------------------------------------------------------------------- the study
 
 
-STRATEGY_LABEL = re.compile(r"^(pow2|spread|pack)\+(queue|kv|kvheld)\(([0-9.]+)\)$")
+STRATEGY_LABEL = re.compile(r"^(pow2|spread|pack)\+(queue|kv|kvheld)\(([0-9.]+)(?:\+([0-9.]+))?\)$")
 
 
 def parse_strategy(label: str) -> Strategy:
     """``"pack+kv(0.75)"`` -> :class:`Strategy`: router ``pow2`` | ``spread`` | ``pack``, autoscaler
     ``queue(T)`` (Ray's default at ``target_ongoing_requests`` T), ``kv(U)`` (``KVDemandPolicy`` on
-    committed demand at ``target_kv_utilization`` U) or ``kvheld(U)`` (the same on held demand)."""
+    committed demand at ``target_kv_utilization`` U) or ``kvheld(U)`` (the same on held demand);
+    ``kvheld(U+S)`` adds ``spare_replicas`` S."""
     match = STRATEGY_LABEL.match(label)
     if match is None:
         raise ValueError(
-            f"strategy {label!r} is not ROUTER+POLICY(TARGET), e.g. pack+kv(0.75) or pow2+queue(8)"
+            f"strategy {label!r} is not ROUTER+POLICY(TARGET[+SPARE]), e.g. pack+kvheld(0.7+1) or "
+            "pow2+queue(8)"
         )
-    router, policy, target = match.groups()
+    router, policy, target, spare = match.groups()
     if router != "pow2" and policy == "queue":
         raise ValueError(f"{label}: the KV routers are simulated with a KV policy only")
+    if policy == "queue" and spare is not None:
+        raise ValueError(f"{label}: spare replicas belong to the KV policy")
     demand = "held" if policy == "kvheld" else "committed"
-    return Strategy(label, router, "queue" if policy == "queue" else "kv", float(target), demand)
+    return Strategy(
+        label, router, "queue" if policy == "queue" else "kv", float(target), demand, float(spare or 0.0)
+    )
 
 
-SMOKE_STRATEGIES = ("pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.5)")
+SMOKE_STRATEGIES = ("pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.7+1)")
 FULL_STRATEGIES = (
-    *(f"pow2+queue({t})" for t in (4, 6, 8, 12, 16, 24)),
+    *(f"pow2+queue({t})" for t in (4, 5, 6, 7, 8, 12, 16)),
     "pow2+kv(0.6)",
     "spread+kv(0.6)",
     "pack+kvheld(0.5)",
-    "pack+kv(0.6)",
+    "pack+kvheld(0.7+1)",
+    "pack+kvheld(0.6+2)",
     "pack+kv(0.75)",
 )
 """The full matrix: Ray's default pair swept until its p95 brackets packing's, the KV policy under each
-router, the KV policy on held demand (the previous default) and two targets on committed demand."""
+router, the KV policy on held demand without spare replicas (the previous default), with one spare at
+0.7 (the default of ``configs/zipvl-gpu.yaml``) and with two at 0.6 (latency first), and committed
+demand at 0.75."""
 
 
 def strategies(smoke: bool, labels: list[str] | None = None) -> list[Strategy]:
@@ -1106,8 +1126,9 @@ WORKLOADS = {"kept~0.45": None, "kept~0.8": 0.8}
 """Default retention (LLaVA-NeXT-7B / LongVA figures of the paper) and every request keeping ~80%
 (Qwen2.5-VL-7B, the outside re-run quoted in the spec): the same matrix runs on both."""
 
-HEADLINE = "pack+kvheld(0.5)"
-"""The headline row: the KV router's default strategy with KVDemandPolicy's defaults (held demand, 0.5)."""
+HEADLINE = "pack+kvheld(0.7+1)"
+"""The headline row: the KV router's default strategy with ``configs/zipvl-gpu.yaml``'s policy (held demand
+at 0.7 plus one spare replica)."""
 
 
 SUMMED_KEYS = {
@@ -1437,9 +1458,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--drain-timeout-s", type=float, default=None, help="graceful_shutdown_timeout_s")
     parser.add_argument(
-        "--readmit-counts-generated",
+        "--readmit-as-new",
         action="store_true",
-        help="model an engine whose admission of a preempted sequence counts its generated tokens",
+        help="model the engine before f57acc6, whose admission of a preempted sequence ignored the tokens "
+        "it had generated (thrashing under KV pressure)",
     )
     parser.add_argument(
         "--measure-retention",
@@ -1467,7 +1489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.resummarize is not None:
         return resummarize(args.resummarize, args.out_dir, args.name)
 
-    model = ReplicaModel(readmit_counts_generated=args.readmit_counts_generated)
+    model = ReplicaModel(readmit_counts_generated=not args.readmit_as_new)
     if args.kv_pool_gib is not None:
         model = ReplicaModel(**{**model.__dict__, "kv_pool_gib": args.kv_pool_gib})
     scaling = ScalingModel() if args.startup_s is None else ScalingModel(startup_s=args.startup_s)

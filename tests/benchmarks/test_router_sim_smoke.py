@@ -18,7 +18,7 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
     payload = json.loads((tmp_path / "smoke.json").read_text())
     assert payload["name"] == "smoke" and payload["meta"]["ray"]
     rows = payload["rows"]
-    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.5)"}
+    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.7+1)"}
     for row in rows:
         # every request is accounted for, and the clock and the cost are physical
         assert row["completed"] + row["failed"] == row["requests"] > 50
@@ -28,9 +28,11 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
         assert 0.0 <= row["mean_kv_utilization"] <= 1.0
     kv_rows = [r for r in rows if r["router"] != "pow2"]
     assert all(r["router_fits"] + r["router_overflow"] > 0 for r in kv_rows)  # the real ranking code ran
-    assert "| pack+kvheld(0.5) |" in (tmp_path / "smoke.md").read_text()
+    assert "| pack+kvheld(0.7+1) |" in (tmp_path / "smoke.md").read_text()
     assert isinstance(out["summary"]["kept~0.45: target_met"], bool)
-    assert "kept~0.45: pack+kvheld(0.5): saving_conservative" in out["summary"]
+    assert "kept~0.45: pack+kvheld(0.7+1): saving_conservative" in out["summary"]
+    assert out["summary"]["kept~0.45: headline"] == "pack+kvheld(0.7+1)"
+    assert next(r for r in rows if r["strategy"] == "pack+kvheld(0.7+1)")["spare_replicas"] == 1.0
 
 
 def test_same_seed_same_trace_and_every_strategy_sees_it():
@@ -81,19 +83,41 @@ def test_resample_layers_by_relative_depth(values, layers, expected):
 @pytest.mark.parametrize(
     ("label", "expected"),
     [
-        ("pow2+queue(8)", ("pow2", "queue", 8.0, "committed")),
-        ("pack+kv(0.6)", ("pack", "kv", 0.6, "committed")),
-        ("pack+kvheld(0.5)", ("pack", "kv", 0.5, "held")),
-        ("spread+kv(0.75)", ("spread", "kv", 0.75, "committed")),
+        ("pow2+queue(8)", ("pow2", "queue", 8.0, "committed", 0.0)),
+        ("pack+kv(0.6)", ("pack", "kv", 0.6, "committed", 0.0)),
+        ("pack+kvheld(0.5)", ("pack", "kv", 0.5, "held", 0.0)),
+        ("pack+kvheld(0.7+1)", ("pack", "kv", 0.7, "held", 1.0)),
+        ("spread+kv(0.75+2.5)", ("spread", "kv", 0.75, "committed", 2.5)),
     ],
 )
 def test_parse_strategy(label, expected):
     strategy = router_sim.parse_strategy(label)
-    assert (strategy.router, strategy.autoscaler, strategy.target, strategy.demand) == expected
+    assert (
+        strategy.router,
+        strategy.autoscaler,
+        strategy.target,
+        strategy.demand,
+        strategy.spare,
+    ) == expected
     assert strategy.label == label
 
 
-@pytest.mark.parametrize("label", ["pack+queue(8)", "pow2+kv", "random+kv(0.5)"])
+def test_spare_replicas_reach_the_policy_and_cost_replicas():
+    """The same trace under one spare replica holds more replicas and no fewer finished requests."""
+    model = router_sim.ReplicaModel()
+    trace = router_sim.TraceModel(duration_s=120.0, mean_low_s=30.0, mean_high_s=30.0, ramp_s=10.0)
+    scaling = router_sim.ScalingModel(startup_s=10.0, upscale_delay_s=3.0, downscale_delay_s=15.0)
+    requests = router_sim.make_trace(trace, router_sim.RetentionModel(model.num_layers), seed=1)
+    rows = {}
+    for label in ("pack+kvheld(0.7)", "pack+kvheld(0.7+2)"):
+        sim = router_sim.Simulation(requests, router_sim.parse_strategy(label), model, scaling, seed=1)
+        assert sim.policy.config.spare_replicas == sim.strategy.spare
+        rows[label] = sim.run().row()
+    assert rows["pack+kvheld(0.7+2)"]["replica_seconds"] > rows["pack+kvheld(0.7)"]["replica_seconds"]
+    assert rows["pack+kvheld(0.7+2)"]["failed"] == rows["pack+kvheld(0.7)"]["failed"] == 0
+
+
+@pytest.mark.parametrize("label", ["pack+queue(8)", "pow2+kv", "random+kv(0.5)", "pow2+queue(8+1)"])
 def test_parse_strategy_refuses_what_is_not_simulated(label):
     with pytest.raises(ValueError):
         router_sim.parse_strategy(label)

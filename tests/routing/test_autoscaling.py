@@ -158,6 +158,26 @@ def test_kv_policy_from_replica_metrics(stats, queued, expected):
     assert set(state) == {"kv_demand_bytes", "kv_waiting_requests", "kv_desired_raw"}
 
 
+@pytest.mark.parametrize(
+    ("stats", "queued", "spare", "expected"),
+    [
+        ((busy(7.5, 3), busy(7.5, 3)), 0, 1.0, 3),  # 15 GiB / 7.5 = 2, plus the spare
+        ((busy(7.5, 3), busy(7.5, 3)), 0, 0.5, 3),  # 2.5 rounds up
+        ((busy(9, 3), busy(9, 3), busy(9, 3)), 2, 2.0, 7),  # 33 GiB / 7.5 = 4.4, plus 2
+        ((busy(1, 1), busy(0, 0), busy(0, 0)), 0, 1.0, 2),  # little load: one replica plus the spare
+        ((busy(0, 0), busy(0, 0)), 0, 2.0, 0),  # nothing held or waiting: still free to scale to zero
+        ((busy(0, 0), busy(0, 0)), 1, 2.0, 3),  # a queued request is demand: 1 / 8 replica, plus 2
+    ],
+)
+def test_spare_replicas_are_added_while_there_is_demand(stats, queued, spare, expected):
+    desired, state = KVDemandPolicy(**AT_75, spare_replicas=spare)(context(metrics_of(*stats), queued=queued))
+    without, plain = KVDemandPolicy(**AT_75)(context(metrics_of(*stats), queued=queued))
+    assert desired == expected
+    added = spare if expected else 0.0
+    assert state["kv_desired_raw"] == pytest.approx(plain["kv_desired_raw"] + added)
+    assert desired >= without
+
+
 def test_kv_policy_keeps_the_target_until_metrics_arrive():
     assert KVDemandPolicy(**AT_75)(context(None, target=3)) == (3, {})
     assert KVDemandPolicy(**AT_75)(context({}, target=3)) == (3, {})
@@ -232,6 +252,7 @@ def test_queue_policy_with_a_missing_metric_keeps_the_target():
     ("policy", "kwargs"),
     [
         (KVDemandPolicy, {"target_kv_utilization": 0}),
+        (KVDemandPolicy, {"spare_replicas": -1}),
         (KVDemandPolicy, {"target_kv_utilisation": 0.5}),
         (QueueLengthPolicy, {"target_per_replica": 0}),
         (QueueLengthPolicy, {"target": 3}),
