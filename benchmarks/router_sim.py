@@ -594,6 +594,8 @@ class Strategy:
         ``KVDemandPolicyConfig.demand`` of the KV policy.
     spare : float
         ``KVDemandPolicyConfig.spare_replicas`` of the KV policy.
+    forecast_s : float
+        ``KVDemandPolicyConfig.forecast_s`` of the KV policy.
     """
 
     label: str
@@ -602,6 +604,7 @@ class Strategy:
     target: float
     demand: str = "committed"
     spare: float = 0.0
+    forecast_s: float = 0.0
 
 
 @dataclass
@@ -632,6 +635,7 @@ class SimResult:
             "demand": self.strategy.demand if self.strategy.autoscaler == "kv" else "",
             "target": self.strategy.target,
             "spare_replicas": self.strategy.spare,
+            "forecast_s": self.strategy.forecast_s,
             "requests": len(self.requests),
             "completed": len(done),
             "failed": len(failed),
@@ -709,6 +713,7 @@ class Simulation:
                 target_kv_utilization=strategy.target,
                 demand=strategy.demand,
                 spare_replicas=strategy.spare,
+                forecast_s=strategy.forecast_s,
                 **(policy_config or {}),
             )
             target_ongoing = 2.0
@@ -1075,45 +1080,54 @@ class Simulation:
 # ----------------------------------------------------------------------------------------- the study
 
 
-STRATEGY_LABEL = re.compile(r"^(pow2|spread|pack)\+(queue|kv|kvheld)\(([0-9.]+)(?:\+([0-9.]+))?\)$")
+STRATEGY_LABEL = re.compile(
+    r"^(pow2|spread|pack)\+(queue|kv|kvheld)\(([0-9.]+)(?:\+([0-9.]+))?(?:@([0-9.]+))?\)$"
+)
 
 
 def parse_strategy(label: str) -> Strategy:
     """``"pack+kv(0.75)"`` -> :class:`Strategy`: router ``pow2`` | ``spread`` | ``pack``, autoscaler
     ``queue(T)`` (Ray's default at ``target_ongoing_requests`` T), ``kv(U)`` (``KVDemandPolicy`` on
     committed demand at ``target_kv_utilization`` U) or ``kvheld(U)`` (the same on held demand);
-    ``kvheld(U+S)`` adds ``spare_replicas`` S."""
+    ``kvheld(U+S@F)`` adds ``spare_replicas`` S and ``forecast_s`` F (either may be left out)."""
     match = STRATEGY_LABEL.match(label)
     if match is None:
         raise ValueError(
-            f"strategy {label!r} is not ROUTER+POLICY(TARGET[+SPARE]), e.g. pack+kvheld(0.7+1) or "
-            "pow2+queue(8)"
+            f"strategy {label!r} is not ROUTER+POLICY(TARGET[+SPARE][@FORECAST]), e.g. "
+            "pack+kvheld(0.9+1@20) or pow2+queue(8)"
         )
-    router, policy, target, spare = match.groups()
+    router, policy, target, spare, forecast = match.groups()
     if router != "pow2" and policy == "queue":
         raise ValueError(f"{label}: the KV routers are simulated with a KV policy only")
-    if policy == "queue" and spare is not None:
-        raise ValueError(f"{label}: spare replicas belong to the KV policy")
+    if policy == "queue" and (spare is not None or forecast is not None):
+        raise ValueError(f"{label}: spare replicas and forecasts belong to the KV policy")
     demand = "held" if policy == "kvheld" else "committed"
     return Strategy(
-        label, router, "queue" if policy == "queue" else "kv", float(target), demand, float(spare or 0.0)
+        label,
+        router,
+        "queue" if policy == "queue" else "kv",
+        float(target),
+        demand,
+        float(spare or 0.0),
+        float(forecast or 0.0),
     )
 
 
-SMOKE_STRATEGIES = ("pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.7+1)")
+SMOKE_STRATEGIES = ("pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.9+1@20)")
 FULL_STRATEGIES = (
-    *(f"pow2+queue({t})" for t in (4, 5, 6, 7, 8, 12, 16)),
+    *(f"pow2+queue({t})" for t in (4, 5, 6, 7, 8, 10, 12, 16)),
     "pow2+kv(0.6)",
     "spread+kv(0.6)",
     "pack+kvheld(0.5)",
     "pack+kvheld(0.7+1)",
-    "pack+kvheld(0.6+2)",
+    "pack+kvheld(0.9+1@20)",
+    "pack+kvheld(0.8+2@20)",
     "pack+kv(0.75)",
 )
 """The full matrix: Ray's default pair swept until its p95 brackets packing's, the KV policy under each
-router, the KV policy on held demand without spare replicas (the previous default), with one spare at
-0.7 (the default of ``configs/zipvl-gpu.yaml``) and with two at 0.6 (latency first), and committed
-demand at 0.75."""
+router, and on held demand: the library default (0.5, no spare, no forecast), one spare at 0.7, the
+default of ``configs/zipvl-gpu.yaml`` (0.9, one spare, 20 s forecast) and a latency-first setting (0.8,
+two spares, 20 s forecast); committed demand at 0.75."""
 
 
 def strategies(smoke: bool, labels: list[str] | None = None) -> list[Strategy]:
@@ -1126,9 +1140,9 @@ WORKLOADS = {"kept~0.45": None, "kept~0.8": 0.8}
 """Default retention (LLaVA-NeXT-7B / LongVA figures of the paper) and every request keeping ~80%
 (Qwen2.5-VL-7B, the outside re-run quoted in the spec): the same matrix runs on both."""
 
-HEADLINE = "pack+kvheld(0.7+1)"
+HEADLINE = "pack+kvheld(0.9+1@20)"
 """The headline row: the KV router's default strategy with ``configs/zipvl-gpu.yaml``'s policy (held demand
-at 0.7 plus one spare replica)."""
+at 0.9, one spare replica, demand forecast 20 s ahead)."""
 
 
 SUMMED_KEYS = {

@@ -18,7 +18,7 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
     payload = json.loads((tmp_path / "smoke.json").read_text())
     assert payload["name"] == "smoke" and payload["meta"]["ray"]
     rows = payload["rows"]
-    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.7+1)"}
+    assert {r["strategy"] for r in rows} == {"pow2+queue(12)", "spread+kv(0.6)", "pack+kvheld(0.9+1@20)"}
     for row in rows:
         # every request is accounted for, and the clock and the cost are physical
         assert row["completed"] + row["failed"] == row["requests"] > 50
@@ -28,11 +28,12 @@ def test_router_sim_smoke_writes_sane_results(tmp_path):
         assert 0.0 <= row["mean_kv_utilization"] <= 1.0
     kv_rows = [r for r in rows if r["router"] != "pow2"]
     assert all(r["router_fits"] + r["router_overflow"] > 0 for r in kv_rows)  # the real ranking code ran
-    assert "| pack+kvheld(0.7+1) |" in (tmp_path / "smoke.md").read_text()
+    assert "| pack+kvheld(0.9+1@20) |" in (tmp_path / "smoke.md").read_text()
     assert isinstance(out["summary"]["kept~0.45: target_met"], bool)
-    assert "kept~0.45: pack+kvheld(0.7+1): saving_conservative" in out["summary"]
-    assert out["summary"]["kept~0.45: headline"] == "pack+kvheld(0.7+1)"
-    assert next(r for r in rows if r["strategy"] == "pack+kvheld(0.7+1)")["spare_replicas"] == 1.0
+    assert "kept~0.45: pack+kvheld(0.9+1@20): saving_conservative" in out["summary"]
+    assert out["summary"]["kept~0.45: headline"] == "pack+kvheld(0.9+1@20)"
+    headline = next(r for r in rows if r["strategy"] == "pack+kvheld(0.9+1@20)")
+    assert (headline["spare_replicas"], headline["forecast_s"]) == (1.0, 20.0)
 
 
 def test_same_seed_same_trace_and_every_strategy_sees_it():
@@ -112,12 +113,16 @@ def test_spare_replicas_reach_the_policy_and_cost_replicas():
     for label in ("pack+kvheld(0.7)", "pack+kvheld(0.7+2)"):
         sim = router_sim.Simulation(requests, router_sim.parse_strategy(label), model, scaling, seed=1)
         assert sim.policy.config.spare_replicas == sim.strategy.spare
+        assert sim.policy.config.forecast_s == sim.strategy.forecast_s == 0.0
         rows[label] = sim.run().row()
     assert rows["pack+kvheld(0.7+2)"]["replica_seconds"] > rows["pack+kvheld(0.7)"]["replica_seconds"]
     assert rows["pack+kvheld(0.7+2)"]["failed"] == rows["pack+kvheld(0.7)"]["failed"] == 0
 
 
-@pytest.mark.parametrize("label", ["pack+queue(8)", "pow2+kv", "random+kv(0.5)", "pow2+queue(8+1)"])
+@pytest.mark.parametrize(
+    "label",
+    ["pack+queue(8)", "pow2+kv", "random+kv(0.5)", "pow2+queue(8+1)", "pow2+queue(8@20)", "pack+kv(0.5@)"],
+)
 def test_parse_strategy_refuses_what_is_not_simulated(label):
     with pytest.raises(ValueError):
         router_sim.parse_strategy(label)

@@ -14,6 +14,7 @@ from zipvl_ray.routing.autoscaling import (
     KVDemandPolicyConfig,
     QueueLengthPolicy,
     ReplicaKVMetrics,
+    Trend,
     desired_replicas_for_kv,
     kv_metrics_from_context,
 )
@@ -99,7 +100,7 @@ def test_no_capacity_reported_means_no_decision():
 
 
 def context(
-    metrics: dict | None, *, current=2, target=2, queued=0.0, total=0.0, config=None
+    metrics: dict | None, *, current=2, target=2, queued=0.0, total=0.0, config=None, now=None
 ) -> AutoscalingContext:
     return AutoscalingContext(
         deployment_id=DeploymentID(name="llm"),
@@ -117,7 +118,7 @@ def context(
         policy_state={},
         last_scale_up_time=None,
         last_scale_down_time=None,
-        current_time=None,
+        current_time=now,
         config=config
         or AutoscalingConfig(min_replicas=1, max_replicas=10, upscale_delay_s=0, downscale_delay_s=0),
     )
@@ -176,6 +177,38 @@ def test_spare_replicas_are_added_while_there_is_demand(stats, queued, spare, ex
     added = spare if expected else 0.0
     assert state["kv_desired_raw"] == pytest.approx(plain["kv_desired_raw"] + added)
     assert desired >= without
+
+
+def test_trend_measures_the_rise_over_its_window():
+    trend = Trend(window_s=10.0)
+    assert trend.rise_per_s(0.0, 2.0) == 0.0  # no history yet
+    assert trend.rise_per_s(4.0, 4.0) == 0.0  # less than half a window
+    assert trend.rise_per_s(6.0, 5.0) == pytest.approx(0.5)  # (5 - 2) / 6
+    for t in range(7, 31):
+        rise = trend.rise_per_s(float(t), 5.0 + 0.25 * (t - 6))
+    assert rise == pytest.approx(0.25)  # a steady climb, measured over the last 10 s only
+    assert trend.rise_per_s(31.0, 0.0) == 0.0  # a fall is never projected
+    assert len(trend.samples) <= 12  # old samples are dropped
+    assert trend.rise_per_s(5.0, 9.0) == 0.0  # the clock went back: the history restarts
+    assert list(trend.samples) == [(5.0, 9.0)]
+
+
+def test_forecast_scales_ahead_of_a_rising_demand_and_never_below_it():
+    """Held demand climbing 0.5 GiB/s: with a 20 s forecast the policy asks for the replicas 20 s ahead."""
+    plain, ahead = KVDemandPolicy(**AT_75), KVDemandPolicy(**AT_75, forecast_s=20.0)
+    for t in range(21):
+        stats = metrics_of(busy(1 + 0.5 * t, 4))
+        without, _ = plain(context(stats, now=float(t)))
+        desired, state = ahead(context(stats, now=float(t)))
+    assert without == 2  # 11 GiB / 7.5
+    assert state["kv_rise_per_s"] == pytest.approx(0.5 / 7.5)
+    assert desired == 3  # (11 + 20 x 0.5) GiB / 7.5 = 2.8
+    for t in range(21, 61):  # demand falls: once the window holds only the fall, the forecast adds nothing
+        stats = metrics_of(busy(11 - 0.2 * (t - 20), 4))
+        forecast, _ = ahead(context(stats, now=float(t)))
+        assert forecast >= plain(context(stats, now=float(t)))[0]
+        if t >= 41:
+            assert forecast == plain(context(stats, now=float(t)))[0]
 
 
 def test_kv_policy_keeps_the_target_until_metrics_arrive():
@@ -253,6 +286,8 @@ def test_queue_policy_with_a_missing_metric_keeps_the_target():
     [
         (KVDemandPolicy, {"target_kv_utilization": 0}),
         (KVDemandPolicy, {"spare_replicas": -1}),
+        (KVDemandPolicy, {"forecast_s": -5}),
+        (KVDemandPolicy, {"trend_window_s": 0}),
         (KVDemandPolicy, {"target_kv_utilisation": 0.5}),
         (QueueLengthPolicy, {"target_per_replica": 0}),
         (QueueLengthPolicy, {"target": 3}),

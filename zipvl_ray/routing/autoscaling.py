@@ -24,6 +24,8 @@ The LLM replicas' metrics come from :func:`zipvl_ray.routing.replica_stats.autos
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -78,6 +80,20 @@ class KVDemandPolicyConfig(BaseModel):
         "start of a burst while new replicas start, so the target can run the fleet fuller at the peak "
         "(docs/routing.md: 0.7 with 1 spare beat 0.5 with none in the simulation). With no request held "
         "or waiting it adds nothing, so min_replicas 0 still scales to zero.",
+    )
+    forecast_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Scale for the demand expected this many seconds ahead: the desired count grows by its "
+        "rise per second over the last trend_window_s times forecast_s. Only a rise is projected, never a "
+        "fall, so it starts replicas earlier in a burst and never stops them earlier. About the time a new "
+        "replica takes to serve (upscale_delay_s plus start-up) is the natural horizon; 0 turns it off.",
+    )
+    trend_window_s: float = Field(
+        default=20.0,
+        gt=0.0,
+        description="Window over which forecast_s measures the rise of the desired count (a rise is only "
+        "projected once half a window of history exists).",
     )
 
 
@@ -209,6 +225,40 @@ def kv_metrics_from_context(
     ]
 
 
+class Trend:
+    """Rise per second of a value over a sliding time window (the forecast of :class:`KVDemandPolicy`).
+
+    Parameters
+    ----------
+    window_s : float
+        How far back the rise is measured.
+
+    Notes
+    -----
+    Amortised O(1) per call: samples older than the window are dropped as new ones arrive.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.samples: deque[tuple[float, float]] = deque()
+
+    def rise_per_s(self, now: float, value: float) -> float:
+        """Record ``value`` at ``now``; ``(value - oldest in the window) / elapsed``, at least 0.
+
+        0 until half a window of history exists, and when time went backwards (the history restarts).
+        """
+        samples = self.samples
+        if samples and now < samples[-1][0]:
+            samples.clear()
+        samples.append((now, value))
+        while len(samples) > 1 and samples[1][0] <= now - self.window_s:
+            samples.popleft()
+        then, before = samples[0]
+        if now - then < 0.5 * self.window_s:
+            return 0.0
+        return max(0.0, (value - before) / (now - then))
+
+
 def _ceil(value: float) -> int:
     # Aggregated floats land a hair above whole numbers (2.0000000001 must not become 3).
     return max(0, math.ceil(value - 1e-6))
@@ -225,12 +275,15 @@ class KVDemandPolicy:
     Notes
     -----
     Until a replica has reported metrics it keeps the current target. The returned state carries only
-    the figures behind the decision (``kv_demand_bytes``, ``kv_waiting_requests``, ``kv_desired_raw``),
-    for inspection; Serve merges its own delay counters into it.
+    the figures behind the decision (``kv_demand_bytes``, ``kv_waiting_requests``, ``kv_desired_raw``,
+    and ``kv_rise_per_s`` with a forecast), for inspection; Serve merges its own delay counters into it.
+    The forecast's history lives in the instance (Serve builds one per deployment and keeps it), so a
+    restarted controller starts without one and projects nothing for half a ``trend_window_s``.
     """
 
     def __init__(self, **policy_kwargs: Any) -> None:
         self.config = KVDemandPolicyConfig(**policy_kwargs)
+        self._trend = Trend(self.config.trend_window_s)
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         demand = desired_replicas_for_kv(
@@ -241,13 +294,15 @@ class KVDemandPolicy:
         if demand is None:
             return ctx.target_num_replicas, {}
         desired = demand.desired_replicas
+        state = {"kv_demand_bytes": demand.held_bytes, "kv_waiting_requests": demand.waiting_requests}
+        if self.config.forecast_s > 0:
+            now = ctx.current_time if ctx.current_time is not None else time.time()
+            rise = self._trend.rise_per_s(now, desired)
+            desired += rise * self.config.forecast_s
+            state["kv_rise_per_s"] = rise
         if demand.held_bytes > 0 or demand.waiting_requests > 0:
             desired += self.config.spare_replicas
-        state = {
-            "kv_demand_bytes": demand.held_bytes,
-            "kv_waiting_requests": demand.waiting_requests,
-            "kv_desired_raw": desired,
-        }
+        state["kv_desired_raw"] = desired
         return _ceil(desired), state
 
 
@@ -312,6 +367,7 @@ __all__ = [
     "QueueLengthPolicy",
     "QueuePolicyConfig",
     "ReplicaKVMetrics",
+    "Trend",
     "desired_replicas_for_kv",
     "desired_replicas_for_queue",
     "kv_metrics_from_context",
