@@ -100,7 +100,8 @@ def app_args(strategy: Strategy, scaling: Scaling, base: dict[str, Any] | None =
 
     ``pow2``: no ``request_router_config`` (Serve's default router) and Serve's default policy at
     ``target_ongoing_requests``; ``pack`` / ``spread``: the config's ``KVPackingRouter`` block with that
-    strategy and ``KVDemandPolicy`` at ``target_kv_utilization`` (on ``strategy.demand``).
+    strategy and ``KVDemandPolicy`` at ``target_kv_utilization`` (on ``strategy.demand``, with the
+    strategy's ``spare_replicas`` and ``forecast_s`` when set).
     """
     args = copy.deepcopy(base if base is not None else multi_config_args())
     args["telemetry"] = {**args.get("telemetry", {}), "log_level": "WARNING"}
@@ -127,7 +128,12 @@ def app_args(strategy: Strategy, scaling: Scaling, base: dict[str, Any] | None =
     else:
         autoscaling["policy"] = {
             "policy_function": "zipvl_ray.routing.autoscaling:KVDemandPolicy",
-            "policy_kwargs": {"target_kv_utilization": strategy.target, "demand": strategy.demand},
+            "policy_kwargs": {
+                "target_kv_utilization": strategy.target,
+                "demand": strategy.demand,
+                **({"spare_replicas": strategy.spare} if strategy.spare else {}),
+                **({"forecast_s": strategy.forecast_s} if strategy.forecast_s else {}),
+            },
         }
     llm["autoscaling_config"] = autoscaling
     return args

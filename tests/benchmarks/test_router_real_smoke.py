@@ -33,6 +33,14 @@ from deployments.app import AppArgs
             {"target_kv_utilization": 0.5, "demand": "held"},
             None,
         ),
+        (
+            "pack+kvheld(0.9+1@20)",
+            "zipvl_ray.routing.router:KVPackingRouter",
+            "pack",
+            "zipvl_ray.routing.autoscaling:KVDemandPolicy",
+            {"target_kv_utilization": 0.9, "demand": "held", "spare_replicas": 1.0, "forecast_s": 20.0},
+            None,
+        ),
     ],
 )
 def test_each_strategy_gets_its_router_and_policy(
