@@ -82,12 +82,28 @@ async def stream_one(client: httpx.AsyncClient, body: dict[str, Any], index: int
 
 
 async def run_streams(
-    service: Service, bodies: Sequence[dict[str, Any]], *, timeout_s: float = 120.0
+    service: Service,
+    bodies: Sequence[dict[str, Any]],
+    *,
+    timeout_s: float = 120.0,
+    start_after_s: Sequence[float] | None = None,
 ) -> list[StreamResult]:
-    """Send every body at once as a stream (one connection each); returns results in order."""
+    """Send every body as a stream (one connection each); returns results in order.
+
+    Every body goes at once unless ``start_after_s`` gives each one's delay in seconds.
+    """
+    delays = list(start_after_s) if start_after_s is not None else [0.0] * len(bodies)
+    if len(delays) != len(bodies):
+        raise ValueError("start_after_s needs one delay per body")
+
+    async def later(client: httpx.AsyncClient, body: dict[str, Any], index: int) -> StreamResult:
+        if delays[index] > 0:
+            await asyncio.sleep(delays[index])
+        return await stream_one(client, body, index)
+
     limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=0)
     async with service.async_client(limits=limits, timeout=timeout_s) as client:
-        return list(await asyncio.gather(*(stream_one(client, body, i) for i, body in enumerate(bodies))))
+        return list(await asyncio.gather(*(later(client, body, i) for i, body in enumerate(bodies))))
 
 
 async def drop_after_events(client: httpx.AsyncClient, body: dict[str, Any], events: int) -> int:

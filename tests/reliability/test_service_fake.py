@@ -367,7 +367,13 @@ def test_overload_is_answered_with_503_and_retry_after_and_nothing_is_lost(tight
         replica_actors("tight", "OpenAIIngress")
     )
     bodies = [tight.body(f"burst {i:03d}", max_tokens=40, ignore_eos=True) for i in range(requests)]
-    results = asyncio.run(run_streams(tight, bodies, timeout_s=120))
+    # A ramp first: 8 requests 0.1 s apart each reach the ingress (Serve's proxy routes a lone request
+    # at once) and outnumber the LLM stage's 2 running + 2 queued (each runs ~2 s), so the ingress
+    # refuses some. Then the other 32 at once: the proxy queues 4 while it routes and drops the rest.
+    # (All 40 at once can leave the ingress under its limit: the proxy may drop 36 before routing any.)
+    ramp = 8
+    start_after_s = [0.1 * i for i in range(ramp)] + [0.1 * ramp + 0.2] * (requests - ramp)
+    results = asyncio.run(run_streams(tight, bodies, timeout_s=120, start_after_s=start_after_s))
     assert all(r.answered for r in results), [r for r in results if not r.answered][:3]
     by_status = Counter(r.status for r in results)
     assert set(by_status) <= {200, 503}, by_status
