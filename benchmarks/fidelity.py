@@ -25,6 +25,7 @@ and pass it to :func:`run_benchmark`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -47,6 +48,7 @@ from zipvl_ray.sparsity import attention_flops_reduction  # noqa: E402
 TAUS = (0.90, 0.925, 0.95, 0.97, 0.975, 0.98, 0.99, 0.995, 1.0)
 MATCH_TAUS = (0.95, 0.975, 0.99)
 HEADLINE_TAU = 0.975
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "zipvl.yaml"
 ALL_PROBES = 1_000_000  # a probe count >= any prompt length: every position is a probe
 
 PROBE_ABLATIONS = {
@@ -253,6 +255,38 @@ def evaluate(backend: Backend, split: str, samples: list[Sample], method: Method
     return result
 
 
+def fixed_ratio_config(
+    tau: float, budget: float, num_layers: int, dense_layers: Iterable[int] = ()
+) -> ZipVLConfig:
+    """The fixed-ratio baseline at a mean budget: ``dense_layers`` dense, every other layer the same ratio.
+
+    The ratio ``r`` solves ``(len(dense_layers) + (L - len(dense_layers)) * r) / L = budget`` (clamped
+    to ``[0, 1]``), so the mean kept ratio over layers matches ``budget`` up to rounding.
+    """
+    dense = sorted(set(dense_layers))
+    pruned = num_layers - len(dense)
+    ratio = budget if pruned == num_layers else (num_layers * budget - len(dense)) / max(pruned, 1)
+    ratio = min(1.0, max(0.0, ratio))
+    return ZipVLConfig(tau=tau, dense_layers=dense, min_keep_ratio=ratio, max_keep_ratio=ratio)
+
+
+def load_base(path: str | Path | None) -> dict:
+    """The served ZipVL setting of a Serve config file (its first application's ``args.zipvl``), less ``tau``.
+
+    ``None`` or ``"none"`` gives ``{}``: the paper's ZipVL (every layer pruned, no floor).
+    """
+    if path is None or str(path) == "none":
+        return {}
+    import yaml
+
+    app = yaml.safe_load(Path(path).read_text())["applications"][0]
+    base = dict(app.get("args", {}).get("zipvl") or {})
+    base.pop("tau", None)
+    base.pop("enabled", None)
+    ZipVLConfig(**base)  # fails early on a bad setting
+    return base
+
+
 def run_benchmark(
     backend: Backend,
     splits: dict[str, list[Sample]],
@@ -260,12 +294,19 @@ def run_benchmark(
     taus: Iterable[float] = TAUS,
     match_taus: Iterable[float] = MATCH_TAUS,
     ablations: bool | Iterable[str] = True,
+    base: dict | None = None,
     log=print,
 ) -> list[MethodResult]:
     """Every method on every split, in one process, on the same samples.
 
     ``ablations``: True (every split), False (none) or the names of the splits that get them.
+    ``base``: :class:`ZipVLConfig` fields every ZipVL row of the sweep and of the matched budget uses
+    (the served setting, e.g. ``{"dense_layers": [0], "min_keep_ratio": 0.3}``); the fixed ratio keeps
+    the same dense layers. The ablations run the paper's plain ZipVL (no dense layer, no floor), so
+    that they isolate the probe and metric choices as its Tables C and D do.
     """
+    base = dict(base or {})
+    num_layers = getattr(backend, "num_layers", None)
     results: list[MethodResult] = []
     for split, samples in splits.items():
         log(f"split {split}: {len(samples)} samples")
@@ -274,17 +315,23 @@ def run_benchmark(
         )
         by_tau = {}
         for tau in sorted(set(taus) | set(match_taus) | {HEADLINE_TAU}):
-            by_tau[tau] = evaluate(backend, split, samples, zipvl_method(tau), log)
+            by_tau[tau] = evaluate(backend, split, samples, zipvl_method(tau, **base), log)
             results.append(by_tau[tau])
         for tau in match_taus:
             budget = by_tau[tau].mean_kept_ratio
             label = f"@ budget {budget:.3f} (ZipVL tau={tau})"
-            fixed = ZipVLConfig(tau=tau, min_keep_ratio=budget, max_keep_ratio=budget)
+            if num_layers is None or not base.get("dense_layers"):
+                fixed = ZipVLConfig(tau=tau, min_keep_ratio=budget, max_keep_ratio=budget)
+            else:
+                fixed = fixed_ratio_config(tau, budget, num_layers, base["dense_layers"])
             for method in (
                 Method(f"fixed ratio {label}", "fixed", fixed, tau=tau),
                 Method(f"FastV K=2 {label}", "fastv", fastv_budget=budget, tau=tau),
                 zipvl_method(
-                    tau, "random", f"random selection (ZipVL count, tau={tau})", select_metric="random"
+                    tau,
+                    "random",
+                    f"random selection (ZipVL count, tau={tau})",
+                    **{**base, "select_metric": "random"},
                 ),
             ):
                 results.append(evaluate(backend, split, samples, method, log))
@@ -447,6 +494,11 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="SPLIT=N",
         help="per-split sample counts overriding --samples, e.g. short=64 long=32",
     )
+    parser.add_argument(
+        "--zipvl-config",
+        default=str(DEFAULT_SERVE_CONFIG),
+        help="Serve config whose ZipVL setting (besides tau) every ZipVL row uses; 'none': the paper's plain ZipVL",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few samples, few methods, seconds")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -457,9 +509,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, processor = load_model(args.model, device="cpu")
     backend = ReferenceBackend(model, processor)
+    base = load_base(args.zipvl_config)
     if args.smoke:
         splits = {name: make_split(name, "test", size) for name, size in SMOKE_SPLIT_SIZES.items()}
-        results = run_benchmark(backend, splits, taus=(0.975,), match_taus=(0.975,), ablations=False)
+        results = run_benchmark(
+            backend, splits, taus=(0.975,), match_taus=(0.975,), ablations=False, base=base
+        )
     else:
         sizes = {name: args.samples for name in args.splits}
         for item in args.split_samples:
@@ -468,9 +523,10 @@ def main(argv: list[str] | None = None) -> dict:
         splits = {name: make_split(name, "test", sizes[name]) for name in args.splits}
         ablations = False if args.no_ablations else (args.ablation_splits if args.ablation_splits else True)
         results = run_benchmark(
-            backend, splits, taus=args.taus, match_taus=args.match_taus, ablations=ablations
+            backend, splits, taus=args.taus, match_taus=args.match_taus, ablations=ablations, base=base
         )
     rows, summary = summarize(results)
+    summary["ZipVL setting (besides tau)"] = json.dumps(base)
     name = "fidelity_smoke" if args.smoke else "fidelity"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     columns = [
@@ -488,6 +544,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"Model `{args.model}`, greedy decoding through `model.generate(..., past_key_values=ZipVLCache(model))`; "
         "kept_ratio = mean over layers of kept / prompt tokens; flops_reduction = 1 - mean_l (kept_l / n)^2. "
         "Per-task accuracy and per-layer kept ratios are in the JSON file. "
+        f"ZipVL setting besides tau (from `{args.zipvl_config}`): `{json.dumps(base)}`; the fixed ratio keeps "
+        "the same dense layers; the probe and metric ablations run the paper's plain ZipVL. "
         f"Command: `python benchmarks/fidelity.py {' '.join(sys.argv[1:] if argv is None else argv)}`."
     )
     json_path, md_path = write_results(

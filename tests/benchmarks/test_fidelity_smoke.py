@@ -114,3 +114,87 @@ def test_dense_layers_benchmark_smoke_and_all_dense_equals_dense(tmp_path):
         "tiny-llava", {"short": 2}, (0.9,), (every,), log=lambda _: None
     )
     assert all_dense["kept_ratio"] == 1.0 and all_dense["accuracy"] == dense["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("budget", "layers", "dense", "ratio"),
+    [
+        (0.3, 8, (), 0.3),  # no dense layer: the budget itself
+        (0.3, 8, (0,), (8 * 0.3 - 1) / 7),  # layer 0 at 1.0, the other seven share the rest
+        (0.2, 8, (0, 1), 0.0),  # two dense layers already exceed the budget: clamped
+        (1.0, 8, (0,), 1.0),
+    ],
+)
+def test_fixed_ratio_config_matches_the_mean_budget(budget, layers, dense, ratio):
+    from benchmarks.fidelity import fixed_ratio_config
+
+    config = fixed_ratio_config(0.975, budget, layers, dense)
+    assert config.dense_layers == list(dense)
+    assert config.min_keep_ratio == config.max_keep_ratio == pytest.approx(ratio)
+    if ratio > 0:
+        assert (len(dense) + (layers - len(dense)) * ratio) / layers == pytest.approx(budget)
+
+
+def test_load_base_reads_the_served_setting(tmp_path):
+    from benchmarks.fidelity import DEFAULT_SERVE_CONFIG, load_base
+
+    served = load_base(DEFAULT_SERVE_CONFIG)
+    assert "tau" not in served
+    ZipVLConfig(**served)
+    assert load_base("none") == {} and load_base(None) == {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - args:\n      zipvl: {tau: 0.9, min_keep_ratio: 2.0}\n")
+    with pytest.raises(ValueError):
+        load_base(bad)
+
+
+def test_smoke_mode_with_a_served_setting_keeps_its_dense_layer(tmp_path, one_thread):
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - args:\n      zipvl: {tau: 0.975, dense_layers: [0]}\n")
+    out = main(
+        ["--smoke", "--model", "tiny-llava", "--threads", "1", "--out-dir", str(tmp_path)]
+        + ["--zipvl-config", str(config)]
+    )
+    payload = json.loads((tmp_path / "fidelity_smoke.json").read_text())
+    zipvl = [row for row in payload["rows"] if row["family"] in ("zipvl", "fixed", "random")]
+    assert zipvl and all(row["layer_kept_ratio"][0] == 1.0 for row in zipvl)
+    assert json.loads(out["summary"]["ZipVL setting (besides tau)"]) == {"dense_layers": [0]}
+
+
+def test_select_chooses_on_val_by_its_written_rules(tmp_path):
+    from benchmarks import fidelity_select
+
+    def row(candidate, split, setting, accuracy, vs, kept):
+        return dict(
+            candidate=candidate,
+            split=split,
+            setting=setting,
+            overrides={"s": setting},
+            samples=10,
+            accuracy=accuracy,
+            vs_dense=vs,
+            kept_ratio=kept,
+        )
+
+    rows = [
+        row("a", "long", "dense", 0.3, None, 1.0),
+        row("a", "short", "dense", 0.5, None, 1.0),
+        row("b", "long", "dense", 0.5, None, 1.0),
+        row("b", "short", "dense", 0.6, None, 1.0),
+        row("b", "long", "x", 0.5, 1.0, 0.5),  # best fidelity but over the long budget
+        row("b", "short", "x", 0.6, 1.0, 0.9),
+        row("b", "long", "y", 0.45, 0.9, 0.3),
+        row("b", "short", "y", 0.6, 1.0, 0.8),
+        row("b", "long", "z", 0.4, 0.8, 0.2),
+        row("b", "short", "z", 0.6, 1.0, 0.7),
+    ]
+    choice = fidelity_select.choose(rows, max_long_kept=0.37)
+    assert choice["checkpoint"] == "b" and choice["setting"] == "y" and choice["overrides"] == {"s": "y"}
+    assert "x" not in choice["setting_scores"]
+    record = fidelity_select.main(
+        ["--smoke", "--candidates", "tiny=tiny-llava", "--threads", "1", "--out-dir", str(tmp_path)]
+    )
+    assert {r["setting"] for r in record["rows"]} == {"dense", "plain", "dense_layers=[0]"}
+    assert {r["split"] for r in record["rows"]} == {"long"}
+    assert record["choice"]["checkpoint"] == "tiny"
+    assert (tmp_path / "fidelity_select_smoke.md").exists()
