@@ -231,8 +231,11 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
     }
 
 
-def start_local_server(model: str, device: str) -> tuple[str, Any]:
-    """An in-process server (uvicorn, real engine and encoder, no Ray) for ``--smoke``."""
+def start_local_server(model: str, device: str, zipvl: Any = None) -> tuple[str, Any]:
+    """An in-process server (uvicorn, real engine and encoder, no Ray) for ``--smoke``.
+
+    ``zipvl``: the server's ZipVL defaults (a :class:`~zipvl_ray.config.ZipVLConfig`; None: the library's).
+    """
     import socket
 
     import uvicorn
@@ -246,10 +249,13 @@ def start_local_server(model: str, device: str) -> tuple[str, Any]:
     from zipvl_ray.vision import VisionEncoder
 
     engine_config = EngineConfig(max_model_len=2048, kv_cache_bytes=32 << 20)
-    engine = AsyncLLMEngine.from_pretrained(model, device=device, engine=engine_config)
+    from zipvl_ray.config import ZipVLConfig
+
+    zipvl = zipvl if zipvl is not None else ZipVLConfig()
+    engine = AsyncLLMEngine.from_pretrained(model, device=device, engine=engine_config, zipvl=zipvl)
     encoder = VisionEncoder.from_pretrained(model, device=device)
     settings = ServingSettings(
-        served_model_name=model, model_source=model, max_model_len=engine_config.max_model_len
+        served_model_name=model, model_source=model, max_model_len=engine_config.max_model_len, zipvl=zipvl
     )
     app = build_openai_app(LocalBackend(engine, encoder), PromptProcessor(load_processor(model)), settings)
     with socket.socket() as s:

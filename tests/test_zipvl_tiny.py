@@ -4,14 +4,18 @@
 ``model.generate`` answers to held-out questions.
 
 The checkpoint reads its pictures (docs/fidelity.md: well above chance on every split, best on single
-pictures). ``CORRECT`` is a held-out picture question it answers right, densely and at tau = 0.975:
-"What is left of the square?" needs the square's cell and its left neighbour's.
+pictures). ``CORRECT`` is a held-out picture question it answers right, densely and with the ZipVL
+setting ``configs/zipvl.yaml`` serves it with (tau = 0.975, layers 0-1 dense): "What colour is the
+triangle?" needs the triangle's cell among 64.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
+import yaml
 
 from zipvl_ray.config import ZipVLConfig
 from zipvl_ray.data import make_sample
@@ -24,9 +28,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 #: Held-out questions (test partition, never trained on): a picture and a 2-frame video.
-HELD_OUT = [("short", 0), ("medium", 1)]
-#: A held-out question (one picture) the checkpoint answers correctly, densely and at tau = 0.975.
-CORRECT = ("short", 3)
+HELD_OUT = [("short", 3), ("medium", 1)]
+#: A held-out question (one picture) the checkpoint answers correctly, densely and with the served setting.
+CORRECT = ("short", 0)
+SERVE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "zipvl.yaml"
+
+
+def served_zipvl_config() -> ZipVLConfig:
+    """The ZipVL setting ``configs/zipvl.yaml`` (``make serve``) serves zipvl-tiny with."""
+    app = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    assert app["args"]["model"] == ZIPVL_TINY_NAME
+    return ZipVLConfig(**app["args"]["zipvl"])
 
 
 def held_out_chat(sample) -> list[dict]:
@@ -58,12 +70,12 @@ def test_zipvl_tiny_is_a_builtin_name_loaded_offline(monkeypatch):
 def llm():
     from zipvl_ray.engine import LLM
 
-    return LLM(ZIPVL_TINY_NAME, device="cpu", dtype="float32")
+    return LLM(ZIPVL_TINY_NAME, device="cpu", dtype="float32", zipvl=served_zipvl_config())
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """Greedy answers of transformers' own ``generate`` (dense and ZipVL tau = 0.975) per sample."""
+    """Greedy answers of transformers' own ``generate`` (dense and the served ZipVL setting) per sample."""
     import torch
 
     from zipvl_ray import ZipVLCache
@@ -75,7 +87,7 @@ def reference():
         sample = make_sample(split, "test", index)
         prompt = processor.apply_chat_template(sample.messages(), add_generation_prompt=True, tokenize=False)
         inputs = processor(text=[prompt], images=sample.images(), return_tensors="pt")
-        for config in (ZipVLConfig(enabled=False), ZipVLConfig(tau=0.975)):
+        for config in (ZipVLConfig(enabled=False), served_zipvl_config()):
             with torch.no_grad():
                 out = model.generate(
                     **inputs, past_key_values=ZipVLCache(model, config), max_new_tokens=8, do_sample=False
@@ -94,6 +106,7 @@ def test_llm_generate_gives_the_reference_answers(llm, reference, split, index):
     sample = make_sample(split, "test", index)
     prompt = {"messages": sample.messages(), "images": sample.images()}
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    # A request's knobs merge onto the engine's defaults (the served setting).
     for enabled, zipvl in ((False, {"enabled": False}), (True, {"tau": 0.975})):
         (out,) = llm.generate([prompt], greedy, zipvl=zipvl)
         assert out.text.strip() == reference[(split, index, enabled)], (zipvl, sample.question)
@@ -115,7 +128,7 @@ def test_llm_generate_answers_a_held_out_question_correctly(llm):
 def local_http():
     from benchmarks.serve import start_local_server
 
-    base_url, stop = start_local_server(ZIPVL_TINY_NAME, "cpu")
+    base_url, stop = start_local_server(ZIPVL_TINY_NAME, "cpu", zipvl=served_zipvl_config())
     yield base_url
     stop()
 
@@ -128,7 +141,7 @@ def test_http_service_gives_the_reference_answers(local_http, reference, split, 
         "messages": held_out_chat(sample),
         "max_tokens": 8,
         "temperature": 0,
-        "zipvl": {"tau": ZipVLConfig().tau},
+        "zipvl": {"tau": served_zipvl_config().tau},
     }
     response = httpx.post(f"{local_http}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
