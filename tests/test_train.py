@@ -163,7 +163,7 @@ def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
     assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json"} <= {
         p.name for p in tmp_path.iterdir()
     }
-    assert json.loads((tmp_path / "training.json").read_text())["config"]["seed"] == 0
+    assert json.loads((tmp_path / "training.json").read_text())["config"]["seed"] == SMOKE_CONFIG.seed == 1
     from zipvl_ray.models import load_model
 
     model, processor = load_model(str(tmp_path), device="cpu")
