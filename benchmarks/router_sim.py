@@ -44,7 +44,7 @@ import re
 import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1494,6 +1494,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--samples", type=int, default=12, help="requests per kind of --measure-retention")
     parser.add_argument("--kv-pool-gib", type=float, default=None, help="KV pool per replica")
     parser.add_argument("--startup-s", type=float, default=None, help="scale-up decision to ready replica")
+    parser.add_argument(
+        "--upscale-delay-s",
+        type=float,
+        default=None,
+        help="autoscaling_config.upscale_delay_s (with --startup-s 0: scaling without lag)",
+    )
     parser.add_argument("--stationary-mix", action="store_true", help="bursts keep the base request mix")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="router_sim")
@@ -1506,7 +1512,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = ReplicaModel(readmit_counts_generated=not args.readmit_as_new)
     if args.kv_pool_gib is not None:
         model = ReplicaModel(**{**model.__dict__, "kv_pool_gib": args.kv_pool_gib})
-    scaling = ScalingModel() if args.startup_s is None else ScalingModel(startup_s=args.startup_s)
+    scaling = ScalingModel()
+    if args.startup_s is not None:
+        scaling = replace(scaling, startup_s=args.startup_s)
+    if args.upscale_delay_s is not None:
+        scaling = replace(scaling, upscale_delay_s=args.upscale_delay_s)
     duration = args.duration_s or (90.0 if args.smoke else 1800.0)
     trace = TraceModel(duration_s=duration, stationary_mix=args.stationary_mix)
     if args.smoke:
@@ -1545,6 +1555,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         requests_per_seed=rows[0]["requests"] / seeds,
         kv_pool_gib=model.kv_pool_gib,
         startup_s=scaling.startup_s,
+        upscale_delay_s=scaling.upscale_delay_s,
         stationary_mix=trace.stationary_mix,
         drain_timeout_s=scaling.drain_timeout_s,
         **{f"{name}: mean_kept": retention.mean_kept() for name, retention in workloads.items()},

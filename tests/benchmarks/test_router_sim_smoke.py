@@ -165,3 +165,22 @@ def test_retention_models_see_the_same_arrivals():
     ]
     mean = lambda reqs: sum(sum(r.kept) / len(r.kept) for r in reqs) / len(reqs)  # noqa: E731
     assert mean(light) < 0.55 < 0.7 < mean(heavy)
+
+
+def test_no_lag_flags_reach_the_scaling_model(tmp_path):
+    """``--startup-s 0 --upscale-delay-s 0`` (the no-lag check of docs/routing.md): every replica the
+    autoscaler adds is ready when it is added, and the summary records the setting."""
+    out = router_sim.main(
+        [
+            "--duration-s", "150", "--seeds", "1", "--strategy", "pack+kvheld(0.5)",
+            "--startup-s", "0", "--upscale-delay-s", "0", "--out-dir", str(tmp_path), "--name", "nolag",
+        ]
+    )  # fmt: skip
+    assert out["summary"]["startup_s"] == 0.0 and out["summary"]["upscale_delay_s"] == 0.0
+    model, trace = router_sim.ReplicaModel(), router_sim.TraceModel(duration_s=150.0)
+    scaling = router_sim.ScalingModel(startup_s=0.0, upscale_delay_s=0.0)
+    requests = router_sim.make_trace(trace, router_sim.RetentionModel(model.num_layers), seed=0)
+    sim = router_sim.Simulation(requests, router_sim.parse_strategy("pack+kvheld(0.5)"), model, scaling)
+    result = sim.run()
+    assert len(result.replicas) > scaling.min_replicas  # it scaled up, and no replica waited to start
+    assert all(r.ready_at == r.started_at for r in result.replicas)
