@@ -172,6 +172,24 @@ def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
     assert model.config.vision_config.num_attention_heads == ZIPVL_TINY_SPEC.vision_heads
 
 
+def test_stop_after_runs_the_first_steps_of_the_same_run_and_saves_nothing(tmp_path):
+    """``--stop-after N`` (screening seeds) replays exactly the full run's first N steps."""
+    from dataclasses import replace
+
+    from zipvl_ray.train import train
+
+    config = replace(SMOKE_CONFIG, steps=4, log_every=1)
+    full, short = [], []
+    train(config, None, log=full.append)
+    record = train(config, tmp_path, log=short.append, stop_after=2)
+    steps = [line for line in full if line.startswith("step ")]
+    assert [line.rsplit(" ", 1)[0] for line in short if line.startswith("step ")] == [
+        line.rsplit(" ", 1)[0] for line in steps[:2]
+    ]  # same losses and learning rates (the elapsed seconds at the end may differ)
+    assert record["stopped_after"] == 2 and short[-1].startswith("stopped after step 2 of 4")
+    assert not list(tmp_path.iterdir())
+
+
 # -- the committed checkpoint -----------------------------------------------------------------------
 
 needs_checkpoint = pytest.mark.skipif(
