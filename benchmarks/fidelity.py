@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -385,7 +386,40 @@ def summarize(results: list[MethodResult]) -> tuple[list[dict], dict]:
             if match is not None:
                 summary[f"{split}: {family} @ same budget accuracy"] = match.accuracy
                 summary[f"{split}: {family} @ same budget kept ratio"] = match.mean_kept_ratio
+        for match in results:
+            if match.split != split or match.method.family not in ("fixed", "fastv", "random"):
+                continue
+            zipvl = next(
+                r
+                for r in results
+                if r.split == split and r.method.family == "zipvl" and r.method.tau == match.method.tau
+            )
+            zipvl_only, other_only, p_value = paired_comparison(zipvl, match)
+            family, tau = match.method.family, match.method.tau
+            summary[f"{split}: tau={tau}, answers only ZipVL / only {family} got right"] = (
+                f"{zipvl_only} / {other_only} (exact McNemar p = {p_value:.3g})"
+            )
     return rows, summary
+
+
+def paired_comparison(a: MethodResult, b: MethodResult) -> tuple[int, int, float]:
+    """Paired comparison of two methods on the same samples: exact two-sided McNemar test.
+
+    Returns
+    -------
+    a_only, b_only : int
+        Samples only ``a`` (only ``b``) answered correctly.
+    p_value : float
+        Probability, if neither method is better, of a split of the ``a_only + b_only`` discordant
+        samples at least this uneven (binomial with p = 1/2; 1.0 when there is none).
+    """
+    if len(a.answers) != len(b.answers):
+        raise ValueError("paired comparison needs the same samples")
+    a_only = sum(x.correct and not y.correct for x, y in zip(a.answers, b.answers, strict=True))
+    b_only = sum(y.correct and not x.correct for x, y in zip(a.answers, b.answers, strict=True))
+    n, k = a_only + b_only, min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 0.5
+    return a_only, b_only, min(1.0, 2 * tail)
 
 
 def plot(results: list[MethodResult], out_dir: Path) -> list[Path]:

@@ -221,7 +221,7 @@ def test_checkpoint_is_small_and_complete():
 
 
 #: Dense greedy accuracy of the committed checkpoint on the first 48 ``short`` test pictures must reach
-#: this: measured 0.67 (colour 0.92, shape 0.92, count 0.33, left_of 0.50); the answer prior scores about 0.2.
+#: this: measured 0.58 (colour 0.92, shape 0.58, count 0.25, left_of 0.58); the answer prior scores about 0.2.
 MIN_PICTURE_ACCURACY = 0.55
 
 
@@ -238,15 +238,16 @@ def test_checkpoint_reads_the_pictures():
 
 
 #: Held-out questions (test partition) the trained model answers correctly, densely and with the served
-#: ZipVL setting (configs/zipvl.yaml: tau = 0.975, layers 0-1 dense): pictures (colour, shape, count),
-#: videos of 2-15 frames (colour, colour in a given frame) and a long video's colour in a given frame.
+#: ZipVL setting (configs/zipvl.yaml: tau = 0.975, at most 60% kept per layer): pictures (colour,
+#: shape, count), videos of 2-15 frames (the frame of an object, the colour in a given frame) and a long
+#: video's colour in a given frame.
 KNOWN_ANSWERS = [
     ("short", 0),
     ("short", 1),
     ("short", 2),
     ("short", 4),
+    ("medium", 1),
     ("medium", 2),
-    ("medium", 5),
     ("long", 2),
 ]
 

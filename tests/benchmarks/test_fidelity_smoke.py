@@ -99,6 +99,11 @@ def test_smoke_mode_writes_results(tmp_path, one_thread):
     dense = [row for row in payload["rows"] if row["family"] == "dense"]
     assert all(row["kept_ratio"] == 1.0 for row in dense)
     assert out["summary"]
+    # every matched baseline gets a paired comparison with ZipVL at its tau, on the same samples
+    for split in ("short", "medium"):
+        for family in ("fixed", "fastv", "random"):
+            paired = out["summary"][f"{split}: tau=0.975, answers only ZipVL / only {family} got right"]
+            assert "McNemar p" in paired
 
 
 def test_dense_layers_benchmark_smoke_and_all_dense_equals_dense(tmp_path):
@@ -198,3 +203,33 @@ def test_select_chooses_on_val_by_its_written_rules(tmp_path):
     assert {r["split"] for r in record["rows"]} == {"long"}
     assert record["choice"]["checkpoint"] == "tiny"
     assert (tmp_path / "fidelity_select_smoke.md").exists()
+
+
+def _result(correct: list[bool]):
+    from benchmarks.fidelity import Answer, MethodResult
+
+    answers = [Answer("colour", "red", "red" if c else "blue", c, 10, [10]) for c in correct]
+    return MethodResult("long", Method("m", "zipvl", ZipVLConfig()), answers)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        # 7 discordant samples all one way: p = 2 / 2**7
+        ([True] * 7 + [False] * 3, [False] * 10, (7, 0, 2 / 128)),
+        # 1 vs 0 discordant: no evidence
+        ([True, True, False], [False, True, False], (1, 0, 1.0)),
+        # 3 vs 1: p = 2 * (1 + 4) / 16
+        ([True, True, True, False, True], [False, False, False, True, True], (3, 1, 0.625)),
+        ([True, False], [True, False], (0, 0, 1.0)),  # no discordant sample
+    ],
+)
+def test_paired_comparison_is_an_exact_mcnemar_test(a, b, expected):
+    from benchmarks.fidelity import paired_comparison
+
+    a_only, b_only, p = paired_comparison(_result(a), _result(b))
+    assert (a_only, b_only) == expected[:2]
+    assert p == pytest.approx(expected[2])
+    assert paired_comparison(_result(b), _result(a)) == (b_only, a_only, pytest.approx(p))
+    with pytest.raises(ValueError):
+        paired_comparison(_result(a), _result(a[:-1]))

@@ -157,7 +157,7 @@ def test_bad_requests_and_still_healthy(served):
 
 def test_default_model_answers_a_held_out_question(served):
     """``configs/zipvl.yaml`` serves the trained zipvl-tiny: a held-out picture question (a data-URL
-    image) answered correctly over HTTP with its served ZipVL setting (tau = 0.975, layers 0-1 dense)."""
+    image) answered correctly over HTTP with its served ZipVL setting (tau = 0.975, max_keep_ratio 0.6)."""
     from tests.test_zipvl_tiny import CORRECT, held_out_chat
     from zipvl_ray.data import make_sample
 
