@@ -154,7 +154,13 @@ class ZipVLRequestOptions(BaseModel):
     model_config = _STRICT
 
     tau: float | None = Field(
-        None, gt=0.0, le=1.0, description="Attention-mass threshold in (0, 1]; 1.0 keeps every token (dense)."
+        None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Attention-mass threshold in (0, 1]; 1.0 keeps every token the per-layer cap allows "
+            "(dense when max_keep_ratio is unset or 1.0)."
+        ),
     )
     max_keep_ratio: float | None = Field(
         None, ge=0.0, le=1.0, description="Cap on the kept fraction of prompt tokens per layer, in [0, 1]."
