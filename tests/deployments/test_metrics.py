@@ -166,7 +166,11 @@ def scraped(service):
             all(_exported(samples, spec) for spec in telemetry.METRICS)
             and _total(samples, "ray_zipvl_time_to_first_token_seconds_count") >= OK_REQUESTS
             and _total(samples, "ray_zipvl_llm_requests_total", finish_reason="abort") >= 1
+            # one scrape once showed 0 KV bytes but 1 running request on a replica (a snapshot taken
+            # mid-step, or gauges exported at different moments): wait for the whole baseline
             and _total(samples, "ray_zipvl_kv_cache_used_bytes") == 0
+            and _total(samples, "ray_zipvl_running_requests") == 0
+            and _total(samples, "ray_zipvl_waiting_requests") == 0
             and _total(samples, "ray_zipvl_router_routed_total") >= LLM_CALLS
             and _total(samples, "ray_zipvl_router_held_kv_bytes") == 0
         )
