@@ -1356,12 +1356,62 @@ def synthetic_pictures(count: int, rng: random.Random, *, video: bool, side: int
     return pictures
 
 
-def measure_retention(model: str, tau: float, samples: int, out: Path, seed: int = 0) -> dict[str, Any]:
+#: kind -> (split of :mod:`zipvl_ray.data`, frames per request) for ``--retention-data splits``: the
+#: built-in model's own questions about its own kind of pictures and videos (validation partition).
+RETENTION_SPLITS = {
+    "image": ("short", (1, 1)),
+    "multi_image": ("medium", (2, 4)),
+    "video": ("medium", (8, 15)),
+    "long_video": ("long", (16, 64)),
+}
+
+
+def retention_prompts(data: str, samples: int, seed: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """``samples`` engine prompts per kind of :data:`RETENTION_KINDS`, and each prompt's kind.
+
+    ``data="synthetic"``: pictures of shapes (:func:`synthetic_pictures`) with a generic question (any
+    model). ``data="splits"``: validation samples of :mod:`zipvl_ray.data` with their own question
+    (:data:`RETENTION_SPLITS`), the inputs ``zipvl-tiny`` was trained for.
+    """
+    rng = random.Random(seed)
+    prompts, kinds = [], []
+    if data == "splits":
+        from zipvl_ray.data import make_sample
+
+        for kind, (split, (low, high)) in RETENTION_SPLITS.items():
+            for index in range(samples):
+                sample = make_sample(split, "val", index, seed=seed, num_frames=rng.randint(low, high))
+                prompts.append({"messages": sample.messages(), "images": sample.images()})
+                kinds.append(kind)
+        return prompts, kinds
+    if data != "synthetic":
+        raise ValueError(f"unknown retention data {data!r}; use 'synthetic' or 'splits'")
+    questions = ["What is in the picture?", "Describe the scene in detail.", "Which colours do you see?"]
+    for kind, (low, high) in RETENTION_KINDS.items():
+        for _ in range(samples):
+            pictures = synthetic_pictures(rng.randint(low, high), rng, video="video" in kind)
+            content = [{"type": "image"}] * len(pictures) + [{"type": "text", "text": rng.choice(questions)}]
+            prompts.append({"messages": [{"role": "user", "content": content}], "images": pictures})
+            kinds.append(kind)
+    return prompts, kinds
+
+
+def measure_retention(
+    model: str,
+    tau: float,
+    samples: int,
+    out: Path,
+    seed: int = 0,
+    *,
+    max_keep_ratio: float | None = None,
+    data: str = "synthetic",
+) -> dict[str, Any]:
     """Per-request kept fractions per layer of ``model`` at ``tau``, measured with the paged engine.
 
-    ``samples`` requests of each kind of :data:`RETENTION_KINDS` (synthetic pictures, a short question,
-    one generated token: only the prefill's selection matters) go through ``zipvl_ray.engine.LLM``;
-    each request's ``RequestMetrics.kept_ratio_per_layer`` is one sample. Writes ``out`` in the format
+    ``samples`` requests of each kind of :data:`RETENTION_KINDS` (see :func:`retention_prompts`; one
+    generated token: only the prefill's selection matters) go through ``zipvl_ray.engine.LLM``;
+    each request's ``RequestMetrics.kept_ratio_per_layer`` is one sample. ``max_keep_ratio`` caps every
+    layer's kept fraction, as a served ``zipvl.max_keep_ratio`` does. Writes ``out`` in the format
     :meth:`RetentionModel.from_json` reads (plus ``"meta"``) and returns it.
     """
     import torch
@@ -1370,16 +1420,13 @@ def measure_retention(model: str, tau: float, samples: int, out: Path, seed: int
     from zipvl_ray.engine import LLM, SamplingParams
 
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    llm = LLM(model, zipvl=ZipVLConfig(tau=tau), engine=EngineConfig(kv_cache_bytes=64 << 20))
-    questions = ["What is in the picture?", "Describe the scene in detail.", "Which colours do you see?"]
-    prompts, kinds = [], []
-    for kind, (low, high) in RETENTION_KINDS.items():
-        for _ in range(samples):
-            pictures = synthetic_pictures(rng.randint(low, high), rng, video="video" in kind)
-            content = [{"type": "image"}] * len(pictures) + [{"type": "text", "text": rng.choice(questions)}]
-            prompts.append({"messages": [{"role": "user", "content": content}], "images": pictures})
-            kinds.append(kind)
+    zipvl = (
+        ZipVLConfig(tau=tau)
+        if max_keep_ratio is None
+        else ZipVLConfig(tau=tau, max_keep_ratio=max_keep_ratio)
+    )
+    llm = LLM(model, zipvl=zipvl, engine=EngineConfig(kv_cache_bytes=64 << 20))
+    prompts, kinds = retention_prompts(data, samples, seed)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))
     result: dict[str, Any] = {kind: [] for kind in RETENTION_KINDS}
     prompt_tokens: dict[str, list[int]] = {kind: [] for kind in RETENTION_KINDS}
@@ -1394,8 +1441,11 @@ def measure_retention(model: str, tau: float, samples: int, out: Path, seed: int
         "mean_kept": {
             kind: sum(sum(s) / len(s) for s in result[kind]) / len(result[kind]) for kind in RETENTION_KINDS
         },
+        "max_keep_ratio": max_keep_ratio,
+        "data": data,
         "command": f"benchmarks/router_sim.py --measure-retention {out} --model {model} --tau {tau} "
-        f"--samples {samples}",
+        f"--samples {samples} --retention-data {data}"
+        + ("" if max_keep_ratio is None else f" --max-keep-ratio {max_keep_ratio}"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -1492,6 +1542,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="tiny-llava", help="model of --measure-retention")
     parser.add_argument("--tau", type=float, default=0.975, help="ZipVL tau of --measure-retention")
     parser.add_argument("--samples", type=int, default=12, help="requests per kind of --measure-retention")
+    parser.add_argument(
+        "--max-keep-ratio", type=float, default=None, help="zipvl.max_keep_ratio of --measure-retention"
+    )
+    parser.add_argument(
+        "--retention-data",
+        choices=("synthetic", "splits"),
+        default="synthetic",
+        help="inputs of --measure-retention: shapes with a generic question (any model), or the built-in "
+        "model's validation samples (zipvl_ray.data)",
+    )
     parser.add_argument("--kv-pool-gib", type=float, default=None, help="KV pool per replica")
     parser.add_argument("--startup-s", type=float, default=None, help="scale-up decision to ready replica")
     parser.add_argument(
@@ -1505,7 +1565,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--name", default="router_sim")
     args = parser.parse_args(argv)
     if args.measure_retention is not None:
-        return measure_retention(args.model, args.tau, args.samples, args.measure_retention)
+        return measure_retention(
+            args.model,
+            args.tau,
+            args.samples,
+            args.measure_retention,
+            max_keep_ratio=args.max_keep_ratio,
+            data=args.retention_data,
+        )
     if args.resummarize is not None:
         return resummarize(args.resummarize, args.out_dir, args.name)
 

@@ -184,3 +184,29 @@ def test_no_lag_flags_reach_the_scaling_model(tmp_path):
     result = sim.run()
     assert len(result.replicas) > scaling.min_replicas  # it scaled up, and no replica waited to start
     assert all(r.ready_at == r.started_at for r in result.replicas)
+
+
+def test_retention_prompts_from_the_built_in_models_splits():
+    prompts, kinds = router_sim.retention_prompts("splits", 2, seed=0)
+    assert kinds == [k for k in router_sim.RETENTION_SPLITS for _ in range(2)]
+    for prompt, kind in zip(prompts, kinds, strict=True):
+        low, high = router_sim.RETENTION_SPLITS[kind][1]
+        assert low <= len(prompt["images"]) <= high
+        parts = prompt["messages"][0]["content"]
+        assert sum(p["type"] == "image" for p in parts) == len(prompt["images"])
+        assert parts[-1]["type"] == "text" and parts[-1]["text"].endswith("?")
+    with pytest.raises(ValueError, match="unknown retention data"):
+        router_sim.retention_prompts("webcam", 1, seed=0)
+
+
+def test_measure_retention_of_the_built_in_model_respects_the_served_cap(tmp_path):
+    out = tmp_path / "kept.json"
+    result = router_sim.measure_retention("zipvl-tiny", 0.975, 1, out, max_keep_ratio=0.6, data="splits")
+    written = json.loads(out.read_text())
+    assert written["meta"]["max_keep_ratio"] == 0.6 and written["meta"]["data"] == "splits"
+    for kind in router_sim.RETENTION_SPLITS:
+        (layers,) = result[kind]
+        assert len(layers) == 8  # zipvl-tiny's decoder layers
+        assert all(0.0 < f <= 0.6 + 0.02 for f in layers), layers  # the cap, up to rounding of counts
+    # the file reads back as a simulation workload
+    assert router_sim.RetentionModel.from_json(out, 32).num_layers == 32
