@@ -4,10 +4,10 @@
 
 On the held-out test splits, ZipVL at each ``tau`` with ``dense_layers`` = none, ``[0]`` and
 ``[0, 1]`` (:attr:`zipvl_ray.config.ZipVLConfig.dense_layers`: no selection and no eviction there),
-beside dense, through the same reference path as :mod:`benchmarks.fidelity`. zipvl-tiny
-fetches the answer's evidence in its first layers (the question's object word attends to the object's
-image token in layer 0); a token that ZipVL drops from a layer gets no attention output there, so
-pruning that layer can cut the circuit whatever the budget. Writes
+beside dense, through the same reference path as :mod:`benchmarks.fidelity`. The checkpoint of
+2026-11 fetched the answer's evidence in layer 0 (its results, in ``benchmarks/results/
+fidelity_lucky_lr2e-3/``, are why this script exists); today's retrieves in layers 2-4, and
+:mod:`benchmarks.fidelity_layer_sensitivity` measures what pruning each layer alone costs. Writes
 ``benchmarks/results/fidelity_dense_layers.json`` and ``.md``.
 """
 

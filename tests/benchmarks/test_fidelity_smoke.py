@@ -233,3 +233,27 @@ def test_paired_comparison_is_an_exact_mcnemar_test(a, b, expected):
     assert paired_comparison(_result(b), _result(a)) == (b_only, a_only, pytest.approx(p))
     with pytest.raises(ValueError):
         paired_comparison(_result(a), _result(a[:-1]))
+
+
+def test_layer_sensitivity_smoke_prunes_only_the_named_layer(tmp_path):
+    from benchmarks import fidelity_layer_sensitivity
+
+    rows = fidelity_layer_sensitivity.main(["--smoke", "--model", "tiny-llava", "--out-dir", str(tmp_path)])
+    one_layer = [r for r in rows if r["pruned_layer"] is not None]
+    assert {(r["method"], r["pruned_layer"]) for r in one_layer} == {
+        (m, layer) for m in ("zipvl", "fixed 0.05") for layer in (0, 1)
+    }
+    whole = {r["method"]: r for r in rows if r["pruned_layer"] is None}
+    assert set(whole) == {"dense", "zipvl", "fixed 0.05"}
+    # the fixed ratio keeps its ratio in every pruned layer, and one pruned layer costs 1 / L of the savings
+    assert all(abs(k - 0.05) < 0.03 for k in whole["fixed 0.05"]["layer_kept"])
+    for r in one_layer:
+        if r["method"] == "fixed 0.05":
+            assert abs(r["layer_kept"] - 0.05) < 0.03
+            others = (len(whole["zipvl"]["layer_kept"]) - 1 + r["layer_kept"]) / len(
+                whole["zipvl"]["layer_kept"]
+            )
+            assert r["kept_ratio"] == pytest.approx(others, abs=1e-3)  # layer_kept is rounded
+    saved = json.loads((tmp_path / "fidelity_layer_sensitivity.json").read_text())
+    assert saved["rows"] == rows
+    assert "| layer 1 only |" in (tmp_path / "fidelity_layer_sensitivity.md").read_text()
