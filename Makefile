@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export RAY_ADDRESS ?= local
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: install serve demo test test-fast lint format k8s clean
+.PHONY: install serve demo test test-fast lint format k8s gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ format: install
 k8s: install
 	$(PY) -m zipvl_ray.k8s render
 	$(PY) -m zipvl_ray.k8s check
+
+# Wheels for a GPU machine without package registries (CPython 3.12, x86-64), carried in .whl/ by
+# benchmarks/gpu_session.sh (docs/performance.md, "A GPU session in one call").
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 transformers==5.23.0 regex==2026.12.2
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
