@@ -256,6 +256,17 @@ def evaluate(backend: Backend, split: str, samples: list[Sample], method: Method
     return result
 
 
+def parse_split_samples(items: Iterable[str]) -> dict[str, int]:
+    """``["short=192", "long=64"]`` -> ``{"short": 192, "long": 64}`` (the ``--split-samples`` option)."""
+    counts = {}
+    for item in items:
+        name, sep, size = item.partition("=")
+        if not sep or not size.isdigit():
+            raise ValueError(f"--split-samples takes SPLIT=N items, not {item!r}")
+        counts[name] = int(size)
+    return counts
+
+
 def fixed_ratio_config(
     tau: float, budget: float, num_layers: int, dense_layers: Iterable[int] = ()
 ) -> ZipVLConfig:
@@ -550,10 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
             backend, splits, taus=(0.975,), match_taus=(0.975,), ablations=False, base=base
         )
     else:
-        sizes = {name: args.samples for name in args.splits}
-        for item in args.split_samples:
-            name, _, size = item.partition("=")
-            sizes[name] = int(size)
+        sizes = {name: args.samples for name in args.splits} | parse_split_samples(args.split_samples)
         splits = {name: make_split(name, "test", sizes[name]) for name in args.splits}
         ablations = False if args.no_ablations else (args.ablation_splits if args.ablation_splits else True)
         results = run_benchmark(

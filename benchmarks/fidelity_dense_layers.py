@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fidelity import Method, ReferenceBackend, evaluate, zipvl_method
+from benchmarks.fidelity import Method, ReferenceBackend, evaluate, parse_split_samples, zipvl_method
 from zipvl_ray.config import ZipVLConfig
 from zipvl_ray.data import make_split
 
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    split_samples = {
-        name: int(size) for name, _, size in (item.partition("=") for item in args.split_samples)
-    }
+    split_samples = parse_split_samples(args.split_samples)
     taus, layer_sets = tuple(args.taus), DENSE_LAYER_SETS
     if args.smoke:
         split_samples, taus, layer_sets = {"short": 2}, (0.975,), ((), (0,))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fidelity import Method, ReferenceBackend, evaluate, zipvl_method
+from benchmarks.fidelity import Method, ReferenceBackend, evaluate, parse_split_samples, zipvl_method
 from zipvl_ray.config import ZipVLConfig
 from zipvl_ray.data import make_split
 
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    split_samples = {
-        name: int(size) for name, _, size in (item.partition("=") for item in args.split_samples)
-    }
+    split_samples = parse_split_samples(args.split_samples)
     taus, layers = tuple(args.taus), None
     if args.smoke:
         split_samples, taus, layers = {"short": 2}, (0.5,), [0, 1]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.fidelity import Method, ReferenceBackend, evaluate, zipvl_method
+from benchmarks.fidelity import Method, ReferenceBackend, evaluate, parse_split_samples, zipvl_method
 from zipvl_ray.config import ZipVLConfig
 from zipvl_ray.data import make_split
 
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     candidates = dict(item.partition("=")[::2] for item in args.candidates)
-    split_samples = {
-        name: int(size) for name, _, size in (item.partition("=") for item in args.split_samples)
-    }
+    split_samples = parse_split_samples(args.split_samples)
     settings = SETTINGS
     if args.smoke:
         split_samples = {"long": 2}

@@ -26,6 +26,21 @@ def chat(text: str, n_images: int = 1) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+def greedy(model, inputs, cache=None, steps=16):
+    """Greedy ``model.generate`` of exactly ``steps`` tokens: ``(sequences, logits (B, steps, vocab))``."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            past_key_values=cache,
+        )
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

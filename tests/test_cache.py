@@ -10,7 +10,7 @@ from zipvl_ray.cache import ZipVLCache
 from zipvl_ray.config import ZipVLConfig
 from zipvl_ray.models import BUILTIN_MODELS, load_model
 
-from .conftest import TINY_ARCHS, chat, make_image
+from .conftest import TINY_ARCHS, chat, greedy, make_image
 
 PROMPTS = ["Describe the picture in detail, please.", "Hi", "What colour is the square in the middle?"]
 
@@ -30,20 +30,6 @@ def batch_inputs(processor, batch: int, n_images: int = 1):
     ]
     images = [make_image(10 * i + j) for i in range(batch) for j in range(n_images)]
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
-
-
-def greedy(model, inputs, cache=None, steps=16):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            past_key_values=cache,
-        )
-    return out.sequences, torch.stack(out.logits, dim=1)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -26,7 +26,7 @@ from zipvl_ray.sparsity import (
     zipvl_select,
 )
 
-from .conftest import TINY_ARCHS, chat, make_image
+from .conftest import TINY_ARCHS, chat, greedy, make_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -97,20 +97,6 @@ def cuda_inputs(processor, batch: int, n_images: int = 1):
     ]
     images = [make_image(10 * i + j) for i in range(batch) for j in range(n_images)]
     return processor(text=texts, images=images, return_tensors="pt", padding=True).to(CUDA)
-
-
-def greedy(model, inputs, cache=None, steps=12):
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            past_key_values=cache,
-        )
-    return out.sequences, torch.stack(out.logits, dim=1)
 
 
 def test_tau_one_equals_stock_attention_on_cuda(arch):
