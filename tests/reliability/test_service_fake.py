@@ -278,6 +278,9 @@ def test_schemathesis_finds_no_server_error(main, record_figures):
             max_examples=examples.get(operation.label, 10),
             deadline=None,
             database=None,
+            # The same examples every run: a random draw of 75 positive chat bodies once held no body
+            # the API accepts (all 400), failing the 200 check below by chance.
+            derandomize=True,
             phases=[Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
