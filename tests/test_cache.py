@@ -154,3 +154,28 @@ def test_decode_compress_interval_equals_masked(arch):
         for kept, prompt in zip(stats.kept_per_layer, stats.prompt_kept_per_layer, strict=True)
     ]
     assert min(generated_held) < 11  # 11 fed back; some generated tokens were evicted
+
+
+def test_decode_compress_never_evicts_a_later_turns_prompt():
+    """``decode_compress_interval`` scores the last N *generated* tokens: a later turn's prompt chunk restarts
+    the count, so its tokens are never taken for generated ones and evicted."""
+    torch.manual_seed(0)
+    heads, dim = 2, 8
+    config = ZipVLConfig(tau=0.3, decode_compress_interval=4, probe_recent=4, probe_random=4)
+    cache = ZipVLCache(1, config)
+
+    def feed(q_len):
+        q, k, v = (torch.randn(1, heads, q_len, dim) * s for s in (3, 3, 1))
+        cache.zipvl_attention(0, q, k, v, None, dim**-0.5, config)
+
+    layer = cache.layers[0]
+    feed(10)  # turn 1: prompt, columns 0..9
+    for _ in range(6):  # columns 10..15; the window 10..13 is compressed after 4 steps
+        feed(1)
+    assert set(range(10, 14)) - set(layer.slots[0].tolist())  # tau 0.3 evicts some generated tokens
+    feed(5)  # turn 2: prompt, columns 16..20
+    for _ in range(4):  # columns 21..24: compressed as one window of 4 generated tokens
+        feed(1)
+    held = set(layer.slots[0].tolist())
+    assert set(range(16, 21)) <= held  # the second prompt is whole
+    assert set(range(21, 25)) - held  # and its generated window was compressed

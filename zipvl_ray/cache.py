@@ -227,7 +227,10 @@ class ZipVLLayer(CacheLayerMixin):
             query, self.keys, self.values, attn_mask=mask[:, None], scale=scaling, enable_gqa=group > 1
         )
         out = out.transpose(1, 2) * has_key[..., None, None].to(out.dtype)
-        if q_len == 1:
+        if q_len > 1:
+            # A later turn's prompt: the next window of generated tokens starts after it (never evict it).
+            self.decode_steps = 0
+        else:
             self.decode_steps += 1
             interval = config.decode_compress_interval
             if interval and not config.is_dense_layer(layer_idx) and self.decode_steps % interval == 0:
