@@ -71,6 +71,42 @@ def test_closing_the_stream_aborts_and_frees_kv(engine):
     assert stats.kv_bytes_used == 0 and stats.num_running == 0
 
 
+@pytest.mark.parametrize("hold_s", [0.0, 0.5])
+def test_a_caller_cancelled_while_its_request_is_added_leaves_nothing_running(engine, hold_s):
+    """The add runs in a worker thread that cancellation cannot stop (it may wait for the engine lock
+    behind a long step): whether the add ran before or after the cancellation, no request is left
+    decoding with nobody listening, and the id can be used again."""
+    import threading
+    import time
+
+    prompt = mixed_prompts(n_images=(2,))[0]
+    sampling = SamplingParams(max_tokens=1500, ignore_eos=True)
+
+    async def consume():
+        async for _ in engine.generate("cancelled-add", prompt, sampling):
+            pass
+
+    async def main():
+        step = threading.Thread(
+            target=lambda: (engine._lock.acquire(), time.sleep(hold_s), engine._lock.release())
+        )
+        step.start()  # a step holding the engine lock (hold_s 0: the add is not delayed)
+        await asyncio.sleep(0.05)
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2 if hold_s else 0.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        step.join()
+
+    asyncio.run(main())
+    time.sleep(0.3)  # what a leaked request would spend decoding
+    assert "cancelled-add" not in engine.engine.sequences
+    assert engine.stats().kv_bytes_used == 0 and not engine._pending_adds
+    outs = asyncio.run(collect(engine, "cancelled-add", prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+    assert outs[-1].finished
+
+
 def test_explicit_abort(engine):
     async def main():
         outs = []

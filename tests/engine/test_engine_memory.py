@@ -174,6 +174,48 @@ def test_stop_strings_cut_the_text(tiny_llava):
     assert stopped.finish_reason == "stop" and stopped.text == text[: text.find(probe)]
 
 
+def test_partial_stop_length():
+    from zipvl_ray.engine.llm_engine import partial_stop_length
+
+    assert partial_stop_length("hello wo", ["world"]) == 2
+    assert partial_stop_length("hello w", ["xy", "world", "w"]) == 1  # a whole stop is cut, not held
+    assert partial_stop_length("abc", ["bcd", "cde"]) == 2
+    assert partial_stop_length("abc", ["xyz"]) == 0 and partial_stop_length("", ["ab"]) == 0
+
+
+def test_streamed_deltas_never_show_a_stop_string_that_spans_tokens(tiny_llava):
+    """A stop string whose first character ends one token and whose second starts the next: the streamed
+    deltas hold the first back until it is known not to begin the stop, so they add up to the cut text."""
+    _, processor = tiny_llava
+    sampling = {"max_tokens": 12, "ignore_eos": True}
+    full = run_all(engine(tiny_llava), mixed_prompts(n_images=(1,)), SamplingParams(**sampling))[0]
+    decode = processor.tokenizer.decode
+    prefixes = [decode(full.token_ids[: i + 1], skip_special_tokens=True) for i in range(len(full.token_ids))]
+    stop = next(
+        (
+            a[-1] + b[len(a)]
+            for a, b in zip(prefixes, prefixes[1:])
+            if a
+            and len(b) > len(a)
+            and b.startswith(a)
+            and (a[-1] + b[len(a)]).isprintable()
+            and (a[-1] + b[len(a)]).strip()
+            and full.text.find(a[-1] + b[len(a)]) == len(a) - 1
+        ),
+        None,
+    )
+    if stop is None:
+        pytest.skip("the random model produced no printable pair of characters across a token boundary")
+    eng = engine(tiny_llava)
+    eng.add_request("s", mixed_prompts(n_images=(1,))[0], SamplingParams(**sampling, stop=[stop]))
+    outs = []
+    while eng.has_unfinished():
+        outs.extend(eng.step())
+    final = outs[-1]
+    assert final.finish_reason == "stop" and final.text == full.text[: full.text.find(stop)]
+    assert "".join(o.delta_text for o in outs) == final.text
+
+
 def test_stats_report_committed_lifetime_demand(tiny_llava):
     eng = engine(tiny_llava)
     prompts = mixed_prompts()

@@ -36,6 +36,7 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending_adds: set[str] = set()  # generate() calls whose add has not run yet
         self._stats = engine.stats()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="zipvl-engine", daemon=True)
@@ -87,11 +88,15 @@ class AsyncLLMEngine:
 
             raise RequestError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = (loop, queue)
+        self._pending_adds.add(request_id)
         arrival = time.perf_counter()
         try:
             await asyncio.to_thread(self._add, request_id, prompt, sampling, zipvl, arrival)
         except BaseException:
+            # The worker thread cannot be interrupted: a caller cancelled while the add waits for the lock
+            # (behind a long step) or encodes images must still leave nothing running.
             self._streams.pop(request_id, None)
+            await asyncio.shield(asyncio.to_thread(self._withdraw, request_id))
             raise
         finished = False
         try:
@@ -103,25 +108,36 @@ class AsyncLLMEngine:
                     break
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
-                await asyncio.shield(self.abort(request_id))
+            if not finished:  # abort without delivering: a new stream may already reuse the id
+                await asyncio.shield(asyncio.to_thread(self._abort_locked, request_id))
 
     def _add(self, request_id, prompt, sampling, zipvl, arrival) -> None:
         with self._lock:
+            if request_id not in self._pending_adds:  # withdrawn while this thread waited for the lock
+                return
+            self._pending_adds.discard(request_id)
             self.engine.add_request(request_id, prompt, sampling, zipvl, arrival_time=arrival)
             self._stats = self.engine.stats()
         self._wakeup.set()
 
+    def _withdraw(self, request_id: str) -> None:
+        """Undo a cancelled :meth:`generate`'s add, whichever way the race with :meth:`_add` went."""
+        with self._lock:
+            if request_id in self._pending_adds:  # not added yet: ``_add`` will skip it
+                self._pending_adds.discard(request_id)
+                return
+        self._abort_locked(request_id)  # added already (or failed, then this finds nothing)
+
+    def _abort_locked(self, request_id: str) -> RequestOutput | None:
+        with self._lock:
+            out = self.engine.abort_request(request_id)
+            self._stats = self.engine.stats()
+        return out
+
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id``; returns once its KV blocks are back in the pool."""
 
-        def _abort():
-            with self._lock:
-                out = self.engine.abort_request(request_id)
-                self._stats = self.engine.stats()
-            return out
-
-        out = await asyncio.to_thread(_abort)
+        out = await asyncio.to_thread(self._abort_locked, request_id)
         if out is not None:
             self._deliver([out])
 

@@ -46,6 +46,21 @@ class EncodedPrompt:
 PromptLike = EncodedPrompt | PreparedPrompt | str | dict | list
 
 
+def partial_stop_length(text: str, stops: list[str]) -> int:
+    """Length of the longest ending of ``text`` that begins one of ``stops`` (without being all of it).
+
+    A streamed delta must not show it yet: if the next tokens complete the stop string, the text is cut
+    before it (as vLLM and OpenAI do).
+    """
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
 class LLMEngine:
     """Paged, continuously batching ZipVL engine over one model.
 
@@ -409,8 +424,10 @@ class LLMEngine:
         text = seq.text
         if seq.is_finished:
             visible = len(text)
-        else:  # hold back a trailing partial UTF-8 character
+        else:  # hold back a trailing partial UTF-8 character, and what may be the start of a stop string
             visible = len(text.rstrip("\ufffd"))
+            if seq.sampling.stop:
+                visible = min(visible, len(text) - partial_stop_length(text, seq.sampling.stop))
         delta_text = text[seq.sent_text_len : visible] if visible > seq.sent_text_len else ""
         seq.sent_text_len = max(seq.sent_text_len, visible)
         delta_tokens = seq.output_token_ids[seq.sent_tokens :]
