@@ -103,7 +103,9 @@ def test_a_caller_cancelled_while_its_request_is_added_leaves_nothing_running(en
     time.sleep(0.3)  # what a leaked request would spend decoding
     assert "cancelled-add" not in engine.engine.sequences
     assert engine.stats().kv_bytes_used == 0 and not engine._pending_adds
-    outs = asyncio.run(collect(engine, "cancelled-add", prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+    outs = asyncio.run(
+        collect(engine, "cancelled-add", prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    )
     assert outs[-1].finished
 
 

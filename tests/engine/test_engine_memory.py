@@ -194,7 +194,7 @@ def test_streamed_deltas_never_show_a_stop_string_that_spans_tokens(tiny_llava):
     stop = next(
         (
             a[-1] + b[len(a)]
-            for a, b in zip(prefixes, prefixes[1:])
+            for a, b in zip(prefixes, prefixes[1:], strict=False)
             if a
             and len(b) > len(a)
             and b.startswith(a)
