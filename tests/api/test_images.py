@@ -59,6 +59,12 @@ def test_accepted_formats_decode_to_their_size(fmt):
         (data_url(png_header_only(100_000, 100_000)), "image_too_large", "pixels"),
         (data_url(png_header_only(600, 600)), "image_too_large", "over the limit of 262144 pixels"),
         (data_url(png_header_only(2000, 10)), "image_too_large", "per side"),
+        (
+            data_url(png_header_only(1000, 10)),
+            "image_too_large",
+            "aspect ratio of 100:1, over the limit of 50:1",
+        ),
+        (data_url(png_header_only(3, 600)), "image_too_large", "aspect ratio of 200:1"),
         (data_url(png_header_only(0, 10)), "invalid_image_data", ""),
         (data_url(encode(random_image(0, (300, 300)), "PNG")), "image_too_large", "bytes"),
         (data_url(animated("PNG")), "unsupported_image_type", "animated"),

@@ -97,7 +97,7 @@ def test_template_messages_keep_image_order_and_map_developer_to_system():
         )
     )
     assert body.template_messages() == [
-        {"role": "system", "content": "be brief"},
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "image"}]},
     ]
     assert body.image_urls() == ["data:image/png;base64,AAAA", "u2"]

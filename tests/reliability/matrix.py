@@ -195,6 +195,13 @@ def cases(
             code="image_too_large",
         ),
         Case(
+            "a thin strip (the processor would scale its short side up)",
+            _images(service, data_url(png_header_only(int(limits.max_aspect_ratio) + 1, 1))),
+            400,
+            "aspect ratio",
+            code="image_too_large",
+        ),
+        Case(
             "animated PNG",
             _images(service, data_url(animated("PNG"))),
             400,

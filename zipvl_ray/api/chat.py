@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import jinja2
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -176,9 +177,17 @@ class ChatPreparer:
         return [task.result() for task in tasks]
 
     def _prepare_sync(self, request: ChatCompletionRequest, images: list[Image.Image]) -> PreparedPrompt:
-        inputs = [self.processor.preprocess_image(image) for image in images]
+        inputs = []
+        for index, image in enumerate(images):
+            try:
+                inputs.append(self.processor.preprocess_image(image))
+            except ValueError as exc:  # e.g. Qwen2-VL's processor refuses aspect ratios over 200
+                raise PromptError(f"image {index}: the model's image processor refused it: {exc}") from None
         with self._tokenizer_lock:
-            text = self.processor.render(request.template_messages())
+            try:
+                text = self.processor.render(request.template_messages())
+            except jinja2.TemplateError as exc:  # a hub template's raise_exception ("roles must alternate")
+                raise PromptError(f"the model's chat template refused the messages: {exc}") from None
             if not text:
                 raise PromptError("the prompt is empty")
             token_ids = self.processor.expand(text, inputs)

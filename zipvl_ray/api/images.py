@@ -64,6 +64,15 @@ class ImageLimits(BaseModel):
         description="Largest width x height, checked from the header before decoding (decompression bomb guard).",
     )
     max_image_side: int = Field(16384, ge=1, description="Largest width or height, in pixels.")
+    max_aspect_ratio: float = Field(
+        50.0,
+        ge=1,
+        description=(
+            "Largest long side / short side. Image processors scale the short side up to their input size "
+            "(a 16384 x 1 picture would become a 1.8M x 112 float array in LLaVA's), and Qwen2-VL's refuse "
+            "ratios over 200."
+        ),
+    )
     allowed_formats: list[ImageFormat] = Field(
         default_factory=lambda: ["PNG", "JPEG", "WEBP"], min_length=1, description="Accepted image formats."
     )
@@ -238,6 +247,13 @@ def decode_image(
             raise APIError(
                 f"{where}: the image is {width}x{height} = {width * height} pixels, over the limit of "
                 f"{limits.max_image_pixels} pixels (and {limits.max_image_side} per side)",
+                param=where,
+                code="image_too_large",
+            )
+        if max(width, height) > limits.max_aspect_ratio * min(width, height):
+            raise APIError(
+                f"{where}: the image is {width}x{height}, an aspect ratio of "
+                f"{max(width, height) / min(width, height):.0f}:1, over the limit of {limits.max_aspect_ratio:g}:1",
                 param=where,
                 code="image_too_large",
             )

@@ -130,7 +130,9 @@ class ChatMessage(BaseModel):
         """The message as the chat template expects it (images become ``{"type": "image"}`` placeholders)."""
         role = "system" if self.role == "developer" else self.role
         if isinstance(self.content, str):
-            return {"role": role, "content": self.content}
+            # As a list of parts: the templates of hub VLMs (llava-hf's among them) loop over the parts,
+            # and iterate a plain string character by character, or fail on it.
+            return {"role": role, "content": [{"type": "text", "text": self.content}]}
         parts = [
             {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
             for p in self.content

@@ -1,0 +1,88 @@
+"""ChatPreparer against real processors: what a model's own image processor or chat template refuses is a 400,
+and plain-string content reaches templates that only loop over content parts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from PIL import Image
+
+from zipvl_ray.api.chat import ChatPreparer, ServingSettings
+from zipvl_ray.api.errors import APIError
+from zipvl_ray.api.images import ImageLimits
+from zipvl_ray.api.schemas import ChatCompletionRequest
+from zipvl_ray.models import load_processor
+from zipvl_ray.multimodal import PromptProcessor
+
+from .helpers import data_url, encode
+
+# llava-hf's templates (LLaVA-1.5 / NeXT) loop over the parts of every message's content.
+PARTS_ONLY_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+ALTERNATION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{{ message['role'] }}{% endfor %}"
+)
+
+
+def preparer(model: str, **images) -> ChatPreparer:
+    settings = ServingSettings(
+        served_model_name=model, model_source=model, max_model_len=4096, images=ImageLimits(**images)
+    )
+    return ChatPreparer(PromptProcessor(load_processor(model)), settings)
+
+
+def request(model: str, messages: list[dict]) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": model, "messages": messages, "max_tokens": 4})
+
+
+def picture_message(width: int, height: int) -> list[dict]:
+    url = data_url(encode(Image.new("RGB", (width, height), (10, 20, 30)), "PNG"))
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "describe"}]
+    return [{"role": "user", "content": content}]
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-llava"])
+def test_a_thin_strip_is_refused_before_any_processor_runs(model):
+    with pytest.raises(APIError) as info:
+        asyncio.run(preparer(model).prepare(request(model, picture_message(300, 1))))
+    assert info.value.status_code == 400 and info.value.code == "image_too_large"
+    assert "aspect ratio of 300:1" in str(info.value)
+    prepared = asyncio.run(preparer(model).prepare(request(model, picture_message(50, 1))))  # 50:1 is allowed
+    assert prepared.prompt.num_image_tokens > 0
+
+
+def test_what_the_image_processor_refuses_is_a_400():
+    """A server that raises the aspect limit: Qwen2-VL's processor refuses ratios over 200 itself."""
+    qwen = preparer("tiny-qwen2-vl", max_aspect_ratio=1000)
+    with pytest.raises(APIError) as info:
+        asyncio.run(qwen.prepare(request("tiny-qwen2-vl", picture_message(300, 1))))
+    assert info.value.status_code == 400 and "image processor refused it" in str(info.value)
+
+
+def test_plain_string_content_reaches_a_template_that_loops_over_parts():
+    chat = preparer("tiny-llava")
+    chat.processor.processor.chat_template = PARTS_ONLY_TEMPLATE
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    prepared = asyncio.run(chat.prepare(request("tiny-llava", messages)))
+    text = chat.processor.processor.tokenizer.decode(prepared.prompt.token_ids)
+    assert "Be brief." in text and "What is the capital of France?" in text
+
+
+def test_a_template_that_raises_is_a_400():
+    chat = preparer("tiny-llava")
+    chat.processor.processor.chat_template = ALTERNATION_TEMPLATE
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(APIError) as info:
+        asyncio.run(chat.prepare(request("tiny-llava", messages)))
+    assert info.value.status_code == 400 and "roles must alternate" in str(info.value)
