@@ -431,6 +431,7 @@ def build_ingress_app(
         api_keys=api_keys,
         request_id_header=not behind_serve_proxy,
         request_observer=observer,
+        watch_disconnect=not behind_serve_proxy,
     )
     if telemetry.tracing_active():
         instrument_preparation(app.state.preparer, processor)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -165,27 +166,46 @@ def check_encoder_cache_hit(target: Target) -> None:
     assert first == second
 
 
-def check_disconnect_frees_kv(target: Target, *, max_tokens: int = 200) -> None:
-    """A client that disconnects mid-stream leaves the LLM replicas' KV use back at baseline."""
+def check_disconnect_frees_kv(target: Target, *, max_tokens: int = 200, stream: bool = True) -> None:
+    """A client that disconnects mid-generation (mid-stream, or while waiting for a non-streamed answer)
+    leaves the LLM replicas' KV use back at baseline."""
     baseline = llm_stats(target)
     body = {
         **target.body("Stream a long answer.", [image_data_url(13)]),
         "max_tokens": max_tokens,
         "ignore_eos": True,
     }
-    with (
-        target.client() as client,
-        client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r,
-    ):
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        received = [line for line, _ in zip(lines, range(6), strict=False) if line]
-        assert len(received) >= 2
+
+    def running() -> bool:
         during = llm_stats(target)
-        assert (
+        return (
             during["kv_bytes_used"] > baseline["kv_bytes_used"]
             or during["num_running"] > baseline["num_running"]
         )
+
+    if stream:
+        with (
+            target.client() as client,
+            client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r,
+        ):
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            received = [line for line, _ in zip(lines, range(6), strict=False) if line]
+            assert len(received) >= 2
+            assert running()
+    else:  # a raw connection, closed without reading the answer
+        url = httpx.URL(target.base_url)
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        )
+        with socket.create_connection((url.host, url.port or 80), timeout=30) as conn:
+            conn.sendall(head.encode() + payload)
+            deadline = time.monotonic() + 30
+            while not running():
+                assert time.monotonic() < deadline, "the request never ran"
+                time.sleep(0.05)
     deadline = time.monotonic() + 30
     while True:
         now = llm_stats(target)

@@ -44,11 +44,12 @@ def test_tau_one_is_dense(target):
     checks.check_tau_one_is_dense(target)
 
 
-def test_disconnect_aborts_and_frees_kv(target, local_service):
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_aborts_and_frees_kv(target, local_service, stream):
     local_service.engine.token_delay_s = 0.02
     try:
         aborted_before = len(local_service.engine.aborted)
-        checks.check_disconnect_frees_kv(target)
+        checks.check_disconnect_frees_kv(target, stream=stream)
         assert len(local_service.engine.aborted) == aborted_before + 1
     finally:
         local_service.engine.token_delay_s = 0.002

@@ -91,6 +91,11 @@ def test_disconnect_mid_stream_aborts_in_the_llm_stage(target):
     checks.check_disconnect_frees_kv(target, max_tokens=300)
 
 
+def test_disconnect_before_a_non_streamed_answer_aborts_in_the_llm_stage(target):
+    """Serve's proxy cancels the request when its client leaves; the cancellation reaches the LLM stage."""
+    checks.check_disconnect_frees_kv(target, max_tokens=300, stream=False)
+
+
 def test_bad_requests_get_openai_errors_and_the_service_stays_healthy(target):
     checks.check_bad_requests(target)
 

@@ -143,8 +143,9 @@ def test_encoder_cache_hit_keeps_the_answer(served):
     checks.check_encoder_cache_hit(served)
 
 
-def test_disconnect_returns_kv_to_baseline(served):
-    checks.check_disconnect_frees_kv(served, max_tokens=3000)
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_returns_kv_to_baseline(served, stream):
+    checks.check_disconnect_frees_kv(served, max_tokens=3000, stream=stream)
 
 
 def test_tau_one_equals_dense(served):

@@ -1,8 +1,8 @@
 """An in-process :class:`~zipvl_ray.api.server.InferenceBackend`: one engine and one vision encoder, no Ray.
 
 Serves the same HTTP API as the Ray Serve application from a single process (``uvicorn`` on
-:func:`build_local_app`), which is handy for debugging and is what the Ray-free API tests run against
-(with fake engines).
+``build_openai_app(LocalBackend(engine, encoder), processor, settings)``), which is handy for debugging and
+is what the Ray-free API tests run against (with fake engines).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ import asyncio
 from collections.abc import Collection
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 from zipvl_ray.api.auth import APIKeyMiddleware
 from zipvl_ray.api.chat import ChatCompletionHandler, ChatPreparer, InferenceBackend, ServingSettings
@@ -67,6 +67,7 @@ def build_openai_app(
     api_keys: Collection[str] | None = None,
     request_id_header: bool = True,
     request_observer: RequestObserver | None = None,
+    watch_disconnect: bool = True,
 ) -> FastAPI:
     """The FastAPI application serving the OpenAI-compatible API in front of ``backend``.
 
@@ -89,6 +90,9 @@ def build_openai_app(
         Return ``x-request-id`` (False behind Serve's proxy, which returns it itself).
     request_observer : callable, optional
         ``(path, status, seconds)`` of every answered request (metrics).
+    watch_disconnect : bool
+        Abort a non-streamed completion whose client disconnected before the answer (a streamed one
+        is aborted by its response stream). False behind Serve's proxy, which cancels the request itself.
 
     Returns
     -------
@@ -129,9 +133,11 @@ def build_openai_app(
             },
         },
     )
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Create a chat completion (images as data URLs or allowlisted http(s) URLs)."""
-        return await handler(body)
+        if body.stream or not watch_disconnect:
+            return await handler(body)
+        return await _unless_disconnected(handler(body), request)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
@@ -168,3 +174,27 @@ def build_openai_app(
         return {"model": settings.served_model_name, "ingress": counters.to_dict(), **(await backend.stats())}
 
     return app
+
+
+async def _unless_disconnected(work, request: Request):
+    """Await ``work`` unless the client disconnects first: then cancel it (its backend stream aborts the
+    engine request and frees its KV) and answer 499, which nobody reads."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+            return Response(status_code=499)
+        raise
