@@ -131,7 +131,9 @@ class PromptProcessor:
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != len(images):
             raise PromptError(
-                f"the prompt has {len(pieces) - 1} image placeholders but {len(images)} images were given"
+                f"the prompt has {len(pieces) - 1} image placeholders but {len(images)} images were given "
+                f"(message text must not contain the model's image placeholder {self.image_token!r}; "
+                "send images as image_url parts)"
             )
         out = [pieces[0]]
         for image, piece in zip(images, pieces[1:], strict=True):

@@ -86,3 +86,14 @@ def test_a_template_that_raises_is_a_400():
     with pytest.raises(APIError) as info:
         asyncio.run(chat.prepare(request("tiny-llava", messages)))
     assert info.value.status_code == 400 and "roles must alternate" in str(info.value)
+
+
+def test_text_that_contains_the_image_placeholder_is_a_400_that_says_so():
+    chat = preparer("tiny-llava")
+    messages = [{"role": "user", "content": "What is the <image> tag for?"}]
+    with pytest.raises(APIError) as info:
+        asyncio.run(chat.prepare(request("tiny-llava", messages)))
+    assert (
+        info.value.status_code == 400
+        and "must not contain the model's image placeholder '<image>'" in str(info.value)
+    )

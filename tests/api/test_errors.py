@@ -200,3 +200,44 @@ def test_handlers_answer_in_openai_format(method, path, kwargs, status, fragment
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert fragment in body["error"]["message"]
     assert "Traceback" not in response.text and "secret internal detail" not in response.text
+
+
+@pytest.mark.parametrize(
+    "content, param, message",
+    [
+        (
+            [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}],
+            "messages[0].content[0].image_url",
+            "valid dictionary",
+        ),
+        ([{"type": "text", "text": 5}], "messages[0].content[0].text", "valid string (got 5)"),
+        (
+            [{"type": "text", "text": "x", "cache_control": {}}],
+            "messages[0].content[0].cache_control",
+            "unsupported",
+        ),
+        (
+            [{"type": "image_url", "image_url": {"url": "u"}, "foo": 1}],
+            "messages[0].content[0].foo",
+            "unsupported",
+        ),
+        (
+            [{"type": "image_url", "image_url": {"url": "u", "x": 1}}],
+            "messages[0].content[0].image_url.x",
+            "unsupported",
+        ),
+        ([{"type": "text"}], "messages[0].content[0].text", "Field required"),
+    ],
+)
+def test_real_validation_errors_name_the_content_part_at_fault(content, param, message):
+    """Pydantic's own errors for a list content (the union's `str` member fails too): the part, not the union."""
+    from pydantic import ValidationError
+
+    from zipvl_ray.api.schemas import ChatCompletionRequest
+
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": [{"role": "user", "content": content}]}
+        )
+    error = describe_validation_errors(list(info.value.errors()))
+    assert error.param == param and message in str(error), str(error)

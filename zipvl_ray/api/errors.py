@@ -110,13 +110,20 @@ def clean_location(loc: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
     """Drop what pydantic adds to locations inside unions: member types and discriminator tags.
 
     ``("messages", 0, "content", "list[tagged-union[TextPart,ImagePart]]", 0, "image_url", "image_url", "url")``
-    becomes ``("messages", 0, "content", 0, "image_url", "url")``.
+    becomes ``("messages", 0, "content", 0, "image_url", "url")``, and ``(..., 0, "text", "cache_control")``
+    (an unknown key on a text part) ``(..., 0, "cache_control")``.
     """
-    items = [item for item in loc if not _is_union_tag(item)]
+    items = list(loc)
     out: list[Any] = []
+    tagged = False  # inside a list of a tagged union: the item after the index is the member's tag
     for i, item in enumerate(items):
-        # A discriminated union repeats the tag before the member's field of the same name.
-        if i >= 1 and isinstance(items[i - 1], int) and i + 1 < len(items) and items[i + 1] == item:
+        if _is_union_tag(item):
+            tagged = "tagged-union[" in item
+            continue
+        after_index = isinstance(item, str) and bool(out) and isinstance(out[-1], int)
+        # The tag, also recognised by the member's field of the same name that follows it.
+        if after_index and (tagged or (i + 1 < len(items) and items[i + 1] == item)):
+            tagged = False
             continue
         out.append(item)
     return tuple(out)
@@ -151,10 +158,11 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     """
     if not errors:
         return APIError("invalid request")
-    # Inside a union, prefer the member the input was meant for over "should be a valid string".
+    # Inside a union, prefer the member the input was meant for over "should be a valid string": an
+    # error about the whole value not being one member's type (its location ends at the member) goes last.
     ranked = sorted(
         errors,
-        key=lambda e: any(_is_union_tag(i) for i in e.get("loc", ())) and e.get("type", "").endswith("_type"),
+        key=lambda e: bool(e.get("loc")) and _is_union_tag(e["loc"][-1]) and e.get("type", "").endswith("_type"),
     )
     first = ranked[0]
     kind = first.get("type", "")
@@ -175,7 +183,7 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     echoed = _echo(first.get("input")) if "input" in first and kind != "missing" else ""
-    suffix = f" (got {echoed})" if echoed else ""
+    suffix = f" (got {echoed})" if echoed and f"got {echoed}" not in message else ""
     more = f"; and {len(errors) - 1} more problem(s)" if len(errors) > 1 else ""
     text = f"{param}: {message}{suffix}{more}" if param else f"{message}{suffix}{more}"
     return APIError(text, param=param, code="invalid_value")
