@@ -231,3 +231,25 @@ def test_stats_report_committed_lifetime_demand(tiny_llava):
     while eng.has_unfinished():
         eng.step()
     assert eng.stats().committed_lifetime_bytes == 0
+
+
+def test_a_failed_prefill_forward_holds_no_kv(tiny_llava):
+    """A forward that raises halfway (not for lack of blocks), after the first layers stored their kept KV,
+    returns every block the prefill took."""
+    eng = engine(tiny_llava)
+    eng.add_request("boom", mixed_prompts(n_images=(2,))[0], SamplingParams(max_tokens=4))
+    layers = eng.runner.adapter.language_model.layers
+    seen = {}
+
+    def fail(*_):
+        seen["held"] = eng.runner.kv.seq_bytes("boom")
+        raise RuntimeError("forward failed")
+
+    handle = layers[len(layers) - 1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="forward failed"):
+            eng.step()
+    finally:
+        handle.remove()
+    assert seen["held"] > 0  # the earlier layers had stored their KV
+    assert eng.stats().kv_bytes_used == 0 and not eng.runner.kv.seqs

@@ -162,7 +162,9 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> APIError:
     # error about the whole value not being one member's type (its location ends at the member) goes last.
     ranked = sorted(
         errors,
-        key=lambda e: bool(e.get("loc")) and _is_union_tag(e["loc"][-1]) and e.get("type", "").endswith("_type"),
+        key=lambda e: (
+            bool(e.get("loc")) and _is_union_tag(e["loc"][-1]) and e.get("type", "").endswith("_type")
+        ),
     )
     first = ranked[0]
     kind = first.get("type", "")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from zipvl_ray.config import EngineConfig, ZipVLConfig
-from zipvl_ray.kv import KVCacheManager, KVLayout, KVPool, OutOfBlocks, pool_blocks
+from zipvl_ray.kv import KVCacheManager, KVLayout, KVPool, pool_blocks
 from zipvl_ray.models.adapters import VLMAdapter
 from zipvl_ray.sparsity import (
     adaptive_count,
@@ -229,7 +229,8 @@ class ModelRunner:
     def prefill(self, seqs) -> tuple[torch.Tensor, list[Segment]]:
         """Prefill ``seqs`` (packed) and write their kept KV. Returns last-token logits ``(S, V)`` and the segments.
 
-        On :class:`OutOfBlocks` every block taken by this call is returned before the error propagates.
+        On :class:`OutOfBlocks`, or any error of the forward, every block taken by this call is returned
+        before the error propagates.
         """
         segments, ids, positions, features = [], [], [], []
         start = 0
@@ -251,7 +252,7 @@ class ModelRunner:
             hidden = self.adapter.language_model(
                 inputs_embeds=embeds[None], position_ids=position_ids, past_key_values=context, use_cache=True
             ).last_hidden_state[0]
-        except OutOfBlocks:
+        except BaseException:  # out of blocks, or a failed forward: nothing stays held
             for seq in seqs:
                 self.kv.free(seq.request_id)
             raise
