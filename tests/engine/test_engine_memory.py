@@ -253,3 +253,17 @@ def test_a_failed_prefill_forward_holds_no_kv(tiny_llava):
         handle.remove()
     assert seen["held"] > 0  # the earlier layers had stored their KV
     assert eng.stats().kv_bytes_used == 0 and not eng.runner.kv.seqs
+
+
+@pytest.mark.parametrize("overrides", [{"tau": 1.0, "max_keep_ratio": 0.8}, {"tau": 0.999}])
+def test_admission_never_underpredicts_an_override_that_keeps_more(tiny_llava, overrides):
+    """The engine's running kept fractions were measured at its own tau (0.9 here): a request that keeps
+    more (tau 1 with a cap keeps exactly the cap) is predicted from the cap, not from those fractions."""
+    eng = engine(tiny_llava)
+    prompts = mixed_prompts(n_images=(3, 3))
+    eng.add_request("warm", prompts[0], SamplingParams(max_tokens=1))
+    while eng.has_unfinished():
+        eng.step()
+    eng.add_request("more", prompts[1], SamplingParams(max_tokens=1), zipvl=overrides)
+    out = [o for o in eng.step() if o.request_id == "more"][-1]
+    assert out.metrics.predicted_kv_bytes >= out.metrics.kv_bytes > 0

@@ -123,3 +123,33 @@ def test_profile_committed_bytes_prefer_the_lifetime(lifetime_kib, committed_kib
     profile, _ = profile_from_routing_stats(data)
     assert profile.lifetime_bytes == lifetime_kib * 1024
     assert profile.committed_bytes == committed_kib * 1024  # used 6 + reserved 2 KiB at least
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, [0.5, 0.1]),  # the replica's defaults: what it observed
+        ({"tau": 0.8}, [0.5, 0.1]),  # keeps fewer: observed fractions stay an upper estimate
+        ({"max_keep_ratio": 0.3}, [0.3, 0.1]),  # a tighter cap: capped
+        ({"tau": 1.0, "max_keep_ratio": 0.8}, [0.8, 0.8]),  # keeps exactly the cap in every layer
+        ({"tau": 1.0}, [0.6, 0.6]),  # the request inherits the default cap
+        ({"tau": 0.99}, [0.6, 0.6]),  # keeps more than the default: dense up to the default cap
+        ({"tau": 0.99, "max_keep_ratio": 0.7}, [0.7, 0.7]),
+        ({"max_keep_ratio": 0.9}, [0.9, 0.9]),  # a looser cap than the default's 0.6
+        ({"zipvl_enabled": False}, [1.0, 1.0]),
+    ],
+)
+def test_prediction_for_overrides_never_trusts_fractions_measured_under_a_tighter_setting(
+    overrides, expected
+):
+    from zipvl_ray.routing.footprint import effective_keep_fractions
+
+    got = effective_keep_fractions([0.5, 0.1], 2, default_tau=0.9, default_max_keep_ratio=0.6, **overrides)
+    assert got == expected
+
+
+def test_profile_carries_the_replicas_default_zipvl_setting():
+    profile, _ = profile_from_routing_stats(
+        routing_stats(engine_stats(zipvl_tau=0.95, zipvl_max_keep_ratio=0.5), now=1.0)
+    )
+    assert (profile.zipvl_tau, profile.zipvl_max_keep_ratio) == (0.95, 0.5)

@@ -163,6 +163,8 @@ class LLMEngine:
             tau=config.tau,
             max_keep_ratio=config.max_keep_ratio,
             zipvl_enabled=config.enabled,
+            default_tau=self.zipvl.tau if self.zipvl.enabled else 1.0,
+            default_max_keep_ratio=self.zipvl.max_keep_ratio if self.zipvl.enabled else None,
         )
 
     # -- requests --------------------------------------------------------------------------------------
@@ -493,4 +495,6 @@ class LLMEngine:
             max_concurrent_seqs=self._totals["max_batch"],
             committed_lifetime_bytes=lifetime,
             waiting_prompt_tokens=sum(seq.num_prompt_tokens for seq in waiting),
+            zipvl_tau=self.zipvl.tau if self.zipvl.enabled else 1.0,
+            zipvl_max_keep_ratio=self.zipvl.max_keep_ratio if self.zipvl.enabled else None,
         )

@@ -218,6 +218,10 @@ class EngineStats:
         remaining ``max_tokens``, block-rounded): the demand the replica has accepted.
     waiting_prompt_tokens : int
         Prompt tokens of the waiting requests.
+    zipvl_tau, zipvl_max_keep_ratio : float
+        The engine's default ZipVL setting (``tau`` 1.0 when ZipVL is off), under which
+        ``kept_fraction_per_layer`` is measured; predictions for per-request overrides that keep more
+        than it do not trust those fractions.
     """
 
     kv_bytes_used: int = 0
@@ -243,6 +247,8 @@ class EngineStats:
     max_concurrent_seqs: int = 0
     committed_lifetime_bytes: int = 0
     waiting_prompt_tokens: int = 0
+    zipvl_tau: float = 1.0
+    zipvl_max_keep_ratio: float | None = None
 
     @property
     def kv_utilization(self) -> float:

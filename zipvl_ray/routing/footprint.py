@@ -72,6 +72,9 @@ class KVProfile:
     kept_fraction_per_layer : list[float]
         Running mean kept fraction per layer (1.0 until the replica has seen a prefill).
     num_running, num_waiting : int
+    zipvl_tau, zipvl_max_keep_ratio : float or None
+        The replica's default ZipVL setting, under which ``kept_fraction_per_layer`` was measured (None:
+        not reported).
     """
 
     capacity_bytes: int
@@ -84,6 +87,8 @@ class KVProfile:
     num_running: int = 0
     num_waiting: int = 0
     lifetime_bytes: int = 0
+    zipvl_tau: float | None = None
+    zipvl_max_keep_ratio: float | None = None
 
     @property
     def free_bytes(self) -> int:
@@ -114,7 +119,13 @@ class KVProfile:
             num_running=int(data.get("num_running", 0)),
             num_waiting=int(data.get("num_waiting", 0)),
             lifetime_bytes=int(data.get("committed_lifetime_bytes", 0) or 0),
+            zipvl_tau=_optional_float(data.get("zipvl_tau")),
+            zipvl_max_keep_ratio=_optional_float(data.get("zipvl_max_keep_ratio")),
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def effective_keep_fractions(
@@ -124,17 +135,31 @@ def effective_keep_fractions(
     tau: float | None = None,
     max_keep_ratio: float | None = None,
     zipvl_enabled: bool | None = None,
+    default_tau: float | None = None,
+    default_max_keep_ratio: float | None = None,
 ) -> list[float]:
     """Per-layer keep fractions to predict with, after per-request overrides.
 
-    ZipVL off or ``tau >= 1`` keeps everything; ``max_keep_ratio`` caps each layer. A lower ``tau``
-    than the replica's default is not extrapolated (the observed fractions are an upper estimate).
+    ``fractions`` were observed under the replica's defaults (``default_tau``, ``default_max_keep_ratio``;
+    a request without its own cap inherits the default one). ZipVL off keeps everything. An override that
+    keeps *more* than the defaults (a higher ``tau``, ``tau >= 1``, a looser cap) makes the observed
+    fractions a lower bound, so the prediction is dense up to the cap (``tau >= 1`` with a cap r keeps
+    exactly ``ceil(r n)`` per layer). An override that keeps fewer (a lower ``tau``, a tighter cap) is not
+    extrapolated: the observed fractions, capped, stay an upper estimate.
     """
     base = list(fractions) if fractions else [1.0] * num_layers
-    if zipvl_enabled is False or (tau is not None and tau >= 1.0 and max_keep_ratio is None):
+    if zipvl_enabled is False:
         return [1.0] * len(base)
-    if max_keep_ratio is not None:
-        base = [min(f, max_keep_ratio) for f in base]
+    cap = max_keep_ratio if max_keep_ratio is not None else default_max_keep_ratio  # a request inherits it
+    keeps_more = (tau is not None and (tau >= 1.0 or (default_tau is not None and tau > default_tau))) or (
+        max_keep_ratio is not None
+        and default_max_keep_ratio is not None
+        and max_keep_ratio > default_max_keep_ratio
+    )
+    if keeps_more:
+        base = [1.0] * len(base)
+    if cap is not None:
+        base = [min(f, cap) for f in base]
     return base
 
 
@@ -173,6 +198,8 @@ def predict_request_bytes(
         tau=hints.tau,
         max_keep_ratio=hints.max_keep_ratio,
         zipvl_enabled=hints.zipvl_enabled,
+        default_tau=profile.zipvl_tau,
+        default_max_keep_ratio=profile.zipvl_max_keep_ratio,
     )
     growth = hints.max_tokens if decode_tokens is None else decode_tokens
     return predict_bytes(hints.prompt_tokens, fractions, growth, profile.block_size, profile.block_bytes)
