@@ -38,6 +38,17 @@ ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 DTYPE_NAMES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 
 
+def _resolve(target: Any) -> Any:
+    """A ``module:attr`` (or ``module.attr``) import path as Serve resolves it; other values as they are."""
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None  # Serve reports an import path it cannot load itself
+
+
 class StageOptions(BaseModel):
     """Replicas and resources of one deployment (``None`` keeps Serve's default)."""
 
@@ -90,9 +101,25 @@ class StageOptions(BaseModel):
             if unknown:
                 raise ValueError(f"unknown keys (misspelled?): {', '.join(unknown)}")
             model.model_validate(block)
+        self._check_project_kwargs()
         if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
             raise ValueError("set either num_replicas (a number) or autoscaling_config, not both")
         return self
+
+    def _check_project_kwargs(self) -> None:
+        """Validate the kwargs of the project's router and policies now: Serve builds a router lazily in each
+        process holding a handle, and one that fails there leaves every call waiting."""
+        from zipvl_ray.routing.autoscaling import KVDemandPolicy, QueueLengthPolicy
+        from zipvl_ray.routing.router import KVPackingRouter, KVRouterConfig
+
+        router = self.request_router_config or {}
+        router_class = _resolve(router.get("request_router_class"))
+        if isinstance(router_class, type) and issubclass(router_class, KVPackingRouter):
+            KVRouterConfig(**(router.get("request_router_kwargs") or {}))
+        policy = (self.autoscaling_config or {}).get("policy") or {}
+        policy_class = _resolve(policy.get("policy_function"))
+        if isinstance(policy_class, type) and issubclass(policy_class, KVDemandPolicy | QueueLengthPolicy):
+            policy_class(**(policy.get("policy_kwargs") or {}))
 
     def deployment_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options(...)``."""
@@ -137,6 +164,21 @@ class VisionStageOptions(StageOptions):
                 f"({self.max_batch_size}), or batches never fill"
             )
         return self
+
+    def _check_project_kwargs(self) -> None:
+        """Validate the kwargs of the project's router and policies now: Serve builds a router lazily in each
+        process holding a handle, and one that fails there leaves every call waiting."""
+        from zipvl_ray.routing.autoscaling import KVDemandPolicy, QueueLengthPolicy
+        from zipvl_ray.routing.router import KVPackingRouter, KVRouterConfig
+
+        router = self.request_router_config or {}
+        router_class = _resolve(router.get("request_router_class"))
+        if isinstance(router_class, type) and issubclass(router_class, KVPackingRouter):
+            KVRouterConfig(**(router.get("request_router_kwargs") or {}))
+        policy = (self.autoscaling_config or {}).get("policy") or {}
+        policy_class = _resolve(policy.get("policy_function"))
+        if isinstance(policy_class, type) and issubclass(policy_class, KVDemandPolicy | QueueLengthPolicy):
+            policy_class(**(policy.get("policy_kwargs") or {}))
 
     def deployment_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
         options = super().deployment_options(env_vars)

@@ -152,3 +152,26 @@ def test_docs_describe_every_app_argument():
     missing += [f"images.{name}" for name in ImageLimits.model_fields if f"`images.{name}`" not in docs]
     missing += [name for name in VisionStageOptions.model_fields if f"`{name}`" not in docs]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    "block, typo, message",
+    [
+        (("llm", "request_router_config", "request_router_kwargs"), "max_queue_length", "max_queue_length"),
+        (("llm", "autoscaling_config", "policy", "policy_kwargs"), "target_kv_utilisation", "target_kv_util"),
+        (
+            ("vision", "autoscaling_config", "policy", "policy_kwargs"),
+            "target_per_replicas",
+            "target_per_rep",
+        ),
+    ],
+)
+def test_router_and_policy_kwargs_are_checked_when_the_app_is_built(block, typo, message):
+    """Serve validates neither: a router built lazily with a bad key would leave every call waiting."""
+    args = copy.deepcopy(load("zipvl-gpu.yaml")["applications"][0]["args"])
+    node = args
+    for step in block:
+        node = node[step]
+    node[typo] = 1
+    with pytest.raises(ValidationError, match=message):
+        AppArgs.model_validate(args)

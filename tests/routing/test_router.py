@@ -257,7 +257,8 @@ def test_routed_without_a_hold_recreates_it_from_the_request():
         router.update_replicas([a])
         request = pending("r1", 10)
         await router.choose_replicas([a], request)
-        router.on_request_completed(a.replica_id, "r1")  # rejected once: hold gone
+        router.on_request_completed(a.replica_id, "r1")  # rejected once: the chosen hold stays for the retry
+        router.holds.release("r1")  # (or it is gone)
         router.on_request_routed(request, a.replica_id, None)  # accepted on the retry
         return router
 
@@ -532,3 +533,88 @@ def test_serve_routing_loop_waits_out_saturation_then_routes():
     waited, held_back, chosen = asyncio.run(scenario())
     assert waited and chosen == "a"
     assert 1 <= held_back <= 10  # backed off between attempts, no busy loop
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+
+
+def test_calls_other_than_generate_go_anywhere_without_a_hold():
+    """A health ping (``ready``) or a ``stats`` call holds no KV and is never held back at the handle."""
+
+    async def scenario():
+        router = make_router(Clock(), max_queue_len=0)
+        fakes = [StatsReplica("a", stats(100, waiting=3)), StatsReplica("b", stats(100, waiting=5))]
+        ping = pending("ping")
+        ping.metadata.call_method = "ready"
+        ranks = await router.choose_replicas(fakes, ping)
+        router.on_request_routed(ping, fakes[0].replica_id, None)
+        generate = pending("gen", 10)
+        generate.metadata.call_method = "generate"
+        held_back = await router.choose_replicas(fakes, generate)
+        return router, ranks, held_back
+
+    router, ranks, held_back = asyncio.run(scenario())
+    assert [sorted(r.replica_id.unique_id for r in rank) for rank in ranks] == [["a", "b"]]
+    assert held_back == []  # generate is packed: every replica is over the guard
+    assert len(router.holds) == 0 and router.counters.missing_hints == 0 and router.counters.routed == 0
+
+
+def test_stale_stats_count_only_requests_sent_since_the_snapshot_as_queued():
+    """Stale stats add every hold to the bytes, but the queue guard still counts only what was sent after
+    the snapshot: ten long-running requests the snapshot shows do not stop routing."""
+    clock = Clock()
+
+    async def scenario():
+        router = make_router(clock, stats_stale_after_s=5, max_queue_len=8, hold_when_saturated=False)
+        a = StatsReplica("a", stats(1000, 0, at=T0))
+        for i in range(10):
+            request = pending(f"running{i}", 10)
+            await router.choose_replicas([a], request)
+            router.on_request_routed(request, a.replica_id, None)
+        a.stats = stats(1000, 100, at=T0 + 1)  # the snapshot holds all ten
+        clock.t = T0 + 30  # and is stale now
+        router.config = router.config.model_copy(update={"hold_when_saturated": True})
+        return router, await router.choose_replicas([a], pending("next", 10))
+
+    router, ranks = asyncio.run(scenario())
+    assert names(ranks) == ["a"] and router.counters.held_back == 0
+    assert router.counters.stale_replica_views >= 1
+
+
+def test_a_request_cancelled_before_routing_loses_its_hold_at_the_next_sweep():
+    clock = Clock()
+
+    async def scenario():
+        router = make_router(clock, sweep_interval_s=0)
+        a = StatsReplica("a", stats(100))
+        request = pending("gone", 10)
+        await router.choose_replicas([a], request)
+        held_before = held_blocks(router)
+        request.future.cancel()  # what Serve does when the caller gives up while the request waits
+        clock.t += 0.1
+        await router.choose_replicas([a], pending("next", 5))
+        return router, held_before
+
+    router, held_before = asyncio.run(scenario())
+    assert held_before == {"a": 10}
+    assert held_blocks(router) == {"a": 5} and router.counters.expired == 1
+
+
+def test_a_rejected_attempts_late_completion_keeps_the_retrys_hold():
+    """Serve delivers a rejected attempt's completion later, maybe after the retry reserved again on the
+    same replica: a hold not yet routed is not released by it."""
+
+    async def scenario():
+        router = make_router(Clock())
+        a = StatsReplica("a", stats(100))
+        request = pending("r1", 10)
+        await router.choose_replicas([a], request)  # first attempt: rejected by a
+        await router.choose_replicas([a], request)  # the retry reserves on a again
+        router.on_request_completed(a.replica_id, "r1")  # the first attempt's completion arrives late
+        held_after_late_completion = held_blocks(router)
+        router.on_request_routed(request, a.replica_id, None)
+        router.on_request_completed(a.replica_id, "r1")
+        return router, held_after_late_completion
+
+    router, held = asyncio.run(scenario())
+    assert held == {"a": 10} and len(router.holds) == 0 and router.counters.released == 1

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -122,6 +123,11 @@ class KVRouterConfig(BaseModel):
         ge=0.0,
         description="Expired holds are swept at most this often (on the routing path).",
     )
+    kv_routed_methods: tuple[str, ...] = Field(
+        default=("generate", "__call__"),
+        description="Handle methods packed by KV footprint. Calls to any other method (health pings, stats) "
+        "go to any replica, with no reservation and no queue guard.",
+    )
 
 
 @dataclass(slots=True)
@@ -206,6 +212,9 @@ class Hold:
         The router's ranking at decision time (to record the chosen rank).
     predicted : dict
         Predicted bytes on every ranked replica at decision time (to re-size a moved hold).
+    abandoned : callable or None
+        While only chosen: whether the caller gave up on the request (Serve cancels its future and calls
+        no hook); such holds are dropped at the next sweep. Cleared once routed.
     """
 
     request_id: str
@@ -216,6 +225,7 @@ class Hold:
     hints: RoutingHints | None = None
     ranking: tuple = ()
     predicted: dict = field(default_factory=dict)
+    abandoned: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +281,7 @@ class HoldTable:
         hints: RoutingHints | None = None,
         ranking: tuple = (),
         predicted: dict | None = None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> tuple[Hold, bool]:
         """Reserve ``nbytes`` for ``request_id`` on ``replica`` (a re-decision replaces the old hold).
 
@@ -281,7 +292,9 @@ class HoldTable:
             Whether the request already had a hold (a retry).
         """
         existed = self._detach(request_id) is not None
-        hold = Hold(request_id, replica, int(nbytes), now, None, hints, ranking, dict(predicted or {}))
+        hold = Hold(
+            request_id, replica, int(nbytes), now, None, hints, ranking, dict(predicted or {}), abandoned
+        )
         self._attach(hold)
         return hold, existed
 
@@ -296,7 +309,7 @@ class HoldTable:
         """
         hold = self._by_request.get(request_id)
         if hold is not None and hold.replica == replica:
-            hold.routed_at = now
+            hold.routed_at, hold.abandoned = now, None
             return hold, False
         if hold is not None:
             self._detach(request_id)
@@ -315,20 +328,26 @@ class HoldTable:
         self._attach(hold)
         return hold, True
 
-    def release(self, request_id: str, replica: Hashable | None = None) -> Hold | None:
-        """Drop ``request_id``'s hold, only if it sits on ``replica`` (when given)."""
+    def release(
+        self, request_id: str, replica: Hashable | None = None, *, routed_only: bool = False
+    ) -> Hold | None:
+        """Drop ``request_id``'s hold, only if it sits on ``replica`` (when given) and, with ``routed_only``,
+        only once routed."""
         hold = self._by_request.get(request_id)
         if hold is None or (replica is not None and hold.replica != replica):
+            return None
+        if routed_only and hold.routed_at is None:
             return None
         return self._detach(request_id)
 
     def expire(self, now: float, *, routed_ttl_s: float, pending_ttl_s: float) -> int:
-        """Drop holds past their TTL; returns how many."""
+        """Drop holds past their TTL, and chosen-only holds whose caller gave up; returns how many."""
         stale = [
             h.request_id
-            for h in self._by_request.values()
+            for h in list(self._by_request.values())
             if (h.routed_at is not None and now - h.routed_at > routed_ttl_s)
             or (h.routed_at is None and now - h.reserved_at > pending_ttl_s)
+            or (h.routed_at is None and h.abandoned is not None and h.abandoned())
         ]
         for request_id in stale:
             self._detach(request_id)
@@ -476,7 +495,9 @@ def build_view(
             order,
         )
     fresh = stats_time is not None and now - stats_time <= config.stats_stale_after_s
-    totals = holds.totals(key, stats_time if fresh else None, config.coverage_margin_s)
+    # Split by the snapshot's time even when it is stale: the queue is the requests sent since it; only the
+    # bytes are counted conservatively (every hold on top of the report).
+    totals = holds.totals(key, stats_time, config.coverage_margin_s)
     reported = profile.committed_bytes
     if fresh:
         committed = max(reported, totals.covered_bytes) + totals.uncovered_bytes
@@ -602,6 +623,8 @@ class KVPackingRouter(RequestRouter):
         self._first_seen: dict[ReplicaID, int] = {}
         self._next_order = 0
         self._last_sweep = -math.inf
+        # Serve calls the hooks on its router thread; telemetry() is read from the ingress's own loop.
+        self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- Serve hooks
 
@@ -611,6 +634,10 @@ class KVPackingRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
+        with self._lock:
+            self._update_locked(replicas)
+
+    def _update_locked(self, replicas: list[RunningReplica]) -> None:
         live = {r.replica_id for r in replicas}
         for replica in replicas:
             self._order_of(replica.replica_id)
@@ -621,7 +648,8 @@ class KVPackingRouter(RequestRouter):
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self.counters.dropped_dead += self._holds.drop_replicas([replica_id])
+        with self._lock:
+            self.counters.dropped_dead += self._holds.drop_replicas([replica_id])
 
     async def choose_replicas(
         self,
@@ -643,6 +671,14 @@ class KVPackingRouter(RequestRouter):
             return [list(candidate_replicas)]
         # Without this Serve retries immediately, in a busy loop, when every rank is full.
         pending_request.routing_context.should_backoff = True
+        if pending_request.metadata.call_method not in self.config.kv_routed_methods:
+            return [list(candidate_replicas)]  # a health ping or a stats call: holds no KV
+        with self._lock:
+            return self._choose_locked(candidate_replicas, pending_request)
+
+    def _choose_locked(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest
+    ) -> list[list[RunningReplica]]:
         now = self._get_curr_time_s()
         self._maybe_sweep(now)
 
@@ -667,6 +703,7 @@ class KVPackingRouter(RequestRouter):
             hints=hints,
             ranking=tuple(ranking.order),
             predicted=ranking.predicted_bytes,
+            abandoned=lambda: pending_request.future.cancelled(),
         )
         c = self.counters
         c.decisions += 1
@@ -684,6 +721,12 @@ class KVPackingRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         """Confirm the hold on the replica Serve actually used (moving and re-predicting it if needed)."""
+        if pending_request.metadata.call_method not in self.config.kv_routed_methods:
+            return
+        with self._lock:
+            self._routed_locked(pending_request, replica_id)
+
+    def _routed_locked(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:
         request_id = pending_request.metadata.internal_request_id
         now = self._get_curr_time_s()
         hold = self._holds.get(request_id)
@@ -702,25 +745,31 @@ class KVPackingRouter(RequestRouter):
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         """Release the request's hold if it sits on ``replica_id``.
 
-        A request rejected by one replica and retried also "completes" there; its hold has moved by
-        then (or is re-created by the next ``choose_replicas`` / ``on_request_routed``), so releasing
-        only a hold on the same replica is safe.
+        A request rejected by one replica and retried also "completes" there, possibly after the retry
+        reserved again on the same replica: only a *routed* hold (accepted by that replica) is released.
+        A rejected request whose caller gives up is swept instead (``Hold.abandoned``).
         """
-        if self._holds.release(internal_request_id, replica_id) is not None:
-            self.counters.released += 1
+        with self._lock:
+            if self._holds.release(internal_request_id, replica_id, routed_only=True) is not None:
+                self.counters.released += 1
 
     # ----------------------------------------------------------------- telemetry
 
     def telemetry(self) -> dict[str, Any]:
-        """Counters plus the current holds (count and bytes per replica id)."""
-        return {
-            "counters": self.counters.to_dict(),
-            "num_holds": len(self._holds),
-            "held_bytes": {
-                getattr(k, "unique_id", str(k)): v for k, v in self._holds.bytes_per_replica().items()
-            },
-            "config": self.config.model_dump(),
-        }
+        """Counters plus the current holds (count and bytes per replica id).
+
+        Safe from any thread: Serve runs the router on its own event loop thread while the ingress
+        exports this from its own.
+        """
+        with self._lock:
+            return {
+                "counters": self.counters.to_dict(),
+                "num_holds": len(self._holds),
+                "held_bytes": {
+                    getattr(k, "unique_id", str(k)): v for k, v in self._holds.bytes_per_replica().items()
+                },
+                "config": self.config.model_dump(),
+            }
 
     @property
     def holds(self) -> HoldTable:
