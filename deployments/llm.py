@@ -195,16 +195,15 @@ class LLMServer:
             ):
                 timing.observe(output)
                 if output.finished:
-                    final = output
                     if needs_more_than_the_pool(output):
                         # Nothing was generated and nothing ever could be on this replica: the
-                        # client's request is too large, not a server failure (HTTP 400).
-                        yield StreamError(
-                            status_code=400,
-                            message=pool_overflow_message(self.engine.stats().kv_bytes_capacity),
-                            code="kv_capacity_exceeded",
-                        )
+                        # client's request is too large, not a server failure (HTTP 400), and is
+                        # counted as refused like any other invalid request.
+                        message = pool_overflow_message(self.engine.stats().kv_bytes_capacity)
+                        error = RequestError(message)
+                        yield StreamError(status_code=400, message=message, code="kv_capacity_exceeded")
                         continue  # the engine's last output: the stream ends here
+                    final = output
                 if request.stream or output.finished:
                     yield slim_output(output)
         except RequestError as exc:

@@ -91,8 +91,6 @@ class VisionEncoderServer:
         self.requests = 0
         self.images = 0
         self.max_batch_requests = 0
-        # Batch reports by id() of the request's image list (the list object travels through @serve.batch).
-        self._batch_reports: dict[int, BatchReport] = {}
         sink = telemetry.setup_replica("vision")
         self._cache_exporter = telemetry.EncoderCacheExporter(sink) if sink is not None else None
 
@@ -102,11 +100,10 @@ class VisionEncoderServer:
             return []
         span = telemetry.start_span("zipvl.vision.encode", attributes={"zipvl.images": len(images)})
         try:
-            features = await self._encode_batch(images)
+            features, report = await self._encode_batch(images)
         except BaseException as exc:
             telemetry.end_span(span, error=exc)
             raise
-        report = self._batch_reports.pop(id(images), None)
         if report is not None:
             logger.info(
                 "encoded %d images in a batch of %d requests (%d cache hits, %d misses) in %.1f ms",
@@ -141,7 +138,9 @@ class VisionEncoderServer:
         return features, after["hits"] - before["hits"], after["misses"] - before["misses"], elapsed
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, requests: list[list[ImageInput]]) -> list[list[Any]]:
+    async def _encode_batch(self, requests: list[list[ImageInput]]) -> list[tuple[list[Any], BatchReport]]:
+        """Each request's features with the report of the batch that encoded them (returned with them, so a
+        request cancelled while its batch runs leaves nothing behind)."""
         flat = [image for images in requests for image in images]
         features, hits, misses, elapsed = await asyncio.to_thread(self._encode_timed, flat)
         self.batches += 1
@@ -149,16 +148,12 @@ class VisionEncoderServer:
         self.images += len(flat)
         self.max_batch_requests = max(self.max_batch_requests, len(requests))
         report = BatchReport(len(requests), len(flat), hits, misses, elapsed)
-        reports = getattr(self, "_batch_reports", None)
-        if reports is not None:
-            for images in requests:
-                reports[id(images)] = report
         exporter = getattr(self, "_cache_exporter", None)
         if exporter is not None:
             exporter.update(self.encoder.cache_stats())
         out, start = [], 0
         for images in requests:
-            out.append([_contiguous_cpu(f) for f in features[start : start + len(images)]])
+            out.append(([_contiguous_cpu(f) for f in features[start : start + len(images)]], report))
             start += len(images)
         return out
 

@@ -124,6 +124,33 @@ def test_otlp_when_an_endpoint_is_set(clean_env, protocol, module):
         telemetry.build_span_processors("otlp")
 
 
+@pytest.mark.parametrize(
+    ("service_name", "resource_attributes", "expected"),
+    [
+        (None, None, "zipvl-ray"),
+        ("mine", None, "mine"),
+        (None, "team=vlm, service.name=checkout-vlm", None),  # the resource's own name stays in charge
+        (None, "team=vlm", "zipvl-ray"),
+    ],
+)
+def test_span_processors_default_the_service_name_only_when_nothing_names_it(
+    clean_env, service_name, resource_attributes, expected
+):
+    import os
+
+    clean_env.setenv(telemetry.EXPORTER_ENV, "none")
+    for name, value in (
+        ("OTEL_SERVICE_NAME", service_name),
+        ("OTEL_RESOURCE_ATTRIBUTES", resource_attributes),
+    ):
+        if value is None:
+            clean_env.delenv(name, raising=False)
+        else:
+            clean_env.setenv(name, value)
+    telemetry.span_processors()
+    assert os.environ.get("OTEL_SERVICE_NAME") == expected
+
+
 def test_file_exporter_writes_one_json_span_per_line(clean_env, tmp_path):
     clean_env.setenv(telemetry.EXPORTER_ENV, "file")
     clean_env.setenv(telemetry.FILE_DIR_ENV, str(tmp_path))
@@ -513,3 +540,15 @@ def test_log_filter_falls_back_to_the_installed_source():
         assert other.request_id == "bound"
     finally:
         telemetry._request_id_fallback = previous
+
+
+def test_time_per_output_token_ends_at_the_last_kept_token():
+    """A request that stops on EOS takes one more step for a token it does not keep: 2 tokens, 3 steps of
+    50 ms after the first token's step would read 100 ms per token up to the finish, 50 ms up to the
+    last kept token."""
+    ms = 1_000_000
+    stop = telemetry.StageTimes(0, 0, 1000 * ms, 1100 * ms, "engine", last_token_ns=1050 * ms)
+    assert telemetry.time_per_output_token_s(stop, 2) == pytest.approx(0.050)
+    observed = telemetry.StageTimes(0, 0, 1000 * ms, 1100 * ms, "observed")  # no engine timestamps
+    assert telemetry.time_per_output_token_s(observed, 2) == pytest.approx(0.100)
+    assert telemetry.time_per_output_token_s(stop, 1) is None

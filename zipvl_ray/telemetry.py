@@ -270,14 +270,22 @@ def build_span_processors(kind: str | None = None, *, file_dir: str | os.PathLik
     return [BatchSpanProcessor(OTLPSpanExporter())]
 
 
+def _resource_attributes_name_service() -> bool:
+    """Whether ``OTEL_RESOURCE_ATTRIBUTES`` (``key=value,...``) sets ``service.name``."""
+    pairs = os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    return any(pair.split("=", 1)[0].strip() == "service.name" and "=" in pair for pair in pairs)
+
+
 def span_processors() -> list[SpanProcessor]:
     """Serve's tracing exporter function (:data:`EXPORTER_IMPORT_PATH`): processors from the environment.
 
     Serve calls it with no argument in every process it traces (proxy and replicas) and installs the
     returned processors on a ``TracerProvider`` sampled ``ParentBasedTraceIdRatio(sampling_ratio)``.
     """
-    # Serve builds its TracerProvider right after this call; its resource reads OTEL_SERVICE_NAME.
-    os.environ.setdefault("OTEL_SERVICE_NAME", DEFAULT_SERVICE_NAME)
+    # Serve builds its TracerProvider right after this call; its resource reads OTEL_SERVICE_NAME, which
+    # outranks a service.name in OTEL_RESOURCE_ATTRIBUTES: default it only when neither names the service.
+    if not os.environ.get("OTEL_SERVICE_NAME") and not _resource_attributes_name_service():
+        os.environ["OTEL_SERVICE_NAME"] = DEFAULT_SERVICE_NAME
     processors = build_span_processors()
     logger.info(
         "tracing: %s exporter in process %d (%d span processors)",
@@ -530,22 +538,27 @@ class StageTimes:
     first_token_ns: int
     finish_ns: int
     source: Literal["engine", "observed"]
+    last_token_ns: int = 0  # when the last kept token was generated (engine); 0: use finish_ns
 
 
 def stage_times(output: RequestOutput, timing: RequestTiming | None = None) -> StageTimes:
     """The engine's timestamps (``RequestMetrics``), or what the deployment observed when it has none."""
     m = output.metrics
     if m.arrival_ns and m.first_token_ns:
-        return StageTimes(m.arrival_ns, m.prefill_start_ns, m.first_token_ns, m.finish_ns, "engine")
+        return StageTimes(
+            m.arrival_ns, m.prefill_start_ns, m.first_token_ns, m.finish_ns, "engine", m.last_token_ns
+        )
     timing = timing or RequestTiming(received_ns=0)
     return StageTimes(timing.received_ns, 0, timing.first_output_ns, timing.final_output_ns, "observed")
 
 
 def time_per_output_token_s(times: StageTimes, output_tokens: int) -> float | None:
-    """Decode time over the tokens after the first (None with fewer than two tokens or no timestamps)."""
-    if output_tokens < 2 or not times.first_token_ns or not times.finish_ns:
+    """Decode time over the tokens after the first (None with fewer than two tokens or no timestamps): from
+    the first token to the last kept one (a stop on EOS takes one more step, for a token not counted)."""
+    end = times.last_token_ns or times.finish_ns
+    if output_tokens < 2 or not times.first_token_ns or not end:
         return None
-    return max(0, times.finish_ns - times.first_token_ns) / 1e9 / (output_tokens - 1)
+    return max(0, end - times.first_token_ns) / 1e9 / (output_tokens - 1)
 
 
 def prefill_attributes(output: RequestOutput, timing: RequestTiming | None = None) -> dict[str, Any]:

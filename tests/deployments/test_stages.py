@@ -87,6 +87,43 @@ def test_a_refused_request_becomes_one_stream_error():
     assert isinstance(item, StreamError) and item.status_code == 400 and "max_model_len" in item.message
 
 
+def test_a_request_larger_than_the_pool_is_a_400_counted_as_refused():
+    """Nothing was generated and nothing could be: the client's mistake, not an engine error."""
+    from deployments.llm import POOL_OVERFLOW_ERROR
+    from zipvl_ray import telemetry
+    from zipvl_ray.engine.types import EngineStats, RequestMetrics
+
+    class PoolTooSmall:
+        async def generate(self, request_id, prompt, sampling, zipvl):
+            yield RequestOutput(
+                request_id=request_id,
+                token_ids=[],
+                finished=True,
+                finish_reason="error",
+                error=f"the request needs {POOL_OVERFLOW_ERROR}",
+                metrics=RequestMetrics(prompt_tokens=5000),
+            )
+
+        async def abort(self, request_id):
+            pass
+
+        def stats(self):
+            return EngineStats(kv_bytes_capacity=1 << 20)
+
+    server = LLMServer.func_or_class.__new__(LLMServer.func_or_class)
+    server.engine = PoolTooSmall()
+    server._metrics = sink = telemetry.InMemoryMetricsSink()
+
+    async def run():
+        return [item async for item in server.generate(_request(max_tokens=4))]
+
+    (item,) = asyncio.run(run())
+    assert isinstance(item, StreamError) and item.status_code == 400 and item.code == "kv_capacity_exceeded"
+    counts = {key: value for key, value in sink.counters.items() if key[0] == "zipvl_llm_requests_total"}
+    assert counts == {("zipvl_llm_requests_total", (("finish_reason", "refused"),)): 1.0}
+    assert not any(key[0] == "zipvl_prompt_tokens_total" for key in sink.counters)
+
+
 def test_closing_the_stream_aborts_the_request_and_frees_kv():
     server = llm_server(token_delay_s=0.01)
 
@@ -151,7 +188,8 @@ def test_vision_batch_encodes_all_requests_at_once_and_splits_in_order():
     # The batch body as @serve.batch calls it (the decorator itself needs a running replica).
     batch = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
     results = asyncio.run(batch(server, requests))
-    for images, features in zip(requests, results, strict=True):
+    for images, (features, report) in zip(requests, results, strict=True):
+        assert (report.requests, report.images) == (4, 7)
         assert [f.content_hash for f in features] == [im.content_hash for im in images]
         assert all(f.embeds.device.type == "cpu" and f.embeds.is_contiguous() for f in features)
     assert server.encoder.batch_sizes == [7]  # one encoder call for the whole batch

@@ -383,6 +383,7 @@ class LLMEngine:
             self._finish(seq, "stop")
             return
         seq.output_token_ids.append(token)
+        seq.metrics.last_token_ns = time.time_ns()
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         if sp.stop and self.tokenizer is not None:

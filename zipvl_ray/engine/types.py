@@ -101,6 +101,9 @@ class RequestMetrics:
         Wall-clock timestamps (``time.time_ns()``) of arrival, the start of the (first) prefill step,
         the first token and the end; 0 when not reached. Tracing builds queue / prefill / decode spans
         from them.
+    last_token_ns : int
+        When the last token of ``token_ids`` was generated (a request that stops on EOS finishes one step
+        later, with a token it does not keep): time per output token is measured up to it.
     attention_flops_saved : float
         ``1 - mean_l (kept_l / n)^2``: the share of prefill attention FLOPs ZipVL avoided.
     """
@@ -120,6 +123,7 @@ class RequestMetrics:
     prefill_start_ns: int = 0
     first_token_ns: int = 0
     finish_ns: int = 0
+    last_token_ns: int = 0
 
     @property
     def attention_flops_saved(self) -> float:
