@@ -34,7 +34,8 @@ def test_every_key_is_known_to_ray(name):
 def test_args_validate_and_build(name):
     (app,) = load(name)["applications"]
     assert app["import_path"] == "deployments.app:build_app"
-    assert app["runtime_env"]["env_vars"]["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] == "1"
+    # args.zero_copy_tensors decides (the builder sets it per replica); an app-level variable would win.
+    assert "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS" not in app["runtime_env"]["env_vars"]
     args = AppArgs.model_validate(app["args"])
     assert args.zero_copy_tensors
     # What Serve does at deploy time: validate ``args`` with the builder's annotation, then build.
@@ -175,3 +176,11 @@ def test_router_and_policy_kwargs_are_checked_when_the_app_is_built(block, typo,
     node[typo] = 1
     with pytest.raises(ValidationError, match=message):
         AppArgs.model_validate(args)
+
+
+def test_gpu_ingress_drains_as_long_as_the_llm_stage():
+    """The HTTP streams live in the ingress: a stopping ingress replica must wait for them as long as the
+    LLM replicas wait for their requests (Serve's default is 20 s)."""
+    args = AppArgs.model_validate(load("zipvl-gpu.yaml")["applications"][0]["args"])
+    timeout = load("zipvl-gpu.yaml")["http_options"]["request_timeout_s"]
+    assert args.ingress.graceful_shutdown_timeout_s == args.llm.graceful_shutdown_timeout_s == timeout
