@@ -71,6 +71,9 @@ class VisionEncoderServer:
         Most requests gathered into one forward.
     batch_wait_timeout_s : float
         How long the first request of a batch waits for others.
+    unhealthy_after_failed_batches : int
+        Serve's health check fails once this many encoder forwards in a row have raised (a persistent
+        device fault); a successful forward resets the count.
     """
 
     def __init__(
@@ -83,7 +86,11 @@ class VisionEncoderServer:
         cache_size: int = 256,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.005,
+        unhealthy_after_failed_batches: int = 3,
     ):
+        self.unhealthy_after_failed_batches = unhealthy_after_failed_batches
+        self.consecutive_failed_batches = 0
+        self.last_batch_error: str | None = None
         self.encoder = encoder_cls.from_pretrained(model, dtype=dtype, device=device, cache_size=cache_size)
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -142,7 +149,13 @@ class VisionEncoderServer:
         """Each request's features with the report of the batch that encoded them (returned with them, so a
         request cancelled while its batch runs leaves nothing behind)."""
         flat = [image for images in requests for image in images]
-        features, hits, misses, elapsed = await asyncio.to_thread(self._encode_timed, flat)
+        try:
+            features, hits, misses, elapsed = await asyncio.to_thread(self._encode_timed, flat)
+        except Exception as exc:
+            self.consecutive_failed_batches = getattr(self, "consecutive_failed_batches", 0) + 1
+            self.last_batch_error = f"{type(exc).__name__}: {exc}"[:200]
+            raise
+        self.consecutive_failed_batches = 0
         self.batches += 1
         self.requests += len(requests)
         self.images += len(flat)
@@ -156,6 +169,12 @@ class VisionEncoderServer:
             out.append(([_contiguous_cpu(f) for f in features[start : start + len(images)]], report))
             start += len(images)
         return out
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: fails while every recent encoder forward has raised."""
+        failed = getattr(self, "consecutive_failed_batches", 0)
+        if failed >= getattr(self, "unhealthy_after_failed_batches", 3):
+            raise RuntimeError(f"the last {failed} encoder batches failed (last: {self.last_batch_error})")
 
     def stats(self) -> dict[str, Any]:
         """Encoder cache (hits, misses, size, capacity, hit_rate) and batching counters of this replica."""

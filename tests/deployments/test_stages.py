@@ -218,3 +218,27 @@ def test_serve_backpressure_becomes_an_openai_503_with_retry_after(exc, retry_af
     assert response.headers["retry-after"] == retry_after
     body = json.loads(response.body)
     assert fragment in body["error"]["message"] and body["error"]["type"] == "service_unavailable"
+
+
+def test_vision_health_check_fails_while_every_batch_fails():
+    class Broken(FakeVisionEncoder):
+        fail = True
+
+        def encode(self, images):
+            if Broken.fail:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().encode(images)
+
+    server = VisionEncoderServer.func_or_class(
+        Broken, "tiny-llava", cache_size=8, max_batch_size=8, unhealthy_after_failed_batches=2
+    )
+    batch = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
+    for _ in range(2):
+        server.check_health()
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            asyncio.run(batch(server, [[_image(1)]]))
+    with pytest.raises(RuntimeError, match="last 2 encoder batches failed"):
+        server.check_health()
+    Broken.fail = False
+    asyncio.run(batch(server, [[_image(2)]]))
+    server.check_health()

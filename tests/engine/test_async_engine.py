@@ -181,3 +181,29 @@ def test_per_request_zipvl_override_dense_equals_tau_one(engine, tiny_llava):
         dense.metrics.kept_tokens_per_layer
     )
     assert pruned.metrics.kv_bytes < dense.metrics.kv_bytes
+
+
+def test_steps_that_keep_failing_make_the_health_check_fail(tiny_llava, monkeypatch):
+    """One failed step fails its requests and the replica stays healthy; a fault that fails every step
+    (a sticky device error) fails the health check, so Serve replaces the replica; success resets it."""
+    model, processor = tiny_llava
+    core = LLMEngine(
+        model, processor, zipvl=ZipVLConfig(tau=0.9), engine=EngineConfig(kv_cache_bytes=8 << 20)
+    )
+    eng = AsyncLLMEngine(core, unhealthy_after_failed_steps=2)
+    real_step = core.step
+    try:
+        monkeypatch.setattr(core, "step", lambda: (_ for _ in ()).throw(RuntimeError("device lost")))
+        prompt = mixed_prompts(n_images=(1,))[0]
+        first = asyncio.run(collect(eng, "f1", prompt, SamplingParams(max_tokens=2)))
+        assert first[-1].finish_reason == "error"
+        eng.check_health()  # one failure: still healthy
+        asyncio.run(collect(eng, "f2", prompt, SamplingParams(max_tokens=2)))
+        with pytest.raises(RuntimeError, match="last 2 engine steps failed.*device lost"):
+            eng.check_health()
+        monkeypatch.setattr(core, "step", real_step)
+        outs = asyncio.run(collect(eng, "ok", prompt, SamplingParams(max_tokens=2, ignore_eos=True)))
+        assert outs[-1].finish_reason == "length"
+        eng.check_health()
+    finally:
+        eng.shutdown()

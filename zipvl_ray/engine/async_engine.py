@@ -29,10 +29,17 @@ class AsyncLLMEngine:
     ----------
     engine : LLMEngine
         The engine core; owned by this object's thread from now on.
+    unhealthy_after_failed_steps : int
+        :meth:`check_health` fails once this many engine steps in a row have raised (a persistent fault,
+        such as a sticky CUDA error, that fails every request), so that Serve replaces the replica; a
+        successful step resets the count.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, *, unhealthy_after_failed_steps: int = 3):
         self.engine = engine
+        self.unhealthy_after_failed_steps = unhealthy_after_failed_steps
+        self.consecutive_failed_steps = 0
+        self.last_step_error: str | None = None
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -142,9 +149,13 @@ class AsyncLLMEngine:
             self._deliver([out])
 
     def check_health(self) -> None:
-        """Raise if the engine thread is gone (Serve then restarts the replica)."""
+        """Raise if the engine thread is gone, or its steps keep failing (Serve then restarts the replica)."""
         if self._stopped or not self._thread.is_alive():
             raise RuntimeError("the engine thread is not running")
+        if self.consecutive_failed_steps >= self.unhealthy_after_failed_steps:
+            raise RuntimeError(
+                f"the last {self.consecutive_failed_steps} engine steps failed (last: {self.last_step_error})"
+            )
 
     def stats(self) -> EngineStats:
         """The latest snapshot (taken after every step, add and abort): never waits for a step."""
@@ -159,8 +170,11 @@ class AsyncLLMEngine:
                 if busy:
                     try:
                         outputs = self.engine.step()
+                        self.consecutive_failed_steps = 0
                     except Exception as exc:  # a bug must not take the replica down: fail what is in flight
                         logger.exception("engine step failed; aborting in-flight requests")
+                        self.consecutive_failed_steps += 1
+                        self.last_step_error = f"{type(exc).__name__}: {exc}"[:200]
                         outputs = self._fail_all(exc)
                     self._stats = self.engine.stats()
             if outputs:
