@@ -532,6 +532,23 @@ def test_cluster_shape(variant):
         assert container["image"].endswith(f":{k8s.package_version()}{variant.image_tag_suffix}")
 
 
+@pytest.mark.parametrize("variant", k8s.VARIANTS, ids=lambda v: v.name)
+def test_api_keys_come_from_an_optional_secret_in_every_ray_container(variant):
+    """Replicas inherit the node environment: creating the Secret turns authentication on, without a hand
+    edit that the check would flag and without the keys ever entering the Serve config."""
+    from zipvl_ray.api.auth import DEFAULT_API_KEYS_ENV
+
+    manifest = load(variant.output)
+    for container in ray_containers(manifest):
+        (entry,) = [e for e in container["env"] if e["name"] == DEFAULT_API_KEYS_ENV]
+        assert entry["valueFrom"]["secretKeyRef"] == {
+            "name": "zipvl-api-keys",
+            "key": "keys",
+            "optional": True,
+        }
+    assert "zipvl-api-keys" not in str(manifest["spec"]["serveConfigV2"])
+
+
 def test_gpu_manifest_runs_the_gpu_config_on_gpu_workers():
     manifest = load(k8s.GPU_VARIANT.output)
     served = yaml.safe_load(manifest["spec"]["serveConfigV2"])

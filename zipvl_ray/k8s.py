@@ -43,6 +43,8 @@ import yaml
 
 from zipvl_ray.telemetry import EXPORTER_IMPORT_PATH, TelemetrySettings  # no Ray import
 
+#: ``zipvl_ray.api.auth.DEFAULT_API_KEYS_ENV`` (not imported: it would pull in FastAPI).
+API_KEYS_ENV = "ZIPVL_API_KEYS"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Where the KubeRay CRDs live in this project's workspace (absent in a user's clone).
 DEFAULT_CRD_DIR = REPO_ROOT.parent / "shared" / "kuberay"
@@ -189,6 +191,10 @@ class Variant:
         Weights from a PVC (real checkpoints); None for the built-in models.
     gpu_tolerations : bool
         Tolerate the ``nvidia.com/gpu`` taint that GPU node pools usually carry.
+    api_keys_secret : str or None
+        Secret whose ``keys`` entry becomes ``ZIPVL_API_KEYS`` in the Ray containers (``optional``: without
+        the Secret, no key and no authentication). Create it to turn API keys on; keys never travel
+        through the Serve config. None: no such variable.
     """
 
     name: str
@@ -206,6 +212,7 @@ class Variant:
     upgrade_reason: str
     model_cache: ModelCache | None = None
     gpu_tolerations: bool = False
+    api_keys_secret: str | None = "zipvl-api-keys"
 
 
 GPU_VARIANT = Variant(
@@ -458,6 +465,15 @@ def _env(variant: Variant) -> list[dict[str, Any]]:
                 "name": "HF_TOKEN",
                 "valueFrom": {
                     "secretKeyRef": {"name": cache.token_secret, "key": "HF_TOKEN", "optional": True}
+                },
+            }
+        )
+    if variant.api_keys_secret:
+        env.append(
+            {
+                "name": API_KEYS_ENV,
+                "valueFrom": {
+                    "secretKeyRef": {"name": variant.api_keys_secret, "key": "keys", "optional": True}
                 },
             }
         )
