@@ -456,6 +456,32 @@ def test_request_without_hints_uses_the_fallback_size():
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        {"prompt_tokens": 64, "max_tokens": None},
+        {"prompt_tokens": 64, "image_tokens": "many"},
+        {"prompt_tokens": -1},
+        {"prompt_tokens": 64, "tau": "high"},
+        {"prompt_tokens": 64, "zipvl_enabled": "yes"},
+        {"prompt_tokens": True},
+    ],
+)
+def test_malformed_hints_fall_back_instead_of_failing_the_routing_loop(raw):
+    from zipvl_ray.routing.router import hints_from_kwargs
+
+    assert hints_from_kwargs({"routing_hints": raw}) is None
+
+    async def scenario():
+        router = make_router(Clock())
+        request = pending("r1")
+        request.kwargs["routing_hints"] = raw
+        return router, await router.choose_replicas([StatsReplica("a", stats(10_000))], request)
+
+    router, ranks = asyncio.run(scenario())
+    assert names(ranks) == ["a"] and router.counters.missing_hints == 1
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [{"strategy": "random"}, {"max_fill_fraction": 0}, {"max_queue_len": -1}, {"max_que_len": 3}],
 )

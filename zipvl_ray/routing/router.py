@@ -600,9 +600,23 @@ def hints_from_kwargs(kwargs: dict[str, Any] | None) -> RoutingHints | None:
         hints = RoutingHints.from_dict(raw)
     except (TypeError, ValueError):
         return None
-    if hints is None or not isinstance(hints.prompt_tokens, int) or hints.prompt_tokens < 0:
+    if hints is None or not _valid_hints(hints):
         return None
     return hints
+
+
+def _valid_hints(hints: RoutingHints) -> bool:
+    """Counts are non-negative ints, overrides numbers / a bool or None (anything else would raise later,
+    inside Serve's routing loop, and leave the request waiting)."""
+    counts = (hints.prompt_tokens, hints.image_tokens, hints.max_tokens)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return False
+    ratios = (hints.tau, hints.max_keep_ratio)
+    if not all(
+        r is None or (isinstance(r, int | float) and not isinstance(r, bool) and r >= 0) for r in ratios
+    ):
+        return False
+    return hints.zipvl_enabled is None or isinstance(hints.zipvl_enabled, bool)
 
 
 class KVPackingRouter(RequestRouter):
