@@ -507,6 +507,31 @@ def test_request_ids_are_kept_when_well_formed_and_echoed(incoming, kept):
     assert (path, status) == ("/v1/stats", 201) and seconds >= 0
 
 
+@pytest.mark.parametrize(("answer_first", "expected"), [(False, 499), (True, 200)])
+def test_a_request_cancelled_before_its_answer_is_observed_as_499_not_500(answer_first, expected):
+    """Serve cancels the ingress's request when its client leaves: that is no server error."""
+    observed = []
+
+    async def app(scope, receive, send):
+        if answer_first:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise asyncio.CancelledError
+
+    async def run():
+        middleware = RequestIdMiddleware(app, observer=lambda *a: observed.append(a))
+        scope = {"type": "http", "path": "/v1/chat/completions", "headers": []}
+
+        async def send(message):
+            pass
+
+        with pytest.raises(asyncio.CancelledError):
+            await middleware(scope, None, send)
+
+    asyncio.run(run())
+    ((path, status, _),) = observed
+    assert (path, status) == ("/v1/chat/completions", expected)
+
+
 def test_behind_serve_the_proxy_sets_the_header():
     seen = []
     response = asyncio.run(

@@ -16,6 +16,7 @@ OpenAI's format (:class:`OpenAIErrorMiddleware`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -211,11 +212,12 @@ class RequestIdMiddleware:
                 "headers": _with_header(scope.get("headers"), _REQUEST_ID_HEADER_BYTES, request_id),
             }
         status = 500
+        response_started = False
 
         async def send_with_request_id(message):
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 if self.set_response_header:
                     message = {
                         **message,
@@ -226,6 +228,10 @@ class RequestIdMiddleware:
         try:
             with telemetry.bind_request_id(request_id):
                 await self.app(scope, receive, send_with_request_id)
+        except asyncio.CancelledError:
+            if not response_started:  # the client left before an answer: 499 (nginx's), not a 500
+                status = 499
+            raise
         finally:
             if self.observer is not None:
                 try:
