@@ -416,6 +416,12 @@ def test_finished_requests_fill_the_latency_and_zipvl_histograms():
     telemetry.record_finished_request(sink, output, timing)
     assert sink.histograms[sink.key("zipvl_time_to_first_token_seconds")] == [pytest.approx(0.025)]
     assert sink.key("zipvl_queue_time_seconds") not in sink.histograms
+    # An empty answer (the first token sampled was end-of-sequence) still had a first token.
+    sink = telemetry.InMemoryMetricsSink()
+    output = finished_output()
+    output.token_ids, output.finish_reason = [], "stop"
+    telemetry.record_finished_request(sink, output)
+    assert sink.histograms[sink.key("zipvl_time_to_first_token_seconds")] == [0.030]
 
 
 def test_encoder_cache_and_router_counters_export_deltas():

@@ -967,10 +967,10 @@ def record_finished_request(
     sink.inc("zipvl_llm_requests_total", 1, {"finish_reason": output.finish_reason or "unknown"})
     sink.inc("zipvl_prompt_tokens_total", m.prompt_tokens)
     sink.inc("zipvl_generation_tokens_total", len(output.token_ids))
-    ttft = m.ttft_s
-    if ttft is None and times.first_token_ns and times.arrival_ns:
-        ttft = (times.first_token_ns - times.arrival_ns) / 1e9
-    if ttft is not None and output.token_ids:
+    ttft = m.ttft_s  # the engine's: set when a first token was sampled, even an end-of-sequence one
+    if ttft is None and output.token_ids and times.first_token_ns and times.arrival_ns:
+        ttft = (times.first_token_ns - times.arrival_ns) / 1e9  # observed by the deployment
+    if ttft is not None:
         sink.observe("zipvl_time_to_first_token_seconds", max(0.0, ttft))
     tpot = time_per_output_token_s(times, len(output.token_ids))
     if tpot is not None:
