@@ -10,7 +10,7 @@
 # .whl/ (pydantic, transformers 5.23, ... for CPython 3.12), then, with the device tool:
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Knobs: PYTHON (default python3), SIZES (default "16384 32768 65536"), REPEATS (3),
-# TEST_TIMEOUT_S (240), PREFILL_TIMEOUT_S (420), SKIP_WHEELS=1 (use the installed packages as they are).
+# TEST_TIMEOUT_S (150), PREFILL_TIMEOUT_S (390: the two fit one 600 s device call with the wheel install), SKIP_WHEELS=1 (use the installed packages as they are).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_session}
@@ -38,14 +38,14 @@ PY
 } 2>&1 | tee "$OUT/session.log"
 
 echo "== 1. CUDA tests" | tee -a "$OUT/session.log"
-timeout "${TEST_TIMEOUT_S:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+timeout "${TEST_TIMEOUT_S:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
 tests_rc=${PIPESTATUS[0]}
 echo "tests rc=$tests_rc after $((SECONDS - start)) s" | tee -a "$OUT/session.log"
 
 echo "== 2. prefill benchmark" | tee -a "$OUT/session.log"
 prefill_args=(--shape longva-7b --sizes ${SIZES:-16384 32768 65536} --repeats "${REPEATS:-3}")
 [[ -n "${SMOKE:-}" ]] && prefill_args=(--smoke)
-timeout "${PREFILL_TIMEOUT_S:-420}" "$PY" -m benchmarks.prefill "${prefill_args[@]}" --out-dir "$OUT" 2>&1 \
+timeout "${PREFILL_TIMEOUT_S:-390}" "$PY" -m benchmarks.prefill "${prefill_args[@]}" --out-dir "$OUT" 2>&1 \
     | tee "$OUT/prefill.log"
 prefill_rc=${PIPESTATUS[0]}
 echo "prefill rc=$prefill_rc after $((SECONDS - start)) s" | tee -a "$OUT/session.log"

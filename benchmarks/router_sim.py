@@ -755,12 +755,17 @@ class Simulation:
         end = self.requests[-1].arrival if self.requests else 0.0
         horizon = end
         give_up = end + self.max_tail_s
+        # Run on after the last request until the fleet is back at its floor (as router_real measures), so
+        # every strategy pays for scaling down after the trace, not only the ones that did it mid-run:
+        # replicas above the floor are charged until they stop, the floor until the last request ends.
         while self.events:
             t, _, fn = heapq.heappop(self.events)
-            if (self.outstanding == 0 and t > end) or t > give_up:
+            if (self.outstanding == 0 and t > end and self.at_floor()) or t > give_up:
                 break
+            busy = self.outstanding > 0 or t <= end
             fn(t)
-            horizon = t
+            if busy:
+                horizon = t
         for req in self.requests:  # a livelock or a run past the tail: count, never hang
             if req.finish is None and req.failed is None:
                 req.failed = "unfinished"
@@ -973,6 +978,10 @@ class Simulation:
     def allocated(self) -> int:
         return sum(1 for r in self.replicas if r.stopped_at is None and r.draining_since is None)
 
+    def at_floor(self) -> bool:
+        """Every replica above ``min_replicas`` stopped (drained), none starting."""
+        return sum(1 for r in self.replicas if r.stopped_at is None) <= self.scaling.min_replicas
+
     def autoscale_tick(self, now: float) -> None:
         s = self.scaling
         ready = [r for r in self.replicas if r.ready(now)]
@@ -1021,7 +1030,7 @@ class Simulation:
         self.apply_delays(desired, now)
         self.reconcile(now)
         self.timeline.append((now, self.allocated()))
-        if self.outstanding:
+        if self.outstanding or not self.at_floor():
             self.at(now + s.metrics_interval_s, self.autoscale_tick)
 
     def apply_delays(self, desired: int, now: float) -> None:

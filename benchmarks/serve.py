@@ -92,7 +92,9 @@ async def streamed_request(client: httpx.AsyncClient, body: dict) -> Sample:
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                if first is None and '"content":"' in line and '"content":""' not in line:
+                # The first chunk (the assistant role) leaves once the first token exists; its text may
+                # come later (the engine holds back a partial UTF-8 character or a possible stop string).
+                if first is None and not line.startswith('data: {"error"'):
                     first = time.perf_counter()
                 if '"usage":{' in line and '"choices":[]' in line:
                     tokens = int(line.split('"completion_tokens":')[1].split(",")[0].split("}")[0])

@@ -58,3 +58,20 @@ def test_logprobs():
 def test_bad_sampling_params(kwargs):
     with pytest.raises(RequestError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-6])
+def test_a_tiny_temperature_is_greedy_instead_of_overflowing(temperature):
+    """1 / 1e-40 overflows the logits to inf and softmax to NaN: the API accepts any temperature in
+    [0, 2], so these must decode greedily (vLLM's rule), not raise and fail the whole step."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(temperature=temperature), SamplingParams(), SamplingParams(temperature=1.0)]
+    tokens, _ = sample(logits, params, [make_generator(1), None, make_generator(2)])
+    assert tokens[:2] == logits[:2].argmax(dim=-1).tolist()
+
+
+def test_a_row_whose_distribution_is_not_finite_falls_back_to_its_argmax():
+    logits = torch.tensor([[float("inf"), 0.0, -1.0], [0.0, 1.0, 2.0]])
+    tokens, _ = sample(logits, [SamplingParams(temperature=1.0)] * 2, [make_generator(0), make_generator(0)])
+    assert tokens[0] == 0 and 0 <= tokens[1] < 3

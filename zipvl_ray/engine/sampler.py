@@ -55,7 +55,10 @@ def sample(
         else:
             row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(row, dim=-1).cpu()
-            token = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+            if not bool(torch.isfinite(probs).all()):  # a degenerate row must not fail the whole step
+                token = int(logits[i].argmax())
+            else:
+                token = int(torch.multinomial(probs, 1, generator=generators[i]).item())
         tokens.append(token)
         if p.logprobs is not None:
             lp = torch.log_softmax(logits[i], dim=-1)

@@ -13,6 +13,10 @@ class RequestError(ValueError):
     """A request the engine refuses (bad prompt or parameters). Serving maps it to HTTP 400."""
 
 
+GREEDY_TEMPERATURE = 1e-5
+"""Sampling at a lower temperature is greedy decoding (vLLM's ``_SAMPLING_EPS``)."""
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How tokens are drawn for one request.
@@ -72,7 +76,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Temperatures below :data:`GREEDY_TEMPERATURE` are greedy (as in vLLM): dividing logits by them
+        overflows."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass
