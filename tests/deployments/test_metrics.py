@@ -23,9 +23,9 @@ pytestmark = pytest.mark.ray
 
 LLM_REPLICAS = 2
 OK_REQUESTS = 6  # non-streamed + streamed chat completions that finish
-#: Calls through the ingress's LLM handle: the finished requests, the aborted one and GET /health's
-#: ping (the 400 never reaches the LLM stage).
-LLM_CALLS = OK_REQUESTS + 2
+#: Calls the KV router packs: the finished requests and the aborted one (the 400 never reaches the LLM
+#: stage; GET /health's ping goes through the handle but bypasses packing: kv_routed_methods).
+LLM_CALLS = OK_REQUESTS + 1
 IMAGES = [image_data_url(31), image_data_url(32), image_data_url(31)]  # the third is a cache hit
 
 
