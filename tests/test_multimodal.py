@@ -37,3 +37,24 @@ def test_content_hash_depends_on_pixels_and_size():
     assert image_content_hash(a) == image_content_hash(make_image(0))
     assert image_content_hash(a) != image_content_hash(b)
     assert image_content_hash(a) != image_content_hash(a.resize((10, 10)))
+
+
+@pytest.mark.parametrize("name", TINY_ARCHS)
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "L", "P"])
+def test_pixels_match_the_processor_for_every_accepted_mode(name, mode):
+    """Transparent pixels are composited onto white as the models' own processors do (dropping the alpha
+    channel would show what lies under it: black here)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    _, processor = BUILTIN_MODELS[name]()
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 255, (60, 90, 4), dtype=np.uint8)
+    rgba[:, :45, 3] = 0  # the left half is transparent, with black underneath
+    rgba[:, :45, :3] = 0
+    image = Image.fromarray(rgba, "RGBA")
+    image = image.convert(mode) if mode != "PA" else image.convert("RGBA").convert("PA")
+    ours = PromptProcessor(processor).preprocess_image(image).pixel_values
+    expected = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, expected)

@@ -91,6 +91,18 @@ def image_content_hash(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the models' image processors make it (``transformers.image_transforms.convert_to_rgb``):
+    transparency is composited onto white, not dropped (which would show what lies under it, often black)."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class PromptProcessor:
     """Turns chat messages (or a rendered prompt) and images into a :class:`PreparedPrompt`.
 
@@ -114,7 +126,7 @@ class PromptProcessor:
 
     def preprocess_image(self, image: Image.Image) -> ImageInput:
         """Run the image processor on one image and count its placeholder tokens."""
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        rgb = to_rgb(image)
         processed = self.processor.image_processor(images=[rgb], return_tensors="pt")
         replacement = self.processor.replace_image_token(processed, 0)
         num_tokens = replacement.count(self.image_token)
