@@ -55,3 +55,18 @@ def test_an_unsupported_architecture_is_refused(saved_tiny_llava, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("source", ["tiny-llava", "tiny-qwen2-vl", "checkpoint"])
+def test_a_reduced_dtype_keeps_the_rotary_frequencies_in_fp32(saved_tiny_llava, source):
+    """As ``from_pretrained(dtype=torch.bfloat16)`` does: bf16 frequencies drift the rotary angle with the
+    position. Everything else is in the requested dtype."""
+    name = str(saved_tiny_llava[2]) if source == "checkpoint" else source
+    model, _ = load_model(name, dtype="bf16")
+    reference, _ = load_model(name)
+    buffers = dict(model.named_buffers())
+    rope = {n: b for n, b in buffers.items() if n.endswith("inv_freq")}
+    assert rope and all(b.dtype == torch.float32 for b in rope.values())
+    for n, b in rope.items():
+        torch.testing.assert_close(b, dict(reference.named_buffers())[n], rtol=0, atol=0)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
