@@ -267,3 +267,23 @@ def test_admission_never_underpredicts_an_override_that_keeps_more(tiny_llava, o
     eng.add_request("more", prompts[1], SamplingParams(max_tokens=1), zipvl=overrides)
     out = [o for o in eng.step() if o.request_id == "more"][-1]
     assert out.metrics.predicted_kv_bytes >= out.metrics.kv_bytes > 0
+
+
+def test_images_whose_placeholders_touch_are_a_request_error():
+    """M-RoPE groups a run of image tokens as one image: two images with nothing between them cannot be
+    placed (transformers raises deep inside); the request is refused, the engine keeps serving."""
+    from zipvl_ray.engine.types import RequestError
+
+    from ..conftest import make_image
+
+    eng = LLMEngine.from_pretrained("tiny-qwen2-vl", device="cpu")
+    prompt = "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>hi"
+    with pytest.raises(RequestError, match="cannot place the images"):
+        eng.add_request("r", {"prompt": prompt, "images": [make_image(0), make_image(1)]}, SamplingParams())
+    ok = "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>hi"
+    eng.add_request(
+        "ok", {"prompt": ok, "images": [make_image(0), make_image(1)]}, SamplingParams(max_tokens=1)
+    )
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats().num_finished == 1

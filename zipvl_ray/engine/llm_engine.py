@@ -234,7 +234,13 @@ class LLMEngine:
         grids = [f.grid_thw for f in encoded.image_features] if self.runner.adapter.uses_mrope else None
         if grids is not None and any(g is None for g in grids):
             raise RequestError("M-RoPE models need each image's grid_thw")
-        positions, next_position = self.runner.adapter.prompt_positions(ids, grids)
+        try:
+            positions, next_position = self.runner.adapter.prompt_positions(ids, grids)
+        except (RuntimeError, ValueError) as exc:  # e.g. two images' placeholders with nothing between
+            raise RequestError(
+                f"cannot place the images in the prompt ({type(exc).__name__}); each image needs its own "
+                "placeholder run, as the chat template writes it"
+            ) from None
         device = self.runner.device
         seq = Sequence(
             request_id=request_id,
