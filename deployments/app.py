@@ -155,6 +155,12 @@ class VisionStageOptions(StageOptions):
     cache_size: int = Field(
         256, ge=0, description="Entries of the encoder's LRU cache per replica (0 disables it)."
     )
+    cache_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Bytes of image features the encoder cache may hold per replica (None: bounded by "
+        "cache_size only). Set it for large models: an anyres LLaVA-NeXT image is up to ~24 MB of features.",
+    )
 
     @model_validator(mode="after")
     def _check_batch_fits(self) -> "VisionStageOptions":
@@ -324,6 +330,7 @@ def build_application(
         dtype=args.dtype,
         device=args.device,
         cache_size=args.vision.cache_size,
+        cache_max_bytes=args.vision.cache_max_bytes,
         max_batch_size=args.vision.max_batch_size,
         batch_wait_timeout_s=args.vision.batch_wait_timeout_s,
     )

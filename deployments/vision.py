@@ -67,6 +67,8 @@ class VisionEncoderServer:
     dtype, device : str, optional
     cache_size : int
         Entries of the encoder's LRU cache.
+    cache_max_bytes : int, optional
+        Bytes of features the cache may hold (None: entries only).
     max_batch_size : int
         Most requests gathered into one forward.
     batch_wait_timeout_s : float
@@ -84,6 +86,7 @@ class VisionEncoderServer:
         dtype: str | None = None,
         device: str | None = None,
         cache_size: int = 256,
+        cache_max_bytes: int | None = None,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.005,
         unhealthy_after_failed_batches: int = 3,
@@ -91,7 +94,10 @@ class VisionEncoderServer:
         self.unhealthy_after_failed_batches = unhealthy_after_failed_batches
         self.consecutive_failed_batches = 0
         self.last_batch_error: str | None = None
-        self.encoder = encoder_cls.from_pretrained(model, dtype=dtype, device=device, cache_size=cache_size)
+        extra = {"cache_max_bytes": cache_max_bytes} if cache_max_bytes is not None else {}
+        self.encoder = encoder_cls.from_pretrained(
+            model, dtype=dtype, device=device, cache_size=cache_size, **extra
+        )
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batches = 0

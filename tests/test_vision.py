@@ -35,3 +35,22 @@ def test_lru_eviction_order():
     cache.put("c", feat("c"))
     assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
     assert cache.stats()["size"] == 2 and cache.stats()["hit_rate"] == 3 / 4
+
+
+def test_the_cache_is_bounded_by_bytes_too():
+    """Features of 100 fp32 values are 400 bytes: a 1,000-byte budget holds two of them, whatever the count."""
+    cache = EncoderCache(capacity=100, max_bytes=1000)
+    feat = lambda h, n=100: ImageFeatures(torch.zeros(n, 1), n, h)  # noqa: E731
+    for key in "abc":
+        cache.put(key, feat(key))
+    assert cache.get("a") is None and cache.get("b") is not None and cache.get("c") is not None
+    assert cache.stats()["bytes"] == 800 and cache.stats()["size"] == 2
+    cache.put("b", feat("b"))  # replacing an entry does not count it twice
+    assert cache.stats()["bytes"] == 800
+    cache.put("huge", feat("huge", 300))  # larger than the whole budget: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.stats()["size"] == 2
+
+
+def test_the_encoder_passes_its_byte_budget_to_the_cache():
+    encoder = VisionEncoder.from_pretrained("tiny-llava", cache_size=8, cache_max_bytes=12345)
+    assert encoder.cache_stats()["max_bytes"] == 12345

@@ -38,15 +38,31 @@ class ImageFeatures:
     grid_thw: tuple[int, int, int] | None = None
 
 
-class EncoderCache:
-    """A thread-safe LRU map ``content_hash -> ImageFeatures`` with hit / miss counters."""
+def _nbytes(features: ImageFeatures) -> int:
+    return features.embeds.numel() * features.embeds.element_size()
 
-    def __init__(self, capacity: int = 256):
+
+class EncoderCache:
+    """A thread-safe LRU map ``content_hash -> ImageFeatures`` with hit / miss counters.
+
+    Parameters
+    ----------
+    capacity : int
+        Most entries (0 disables the cache).
+    max_bytes : int, optional
+        Most bytes of features held (None: entries only). Features vary by two orders of magnitude in
+        size (64 tokens of a tiny model vs ~3,000 x 4,096 of an anyres LLaVA-NeXT image, 24 MB in bf16),
+        so a count alone does not bound memory; a feature larger than the whole budget is not kept.
+    """
+
+    def __init__(self, capacity: int = 256, max_bytes: int | None = None):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._items: OrderedDict[str, ImageFeatures] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.bytes = 0
 
     def get(self, key: str) -> ImageFeatures | None:
         with self._lock:
@@ -59,13 +75,20 @@ class EncoderCache:
             return item
 
     def put(self, key: str, value: ImageFeatures) -> None:
-        if self.capacity <= 0:
+        size = _nbytes(value)
+        if self.capacity <= 0 or (self.max_bytes is not None and size > self.max_bytes):
             return
         with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= _nbytes(old)
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self.bytes += size
+            while len(self._items) > self.capacity or (
+                self.max_bytes is not None and self.bytes > self.max_bytes
+            ):
+                _, evicted = self._items.popitem(last=False)
+                self.bytes -= _nbytes(evicted)
 
     def stats(self) -> dict:
         with self._lock:
@@ -75,6 +98,8 @@ class EncoderCache:
                 "misses": self.misses,
                 "size": len(self._items),
                 "capacity": self.capacity,
+                "bytes": self.bytes,
+                "max_bytes": self.max_bytes,
                 "hit_rate": self.hits / total if total else 0.0,
             }
 
@@ -88,18 +113,29 @@ class VisionEncoder:
         The VLM; only its vision tower + projector are used (the language model may be dropped).
     cache_size : int
         Entries of the LRU encoder cache (0 disables it).
+    cache_max_bytes : int, optional
+        Most bytes of features the cache holds (None: bounded by entries only).
     output_device : str
         Where the returned features live (``"cpu"`` for shipping them to another process).
     """
 
-    def __init__(self, model, *, cache_size: int = 256, output_device: str = "cpu"):
+    def __init__(
+        self, model, *, cache_size: int = 256, cache_max_bytes: int | None = None, output_device: str = "cpu"
+    ):
         self.adapter = VLMAdapter(model)
-        self.cache = EncoderCache(cache_size)
+        self.cache = EncoderCache(cache_size, cache_max_bytes)
         self.output_device = output_device
 
     @classmethod
     def from_pretrained(
-        cls, model: str, *, dtype=None, device=None, cache_size: int = 256, output_device: str = "cpu"
+        cls,
+        model: str,
+        *,
+        dtype=None,
+        device=None,
+        cache_size: int = 256,
+        cache_max_bytes: int | None = None,
+        output_device: str = "cpu",
     ) -> VisionEncoder:
         """Load ``model`` (built-in name, local path or hub id) and keep only its vision tower + projector."""
         from zipvl_ray.models import load_model
@@ -107,7 +143,7 @@ class VisionEncoder:
         vlm, _processor = load_model(model, dtype=dtype, device=device)
         adapter = VLMAdapter(vlm)
         adapter.drop_language_model()
-        return cls(vlm, cache_size=cache_size, output_device=output_device)
+        return cls(vlm, cache_size=cache_size, cache_max_bytes=cache_max_bytes, output_device=output_device)
 
     def encode(self, images: list[ImageInput]) -> list[ImageFeatures]:
         """Features of every image, in order; cache misses are encoded in one batched forward."""
