@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -139,12 +140,16 @@ class RayServeBackend:
                     if not is_replica_failure(exc):
                         raise
                     if last is None and attempt < self.replica_failure_retries:
-                        # Nothing reached the client yet: run the request again on a live replica.
+                        # Nothing reached the client yet: run the request again on a live replica. An
+                        # unreachable replica may still be running the first attempt: cancel it, and give
+                        # the retry its own engine id (the same id on the same replica would be refused).
                         logger.warning(
                             "chat completion %s: a replica failed before the first output (%s); retrying",
                             request_id,
                             type(exc).__name__,
                         )
+                        cancel_quietly(outputs)
+                        request = dataclasses.replace(request, request_id=f"{request_id}-retry{attempt + 1}")
                         continue
                     raise replica_failure_error(exc) from None
         except (BackPressureError, DeploymentUnavailableError) as exc:

@@ -242,3 +242,53 @@ def test_vision_health_check_fails_while_every_batch_fails():
     Broken.fail = False
     asyncio.run(batch(server, [[_image(2)]]))
     server.check_health()
+
+
+def test_a_retry_after_an_unreachable_replica_cancels_the_first_attempt_and_uses_its_own_id():
+    """An unreachable replica may still run the first attempt: the retry must not reuse its engine id
+    (the same replica would refuse it as already in use) and the first attempt is cancelled."""
+    from ray.exceptions import ActorUnavailableError
+
+    from deployments.ingress import RayServeBackend
+    from zipvl_ray.multimodal import PreparedPrompt
+    from zipvl_ray.routing.footprint import RoutingHints
+
+    seen, cancelled = [], []
+
+    class Call:
+        def __init__(self, request):
+            self.request = request
+
+        def __aiter__(self):
+            return self._run()
+
+        async def _run(self):
+            if len(seen) == 1:
+                raise ActorUnavailableError("unreachable", None)
+            yield RequestOutput(request_id=self.request.request_id, token_ids=[1], finished=True)
+
+        def cancel(self):
+            cancelled.append(self.request.request_id)
+
+    class Handle:
+        def options(self, **_):
+            return self
+
+        @property
+        def generate(self):
+            return self
+
+        def remote(self, request, features, routing_hints):
+            seen.append(request.request_id)
+            return Call(request)
+
+    backend = RayServeBackend(vision=None, llm=Handle())
+    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[], image_token_id=None)
+
+    async def run():
+        return [
+            o async for o in backend.generate("chatcmpl-1", prompt, SamplingParams(), None, RoutingHints(3))
+        ]
+
+    (out,) = asyncio.run(run())
+    assert out.finished and seen == ["chatcmpl-1", "chatcmpl-1-retry1"] and cancelled == ["chatcmpl-1"]
