@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         title="Serving: load sweep, ZipVL on vs off" + (" (smoke)" if args.smoke else ""),
         notes=(
             "Closed-loop load against the OpenAI-compatible HTTP API: each worker sends streamed requests one "
-            "after another (one image, ignore_eos, fixed max_tokens). TTFT = first content chunk; TPOT = "
+            "after another (one image, ignore_eos, fixed max_tokens). TTFT = first chunk (the role chunk, sent once the first token exists); TPOT = "
             "(last - first) / (tokens - 1). ZipVL off = per-request zipvl.enabled=false on the same service."
         ),
         out_dir=args.out_dir,
