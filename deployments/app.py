@@ -171,21 +171,6 @@ class VisionStageOptions(StageOptions):
             )
         return self
 
-    def _check_project_kwargs(self) -> None:
-        """Validate the kwargs of the project's router and policies now: Serve builds a router lazily in each
-        process holding a handle, and one that fails there leaves every call waiting."""
-        from zipvl_ray.routing.autoscaling import KVDemandPolicy, QueueLengthPolicy
-        from zipvl_ray.routing.router import KVPackingRouter, KVRouterConfig
-
-        router = self.request_router_config or {}
-        router_class = _resolve(router.get("request_router_class"))
-        if isinstance(router_class, type) and issubclass(router_class, KVPackingRouter):
-            KVRouterConfig(**(router.get("request_router_kwargs") or {}))
-        policy = (self.autoscaling_config or {}).get("policy") or {}
-        policy_class = _resolve(policy.get("policy_function"))
-        if isinstance(policy_class, type) and issubclass(policy_class, KVDemandPolicy | QueueLengthPolicy):
-            policy_class(**(policy.get("policy_kwargs") or {}))
-
     def deployment_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
         options = super().deployment_options(env_vars)
         # A replica must accept a whole batch at once, or batches never fill.
