@@ -58,3 +58,23 @@ def test_pixels_match_the_processor_for_every_accepted_mode(name, mode):
     ours = PromptProcessor(processor).preprocess_image(image).pixel_values
     expected = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ours, expected)
+
+
+class _BosTokenizer:
+    """A tokenizer that adds a BOS (id 1) unless told not to; one id per character otherwise."""
+
+    bos_token = "<s>"
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [1] if text.startswith(self.bos_token) else []
+        rest = text[len(self.bos_token) :] if ids else text
+        return {"input_ids": ([1] if add_special_tokens else []) + ids + [ord(c) for c in rest]}
+
+
+@pytest.mark.parametrize(("rendered", "expected"), [("<s>[INST] hi", [1]), ("[INST] hi", [1])])
+def test_a_template_that_writes_the_bos_gets_one_bos(rendered, expected):
+    _, processor = BUILTIN_MODELS["tiny-llava"]()
+    pp = PromptProcessor(processor)
+    pp.tokenizer = _BosTokenizer()
+    ids = pp.expand(rendered, [])
+    assert ids[:1] == expected and ids[1] != 1

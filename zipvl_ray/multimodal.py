@@ -151,7 +151,11 @@ class PromptProcessor:
         for image, piece in zip(images, pieces[1:], strict=True):
             out.append(self.image_token * image.num_tokens)
             out.append(piece)
-        return self.tokenizer("".join(out))["input_ids"]
+        text = "".join(out)
+        # A template that writes the BOS itself (many hub templates do) must not get a second one.
+        bos = getattr(self.tokenizer, "bos_token", None)
+        add_special_tokens = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def prepare(self, prompt: str | list[dict], images: list[Image.Image] | None = None) -> PreparedPrompt:
         """Prepare a rendered prompt (``str``) or chat messages (``list[dict]``) with its images."""
