@@ -695,13 +695,36 @@ def test_a_config_beyond_the_pod_budget_is_refused(tmp_path):
         _render_with_llm(tmp_path, autoscaling_config={"min_replicas": 1, "max_replicas": budget})
 
 
-def test_deployment_overrides_are_refused_because_sizing_could_not_follow(tmp_path):
+def test_deployment_overrides_resize_the_worker_group_and_pass_through(tmp_path):
+    """Serve's per-deployment overrides change replicas without changing the app's code version (a change
+    under args replaces every replica): the renderer sizes the worker group with them applied."""
     root = _copy_repo_inputs(tmp_path)
-    config = yaml.safe_load((root / k8s.CPU_VARIANT.config).read_text())
-    config["applications"][0]["deployments"] = [{"name": "LLMServer", "num_replicas": 3}]
-    (root / k8s.CPU_VARIANT.config).write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match="'deployments:' override list is not supported"):
-        k8s.render_rayservice(k8s.CPU_VARIANT, root)
+    config = yaml.safe_load((root / k8s.GPU_VARIANT.config).read_text())
+    overrides = [{"name": "LLMServer", "autoscaling_config": {"min_replicas": 4, "max_replicas": 6}}]
+    config["applications"][0]["deployments"] = overrides
+    (root / k8s.GPU_VARIANT.config).write_text(yaml.safe_dump(config, sort_keys=False))
+    manifest = k8s.render_rayservice(k8s.GPU_VARIANT, root).manifest
+    (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["replicas"] == 5  # the vision GPU and the overridden minimum of 4 LLM GPUs
+    served = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert served["applications"][0]["deployments"] == overrides
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"num_replicas": 3}, (3, 3)),  # a number replaces the code's autoscaling
+        ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 5}}, (1, 5)),
+        ({"ray_actor_options": {"num_gpus": 0.5}}, (2, 8)),
+    ],
+)
+def test_stage_demands_apply_serve_overrides_field_by_field(override, expected):
+    args = load(k8s.GPU_VARIANT.config)["applications"][0]["args"]
+    demands = {d.stage: d for d in k8s.stage_demands(args, [{"name": "LLMServer", **override}])}
+    assert (demands["llm"].min_replicas, demands["llm"].max_replicas) == expected
+    assert demands["llm"].num_gpus == override.get("ray_actor_options", {}).get("num_gpus", 1)
+    with pytest.raises(ValueError, match="no deployment named"):
+        k8s.stage_demands(args, [{"name": "LLMServerr", "num_replicas": 1}])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -337,21 +337,52 @@ class StageDemand:
     graceful_shutdown_timeout_s: float
 
 
-def stage_demands(app_args: dict[str, Any]) -> list[StageDemand]:
+#: Serve deployment name of each stage (``deployments:`` overrides name them).
+STAGE_DEPLOYMENTS = {"ingress": "OpenAIIngress", "vision": "VisionEncoder", "llm": "LLMServer"}
+
+
+def stage_demands(
+    app_args: dict[str, Any], overrides: list[dict[str, Any]] | None = None
+) -> list[StageDemand]:
     """What the ingress, vision and LLM stages of ``args`` ask of the cluster.
 
     ``num_replicas`` fixed: min = max = it; ``autoscaling_config``: its bounds; ``"auto"``: Serve's
     default autoscaling bounds updated with the given block. Serve reserves 1 CPU per replica unless
-    ``num_cpus`` says otherwise.
+    ``num_cpus`` says otherwise. ``overrides`` (the application's Serve ``deployments:`` list) win over
+    ``args`` field by field, as Serve applies them: ``num_replicas``, ``autoscaling_config``,
+    ``graceful_shutdown_timeout_s`` and ``ray_actor_options.num_cpus`` / ``num_gpus``.
     """
     from ray.serve.config import AutoscalingConfig
 
     from deployments.app import AppArgs
 
     args = AppArgs.model_validate(app_args)
+    by_name = {o.get("name"): o for o in overrides or []}
+    unknown = sorted(set(by_name) - set(STAGE_DEPLOYMENTS.values()), key=str)
+    if unknown:
+        raise ValueError(
+            f"deployments: no deployment named {unknown} (known: {sorted(STAGE_DEPLOYMENTS.values())})"
+        )
     demands = []
     for stage in ("ingress", "vision", "llm"):
         options = getattr(args, stage)
+        override = by_name.get(STAGE_DEPLOYMENTS[stage], {})
+        actor = override.get("ray_actor_options") or {}
+        update = {
+            k: override[k]
+            for k in ("num_replicas", "autoscaling_config", "graceful_shutdown_timeout_s")
+            if k in override
+        }
+        if "num_replicas" in update and "autoscaling_config" not in update:
+            update["autoscaling_config"] = None  # a number replaces the code's autoscaling
+        if (
+            "autoscaling_config" in update
+            and update["autoscaling_config"] is not None
+            and "num_replicas" not in update
+        ):
+            update["num_replicas"] = None
+        update.update({k: actor[k] for k in ("num_cpus", "num_gpus") if k in actor})
+        options = options.model_copy(update=update)
         if options.num_replicas == "auto" or options.autoscaling_config is not None:
             block = (
                 AutoscalingConfig.default().model_dump(exclude_unset=True)
@@ -560,13 +591,6 @@ def _the_app(config: dict[str, Any], source: str) -> dict[str, Any]:
     apps = config.get("applications") or []
     if len(apps) != 1 or apps[0].get("import_path") != APP_IMPORT_PATH:
         raise ValueError(f"{source}: expected one application with import_path {APP_IMPORT_PATH}")
-    if apps[0].get("deployments"):
-        # Per-deployment overrides can change replicas and resources behind AppArgs' back, and the
-        # worker group's sizing would not follow them.
-        raise ValueError(
-            f"{source}: a 'deployments:' override list is not supported by the k8s renderer; "
-            "set replicas and resources under args (ingress/vision/llm) instead"
-        )
     return apps[0]
 
 
@@ -578,7 +602,9 @@ def render_rayservice(variant: Variant, root: Path = REPO_ROOT, image_repo: str 
     http = serve_config["http_options"]
     serve_port = int(http.get("port", 8000))
     proxy_on_workers = serve_config.get("proxy_location", "EveryNode") == "EveryNode"
-    demands = stage_demands(app.get("args") or {})
+    # A `deployments:` list resizes without changing the app's code version (no rolling restart of every
+    # replica, unlike a change under args): the worker group is sized from args with it applied.
+    demands = stage_demands(app.get("args") or {}, app.get("deployments"))
     if any(d.num_gpus for d in demands) and not variant.worker.gpus:
         raise ValueError(f"{variant.config} asks for GPUs but the {variant.name} worker pods have none")
     start_pods = max(variant.min_worker_pods, worker_pods_needed(demands, variant.worker, "min"))
