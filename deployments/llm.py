@@ -294,6 +294,6 @@ class LLMServer:
         task = getattr(self, "_metrics_task", None)
         if task is not None:
             task.cancel()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()

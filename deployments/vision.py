@@ -113,10 +113,13 @@ class VisionEncoderServer:
             return []
         span = telemetry.start_span("zipvl.vision.encode", attributes={"zipvl.images": len(images)})
         try:
-            features, report = await self._encode_batch(images)
+            result = await self._encode_batch(images)
+            if isinstance(result, Exception):  # this request's own images failed, not its batch's
+                raise result
         except BaseException as exc:
             telemetry.end_span(span, error=exc)
             raise
+        features, report = result
         if report is not None:
             logger.info(
                 "encoded %d images in a batch of %d requests (%d cache hits, %d misses) in %.1f ms",
@@ -151,30 +154,66 @@ class VisionEncoderServer:
         return features, after["hits"] - before["hits"], after["misses"] - before["misses"], elapsed
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _encode_batch(self, requests: list[list[ImageInput]]) -> list[tuple[list[Any], BatchReport]]:
+    async def _encode_batch(
+        self, requests: list[list[ImageInput]]
+    ) -> list[tuple[list[Any], BatchReport] | Exception]:
         """Each request's features with the report of the batch that encoded them (returned with them, so a
-        request cancelled while its batch runs leaves nothing behind)."""
+        request cancelled while its batch runs leaves nothing behind), or the exception its own images
+        raised.
+
+        When the batch's forward raises and the batch holds several requests, each request is encoded
+        again on its own, so one request's bad input (or its out-of-memory) fails that request only. The
+        batch counts as failed for the health check only when every request in it failed.
+        """
         flat = [image for images in requests for image in images]
         try:
             features, hits, misses, elapsed = await asyncio.to_thread(self._encode_timed, flat)
         except Exception as exc:
-            self.consecutive_failed_batches = getattr(self, "consecutive_failed_batches", 0) + 1
-            self.last_batch_error = f"{type(exc).__name__}: {exc}"[:200]
-            raise
-        self.consecutive_failed_batches = 0
-        self.batches += 1
-        self.requests += len(requests)
-        self.images += len(flat)
-        self.max_batch_requests = max(self.max_batch_requests, len(requests))
+            if len(requests) == 1:
+                self._record_failure(exc)
+                raise
+            logger.warning(
+                "a vision batch of %d requests failed (%s: %s); encoding them one by one",
+                len(requests),
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            outcomes = [await self._encode_alone(images) for images in requests]
+            failures = [o for o in outcomes if isinstance(o, Exception)]
+            if len(failures) == len(outcomes):
+                self._record_failure(failures[-1])
+            else:
+                self._record_success(requests, flat)
+            return outcomes
+        self._record_success(requests, flat)
         report = BatchReport(len(requests), len(flat), hits, misses, elapsed)
-        exporter = getattr(self, "_cache_exporter", None)
-        if exporter is not None:
-            exporter.update(self.encoder.cache_stats())
         out, start = [], 0
         for images in requests:
             out.append(([_contiguous_cpu(f) for f in features[start : start + len(images)]], report))
             start += len(images)
         return out
+
+    async def _encode_alone(self, images: list[ImageInput]) -> tuple[list[Any], BatchReport] | Exception:
+        """One request's images in a forward of their own: its features and report, or its exception."""
+        try:
+            features, hits, misses, elapsed = await asyncio.to_thread(self._encode_timed, images)
+        except Exception as exc:
+            return exc
+        return [_contiguous_cpu(f) for f in features], BatchReport(1, len(images), hits, misses, elapsed)
+
+    def _record_failure(self, exc: BaseException) -> None:
+        self.consecutive_failed_batches = getattr(self, "consecutive_failed_batches", 0) + 1
+        self.last_batch_error = f"{type(exc).__name__}: {exc}"[:200]
+
+    def _record_success(self, requests: list[list[ImageInput]], flat: list[ImageInput]) -> None:
+        self.consecutive_failed_batches = 0
+        self.batches += 1
+        self.requests += len(requests)
+        self.images += len(flat)
+        self.max_batch_requests = max(self.max_batch_requests, len(requests))
+        exporter = getattr(self, "_cache_exporter", None)
+        if exporter is not None:
+            exporter.update(self.encoder.cache_stats())
 
     def check_health(self) -> None:
         """Serve's periodic health check: fails while every recent encoder forward has raised."""

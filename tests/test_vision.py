@@ -54,3 +54,29 @@ def test_the_cache_is_bounded_by_bytes_too():
 def test_the_encoder_passes_its_byte_budget_to_the_cache():
     encoder = VisionEncoder.from_pretrained("tiny-llava", cache_size=8, cache_max_bytes=12345)
     assert encoder.cache_stats()["max_bytes"] == 12345
+
+
+def test_cached_features_own_their_memory_and_repeats_in_one_call_are_one_miss():
+    """The tower returns one tensor per batch, split into views: a cached view would keep the whole batch's
+    storage alive behind a byte bound that counts only its slice, and a pickled view would ship every
+    other image's features of the batch. Each feature must own exactly its own bytes."""
+    import pickle
+
+    for name in TINY_ARCHS:
+        encoder = VisionEncoder.from_pretrained(name, cache_size=16)
+        processor = load_model(name)[1]
+        images = [make_image(i) for i in range(4)]
+        prepared = PromptProcessor(processor).prepare(chat("x", 4), images).images
+        for feature in encoder.encode(prepared):
+            nbytes = feature.embeds.numel() * feature.embeds.element_size()
+            assert feature.embeds.untyped_storage().nbytes() == nbytes, name
+            assert len(pickle.dumps(feature.embeds)) < nbytes + 2048, name
+        held = sum(f.embeds.untyped_storage().nbytes() for f in encoder.cache._items.values())
+        assert encoder.cache_stats()["bytes"] == held
+
+    encoder = VisionEncoder.from_pretrained("tiny-llava", cache_size=16)
+    (image,) = PromptProcessor(load_model("tiny-llava")[1]).prepare(chat("x", 1), [make_image(7)]).images
+    out = encoder.encode([image, image, image])
+    assert out[0] is out[1] is out[2]
+    stats = encoder.cache_stats()
+    assert (stats["misses"], stats["hits"], stats["size"]) == (1, 0, 1)

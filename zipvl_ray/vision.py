@@ -42,6 +42,22 @@ def _nbytes(features: ImageFeatures) -> int:
     return features.embeds.numel() * features.embeds.element_size()
 
 
+def _owned(embeds: torch.Tensor) -> torch.Tensor:
+    """``embeds`` as a tensor that owns exactly its own bytes.
+
+    A vision tower returns one tensor per batch and the adapter splits it into views; ``.to(device)``
+    is a no-op when the device already matches. A view kept in the cache would keep the whole batch's
+    storage alive (the byte bound would count a fraction of what is held), and a pickled view ships
+    the whole storage (every other request's features of the batch) to the LLM replica.
+    """
+    if (
+        embeds.untyped_storage().nbytes() != embeds.numel() * embeds.element_size()
+        or not embeds.is_contiguous()
+    ):
+        return embeds.clone(memory_format=torch.contiguous_format)
+    return embeds
+
+
 class EncoderCache:
     """A thread-safe LRU map ``content_hash -> ImageFeatures`` with hit / miss counters.
 
@@ -146,29 +162,28 @@ class VisionEncoder:
         return cls(vlm, cache_size=cache_size, cache_max_bytes=cache_max_bytes, output_device=output_device)
 
     def encode(self, images: list[ImageInput]) -> list[ImageFeatures]:
-        """Features of every image, in order; cache misses are encoded in one batched forward."""
-        out: list[ImageFeatures | None] = [self.cache.get(im.content_hash) for im in images]
-        missing = [i for i, item in enumerate(out) if item is None]
-        # The same new image twice in one call is encoded once.
-        first_index: dict[str, int] = {}
-        for i in missing:
-            first_index.setdefault(images[i].content_hash, i)
-        encoded: dict[str, ImageFeatures] = {}
-        if first_index:
-            todo = [images[i] for i in first_index.values()]
-            embeds = self.adapter.encode_images(todo)
-            for image, emb in zip(todo, embeds, strict=True):
+        """Features of every image, in order; cache misses are encoded in one batched forward.
+
+        The cache is looked up once per distinct image of the call (the same new image three times is
+        one miss, encoded once), and every returned feature owns its memory (see :func:`_owned`).
+        """
+        found: dict[str, ImageFeatures | None] = {}
+        for image in images:
+            if image.content_hash not in found:
+                found[image.content_hash] = self.cache.get(image.content_hash)
+        todo = {h: im for im in images if found[(h := im.content_hash)] is None}
+        if todo:
+            embeds = self.adapter.encode_images(list(todo.values()))
+            for image, emb in zip(todo.values(), embeds, strict=True):
                 feature = ImageFeatures(
-                    embeds=emb.detach().to(self.output_device),
+                    embeds=_owned(emb.detach().to(self.output_device)),
                     num_tokens=image.num_tokens,
                     content_hash=image.content_hash,
                     grid_thw=image.grid_thw,
                 )
                 self.cache.put(image.content_hash, feature)
-                encoded[image.content_hash] = feature
-        for i in missing:
-            out[i] = encoded[images[i].content_hash]
-        return out  # type: ignore[return-value]
+                found[image.content_hash] = feature
+        return [found[image.content_hash] for image in images]  # type: ignore[misc]
 
     def cache_stats(self) -> dict:
         return self.cache.stats()

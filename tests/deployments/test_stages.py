@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -242,6 +243,44 @@ def test_vision_health_check_fails_while_every_batch_fails():
     Broken.fail = False
     asyncio.run(batch(server, [[_image(2)]]))
     server.check_health()
+
+
+def test_one_requests_failing_images_fail_only_that_request_of_its_batch():
+    """A request whose images make the tower raise (bad input, its own out-of-memory) is batched with
+    others: the batch is re-encoded request by request, the others get their features, and the replica
+    stays healthy; a batch in which every request fails counts for the health check."""
+
+    class Picky(FakeVisionEncoder):
+        def encode(self, images):
+            if any(im.content_hash == "poison" for im in images):
+                raise RuntimeError("vision tower produced 64 tokens for an image announced as 3")
+            return super().encode(images)
+
+    server = VisionEncoderServer.func_or_class(
+        Picky, "tiny-llava", cache_size=8, max_batch_size=8, unhealthy_after_failed_batches=1
+    )
+    batch = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
+    poison = dataclasses.replace(_image(5), content_hash="poison")
+    good, bad, also_good = asyncio.run(batch(server, [[_image(1)], [_image(2), poison], [_image(3)]]))
+    assert isinstance(bad, RuntimeError) and "announced as 3" in str(bad)
+    assert [f.content_hash for f in good[0]] == ["h1"] and [f.content_hash for f in also_good[0]] == ["h3"]
+    assert good[1].requests == 1 and good[1].images == 1
+    server.check_health()
+    assert server.stats()["requests"] == 3
+
+    # Through the request path: the failing request raises its own error.
+    async def call_alone():
+        return await VisionEncoderServer.func_or_class.encode(server, [poison])
+
+    server._encode_batch = lambda images: batch(server, [images])  # the batch of one, as Serve would call it
+    with pytest.raises(RuntimeError, match="announced as 3"):
+        asyncio.run(call_alone())
+    with pytest.raises(RuntimeError, match="last 1 encoder batches failed"):
+        server.check_health()
+
+    outcomes = asyncio.run(batch(server, [[poison], [poison]]))
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert server.consecutive_failed_batches == 2
 
 
 def test_a_retry_after_an_unreachable_replica_cancels_the_first_attempt_and_uses_its_own_id():
