@@ -80,3 +80,22 @@ def test_cached_features_own_their_memory_and_repeats_in_one_call_are_one_miss()
     assert out[0] is out[1] is out[2]
     stats = encoder.cache_stats()
     assert (stats["misses"], stats["hits"], stats["size"]) == (1, 0, 1)
+
+
+def test_a_cached_feature_is_reused_only_for_the_same_token_layout():
+    """Ingress replicas with other processor settings (a rolling update) prepare the same picture into
+    another number of tokens: the cache must not hand back the old layout's features."""
+    import dataclasses
+
+    encoder = VisionEncoder.from_pretrained("tiny-qwen2-vl", cache_size=16)
+    processor = load_model("tiny-qwen2-vl")[1]
+    picture = make_image(3, (112, 112))
+    (small,) = PromptProcessor(processor).prepare(chat("x", 1), [picture]).images
+    processor.image_processor.size = {"shortest_edge": 224 * 224, "longest_edge": 224 * 224}
+    (large,) = PromptProcessor(processor).prepare(chat("x", 1), [picture]).images
+    assert small.content_hash == large.content_hash and small.num_tokens != large.num_tokens
+    first, second = encoder.encode([small])[0], encoder.encode([large])[0]
+    assert (first.num_tokens, second.num_tokens) == (small.num_tokens, large.num_tokens)
+    assert second.embeds.shape[0] == large.num_tokens
+    assert encoder.encode([dataclasses.replace(small)])[0] is first  # same layout: a hit
+    assert encoder.cache_stats()["hits"] == 1 and encoder.cache_stats()["misses"] == 2

@@ -42,6 +42,15 @@ def _nbytes(features: ImageFeatures) -> int:
     return features.embeds.numel() * features.embeds.element_size()
 
 
+def cache_key(image: ImageInput) -> str:
+    """The encoder-cache key of an image: its content hash and the token layout the ingress's processor gave
+    it (token count, Qwen's patch grid). Pixels alone are not enough: ingress replicas with other
+    processor settings (a rolling update, another ``min_pixels``) prepare the same picture into another
+    number of tokens, and a cached feature of the old layout would not match the prompt's placeholders."""
+    grid = "x".join(map(str, image.grid_thw)) if image.grid_thw is not None else "-"
+    return f"{image.content_hash}:{image.num_tokens}:{grid}"
+
+
 def _owned(embeds: torch.Tensor) -> torch.Tensor:
     """``embeds`` as a tensor that owns exactly its own bytes.
 
@@ -59,7 +68,7 @@ def _owned(embeds: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderCache:
-    """A thread-safe LRU map ``content_hash -> ImageFeatures`` with hit / miss counters.
+    """A thread-safe LRU map ``key -> ImageFeatures`` (key: :func:`cache_key`) with hit / miss counters.
 
     Parameters
     ----------
@@ -169,21 +178,21 @@ class VisionEncoder:
         """
         found: dict[str, ImageFeatures | None] = {}
         for image in images:
-            if image.content_hash not in found:
-                found[image.content_hash] = self.cache.get(image.content_hash)
-        todo = {h: im for im in images if found[(h := im.content_hash)] is None}
+            if (key := cache_key(image)) not in found:
+                found[key] = self.cache.get(key)
+        todo = {key: im for im in images if found[(key := cache_key(im))] is None}
         if todo:
             embeds = self.adapter.encode_images(list(todo.values()))
-            for image, emb in zip(todo.values(), embeds, strict=True):
+            for (key, image), emb in zip(todo.items(), embeds, strict=True):
                 feature = ImageFeatures(
                     embeds=_owned(emb.detach().to(self.output_device)),
                     num_tokens=image.num_tokens,
                     content_hash=image.content_hash,
                     grid_thw=image.grid_thw,
                 )
-                self.cache.put(image.content_hash, feature)
-                found[image.content_hash] = feature
-        return [found[image.content_hash] for image in images]  # type: ignore[misc]
+                self.cache.put(key, feature)
+                found[key] = feature
+        return [found[cache_key(image)] for image in images]  # type: ignore[misc]
 
     def cache_stats(self) -> dict:
         return self.cache.stats()
