@@ -287,3 +287,32 @@ def test_images_whose_placeholders_touch_are_a_request_error():
     while eng.has_unfinished():
         eng.step()
     assert eng.stats().num_finished == 1
+
+
+def test_a_refused_prompt_leaves_none_of_its_generate_call_behind(tiny_llava):
+    """``LLM.generate`` validates prompt by prompt as it queues them: when one is refused, the ones it
+    already queued are withdrawn (they would otherwise run, unseen, in the next call)."""
+    from zipvl_ray.engine import LLM
+    from zipvl_ray.engine.types import RequestError
+
+    model, processor = tiny_llava
+    llm = LLM(model, processor=processor, zipvl=CONFIG, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    prompts = mixed_prompts()[:2]
+    with pytest.raises(RequestError, match="empty"):
+        llm.generate([*prompts, ""], SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="1 sampling params for 2 prompts"):
+        llm.generate(prompts, [SamplingParams(max_tokens=3)])
+    stats = llm.stats()
+    assert (stats.num_waiting, stats.num_running, stats.kv_bytes_used) == (0, 0, 0)
+    (out,) = llm.generate([prompts[0]], SamplingParams(max_tokens=3))
+    assert out.finished and llm.stats().num_finished == 1
+
+
+def test_stop_strings_without_a_tokenizer_are_refused(tiny_llava):
+    from zipvl_ray.engine import EncodedPrompt, RequestError
+
+    model, _ = tiny_llava
+    eng = LLMEngine(model, None, zipvl=CONFIG, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    with pytest.raises(RequestError, match="stop strings need a tokenizer"):
+        eng.add_request("r", EncodedPrompt([1, 2, 3], []), SamplingParams(stop=["x"]))
+    assert not eng.has_unfinished()

@@ -78,9 +78,18 @@ class LLM:
             params = [sampling_params or SamplingParams()] * len(batch)
         else:
             params = list(sampling_params)
+        if len(params) != len(batch):
+            raise ValueError(f"{len(params)} sampling params for {len(batch)} prompts")
         ids = [f"offline-{next(self._ids)}" for _ in batch]
-        for request_id, prompt, sp in zip(ids, batch, params, strict=True):
-            self.engine.add_request(request_id, prompt, sp, zipvl)
+        added: list[str] = []
+        try:
+            for request_id, prompt, sp in zip(ids, batch, params, strict=True):
+                self.engine.add_request(request_id, prompt, sp, zipvl)
+                added.append(request_id)
+        except BaseException:
+            for request_id in added:  # a refused prompt leaves none of the call's requests behind
+                self.engine.abort_request(request_id)
+            raise
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

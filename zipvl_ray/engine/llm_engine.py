@@ -206,6 +206,10 @@ class LLMEngine:
         if request_id in self.sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
         sampling = sampling or SamplingParams()
+        if sampling.stop and self.tokenizer is None:
+            raise RequestError(
+                "stop strings need a tokenizer: this engine has no processor (use stop_token_ids)"
+            )
         try:
             config = self.zipvl.with_overrides(**(zipvl or {}))
         except (ValidationError, TypeError) as exc:
