@@ -222,6 +222,14 @@ class AppArgs(BaseModel):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest HTTP request body (413 above)."
     )
+    max_prompt_chars: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most characters of message text in one conversation, refused (400) before the chat template and the "
+            "tokenizer run. None: 32 x max_model_len, at most 1 MiB."
+        ),
+    )
     health_timeout_s: float = Field(5.0, gt=0, description="How long GET /health waits for each stage.")
     auth: AuthSettings = Field(
         default_factory=AuthSettings,
@@ -279,6 +287,7 @@ class AppArgs(BaseModel):
             zipvl=self.zipvl,
             images=self.images,
             max_request_bytes=self.max_request_bytes,
+            max_prompt_chars=self.max_prompt_chars,
             health_timeout_s=self.health_timeout_s,
             auth=self.auth,
         )

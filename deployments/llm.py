@@ -28,7 +28,15 @@ from ray import serve
 from zipvl_ray import telemetry
 from zipvl_ray.api.local import make_encoded_prompt, stream_with_abort
 from zipvl_ray.config import EngineConfig, ZipVLConfig
-from zipvl_ray.engine.types import RequestError, RequestMetrics, RequestOutput, SamplingParams
+from zipvl_ray.engine.types import (  # noqa: F401 (POOL_OVERFLOW_ERROR: re-exported)
+    POOL_OVERFLOW_ERROR,
+    RequestError,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    needs_more_than_the_pool,
+    pool_overflow_message,
+)
 from zipvl_ray.routing.replica_stats import autoscaling_stats, routing_stats
 
 logger = logging.getLogger(__name__)
@@ -74,28 +82,6 @@ class StreamError:
     status_code: int
     message: str
     code: str = "invalid_request"
-
-
-#: What the engine says when a request does not fit in the whole KV pool even alone
-#: (``LLMEngine._prefill_did_not_fit``).
-POOL_OVERFLOW_ERROR = "more KV memory than the whole pool holds"
-
-
-def needs_more_than_the_pool(output: RequestOutput) -> bool:
-    """True for the engine's refusal of a request that cannot fit in the replica's KV pool even alone."""
-    return (
-        output.finish_reason == "error"
-        and not output.token_ids
-        and POOL_OVERFLOW_ERROR in (output.error or "")
-    )
-
-
-def pool_overflow_message(capacity_bytes: int) -> str:
-    """The client's message for :func:`needs_more_than_the_pool`."""
-    return (
-        f"the request needs more KV cache memory than one model replica holds ({capacity_bytes} bytes), even "
-        "after ZipVL pruning: send fewer or smaller images, a shorter prompt or a smaller max_tokens"
-    )
 
 
 def slim_output(output: RequestOutput) -> RequestOutput:

@@ -91,6 +91,8 @@ def test_non_streamed_failures(prompt_processor, script, status, fragment):
     "script, status, last_event_fragment",
     [
         ([RequestError("too many images")], 400, None),
+        # failed before its first token: an error response, not a 200 stream with an error event
+        ([_token("", True, "error", "engine died")], 500, None),
         ([_token("a"), RuntimeError("secret detail")], 200, "internal server error"),
         ([_token("a"), _token("b", True, "error", "engine died")], 200, "generation failed: engine died"),
         ([_token("a")], 200, "ended the stream early"),
@@ -129,3 +131,27 @@ def test_health_is_ready_only_when_every_stage_is(prompt_processor, stages, stat
     assert body["detail"] == detail
     assert body["stages"]["ingress"] is True
     assert body["stages"]["llm"] is (stages["llm"] is None)
+
+
+def test_a_prompt_larger_than_the_kv_pool_is_a_400_in_process_too(prompt_processor):
+    """The in-process app (``LocalBackend`` over the real engine) refuses a request that cannot fit in the
+    whole KV pool as the Ray application does: 400 ``kv_capacity_exceeded``, streamed or not."""
+    from zipvl_ray.api.local import LocalBackend
+    from zipvl_ray.config import EngineConfig
+    from zipvl_ray.engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_pretrained(
+        "tiny-llava", device="cpu", engine=EngineConfig(max_model_len=512, kv_cache_bytes=64 << 10)
+    )
+    try:
+        capacity = engine.stats().kv_bytes_capacity
+        body = chat_body(text="word " * 80, max_tokens=4, zipvl={"enabled": False})
+        for stream in (False, True):
+            response = _call(LocalBackend(engine), prompt_processor, {**body, "stream": stream})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["code"] == "kv_capacity_exceeded" and f"({capacity} bytes)" in error["message"]
+        stats = engine.stats()
+        assert stats.kv_bytes_used == 0 and stats.num_running == stats.num_waiting == 0
+    finally:
+        engine.shutdown()

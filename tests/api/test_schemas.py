@@ -9,6 +9,7 @@ from zipvl_ray.api.schemas import ChatCompletionChunk, ChatCompletionRequest, Ch
 from zipvl_ray.engine.types import RequestMetrics
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+USER = {"role": "user", "content": "and now?"}
 
 
 def request(**fields) -> dict:
@@ -30,10 +31,43 @@ def request(**fields) -> dict:
         {"zipvl": {}},
         {"messages": [{"role": "developer", "content": "sys"}, {"role": "user", "content": [IMAGE, IMAGE]}]},
         {"messages": [{"role": "user", "content": [IMAGE]}, {"role": "assistant", "content": "ok"}]},
+        # the model's own empty answer, replayed as history
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}, USER]},
+        {"messages": [{"role": "system", "content": " "}, USER]},
+        {"stream": None, "ignore_eos": None},  # nullable, as in OpenAI's schema
+        {"top_k": -1},  # vLLM's "off"
+        {"seed": -5},
     ],
 )
 def test_accepted(fields):
     ChatCompletionRequest.model_validate(request(**fields))
+
+
+def test_null_booleans_minus_one_top_k_and_negative_seeds_mean_what_vllm_means():
+    parsed = ChatCompletionRequest.model_validate(request(stream=None, ignore_eos=None, top_k=-1, seed=-5))
+    assert (parsed.stream, parsed.ignore_eos, parsed.top_k, parsed.seed) == (False, False, 0, -5)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("frequency_penalty", 0.5),
+        ("presence_penalty", -1.0),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("logit_bias", {"1": 5}),
+        ("response_format", {"type": "json_object"}),
+        ("stream_options", {"include_usage": True}),
+    ],
+)
+def test_refused_unsupported_fields_name_themselves_as_the_error_param(field, value):
+    from pydantic import ValidationError
+
+    from zipvl_ray.api.errors import describe_validation_errors
+
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(request(**{field: value}))
+    assert describe_validation_errors(list(info.value.errors())).param == field
 
 
 @pytest.mark.parametrize(
@@ -62,7 +96,8 @@ def test_accepted(fields):
         ({"temperature": -0.1}, "greater than or equal to 0"),
         ({"temperature": "hot"}, "valid number"),
         ({"top_p": 1.1}, "less than or equal to 1"),
-        ({"seed": -1}, "greater than or equal to 0"),
+        ({"seed": -(2**63) - 1}, "greater than or equal to -9223372036854775808"),
+        ({"top_k": -2}, "greater than or equal to -1"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
         ({"stop": [""]}, "must not be empty"),
         ({"n": 3}, "only n=1"),

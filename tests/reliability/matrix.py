@@ -82,9 +82,18 @@ def cases(
         Case(
             "form body",
             b"a=b",
-            400,
-            "JSON object",
+            415,
+            "Content-Type: application/json",
+            code="unsupported_media_type",
             headers={"content-type": "application/x-www-form-urlencoded"},
+        ),
+        Case(
+            "a JSON object sent as text/plain",
+            json.dumps(service.body()).encode(),
+            415,
+            "got 'text/plain'",
+            code="unsupported_media_type",
+            headers={"content-type": "text/plain"},
         ),
         # -- wrong types and missing fields
         Case(
@@ -268,6 +277,13 @@ def cases(
             code="context_length_exceeded",
         ),
         Case(
+            "more characters than a prompt of max_model_len tokens could have, refused unread",
+            _with(service, messages=_message("user", "x" * (32 * service.max_model_len + 1))),
+            400,
+            "characters of text",
+            code="context_length_exceeded",
+        ),
+        Case(
             "max_tokens over max_model_len",
             _with(service, max_tokens=service.max_model_len + 1),
             400,
@@ -296,8 +312,8 @@ def cases(
         ),
         Case("top_p zero", _with(service, top_p=0), 400, "top_p: Input should be greater than 0"),
         Case("top_p over one", _with(service, top_p=1.5), 400, "top_p"),
-        Case("top_k negative", _with(service, top_k=-1), 400, "top_k"),
-        Case("seed negative", _with(service, seed=-1), 400, "seed"),
+        Case("top_k below -1", _with(service, top_k=-2), 400, "top_k"),
+        Case("seed below the signed 64-bit range", _with(service, seed=-(2**63) - 1), 400, "seed"),
         Case(
             "tau over one",
             _with(service, zipvl={"tau": 1.5}),

@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 #: OpenAI's default temperature (used when the request does not set one).
 DEFAULT_TEMPERATURE = 1.0
 
+#: Characters of message text per token of ``max_model_len`` beyond which a conversation is refused
+#: unread (``ServingSettings.max_prompt_chars``): tokenizers average 3-5 characters per token on prose.
+PROMPT_CHARS_PER_TOKEN = 32
+
 
 class ServingSettings(BaseModel):
     """What the HTTP layer needs to know about the served model and its limits."""
@@ -71,14 +75,24 @@ class ServingSettings(BaseModel):
         64 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above)."
     )
     health_timeout_s: float = Field(5.0, gt=0, description="How long GET /health waits for each stage.")
-    max_prompt_chars: int = Field(
-        1024 * 1024,
+    max_prompt_chars: int | None = Field(
+        None,
         ge=1,
         description=(
             "Most characters of text in one conversation (all messages), checked before the chat template and "
-            "the tokenizer run, so that a huge prompt costs no CPU before it is refused."
+            "the tokenizer run, so that a huge prompt costs no CPU before it is refused. None: "
+            f"{PROMPT_CHARS_PER_TOKEN} x max_model_len, at most 1 MiB (a prompt that fits the context has far "
+            "fewer characters per token)."
         ),
     )
+
+    @property
+    def prompt_chars_limit(self) -> int:
+        """``max_prompt_chars``, or the limit derived from ``max_model_len``."""
+        if self.max_prompt_chars is not None:
+            return self.max_prompt_chars
+        return min(PROMPT_CHARS_PER_TOKEN * self.max_model_len, 1024 * 1024)
+
     auth: AuthSettings = Field(
         default_factory=AuthSettings,
         description="Where the ingress reads its API keys (Authorization: Bearer); no keys: no authentication.",
@@ -213,7 +227,7 @@ class ChatPreparer:
 
     def check_text_size(self, request: ChatCompletionRequest) -> None:
         """Refuse a conversation with more text than ``max_prompt_chars`` before any tokenization (400)."""
-        limit = self.settings.max_prompt_chars
+        limit = self.settings.prompt_chars_limit
         total = request.text_chars()
         if total > limit:
             raise APIError(
@@ -326,6 +340,11 @@ class ChatCompletionHandler:
         except BaseException:
             await _close(outputs)
             raise
+        if first.finished and first.finish_reason == "error":  # failed before any token: no stream to open
+            await _close(outputs)
+            raise APIError(
+                f"generation failed: {first.error or 'engine error'}", status_code=500, code="engine_error"
+            )
         if request.stream:
             return StreamingResponse(
                 self._stream(chat, request, created, first, outputs),

@@ -34,6 +34,15 @@ ERROR_TYPES = {
     503: "service_unavailable",
 }
 
+
+def _declares_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this content type as JSON (``application/json``, ``*/*+json``)."""
+    if not content_type:
+        return False
+    mime = content_type.split(";")[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+
+
 #: FastAPI's detail when the body is not parseable at all (bad UTF-8, too deep, huge number).
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
@@ -198,9 +207,19 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, APIError)
         return error_response(exc)
 
-    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(describe_validation_errors(list(exc.errors())))
+        error = describe_validation_errors(list(exc.errors()))
+        if error.code == "invalid_body" and not _declares_json(request.headers.get("content-type")):
+            # FastAPI reads a body as JSON only when declared so: the body may well be a JSON object.
+            declared = (request.headers.get("content-type") or "none")[:60]
+            error = APIError(
+                f"the request body must be JSON sent with Content-Type: application/json (got {declared!r}; "
+                "curl -d needs -H 'Content-Type: application/json')",
+                status_code=415,
+                code="unsupported_media_type",
+            )
+        return error_response(error)
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

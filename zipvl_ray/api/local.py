@@ -11,8 +11,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from zipvl_ray.api.errors import APIError
 from zipvl_ray.engine import EncodedPrompt
-from zipvl_ray.engine.types import RequestOutput, SamplingParams
+from zipvl_ray.engine.types import (
+    RequestOutput,
+    SamplingParams,
+    needs_more_than_the_pool,
+    pool_overflow_message,
+)
 from zipvl_ray.multimodal import PreparedPrompt
 from zipvl_ray.routing.footprint import RoutingHints
 
@@ -76,6 +82,10 @@ class LocalBackend:
             features = await asyncio.to_thread(self.encoder.encode, prompt.images)
         encoded = make_encoded_prompt(prompt.token_ids, features)
         async for output in stream_with_abort(self.engine, request_id, encoded, sampling, zipvl):
+            if needs_more_than_the_pool(output):  # the client's request is too large: 400, as on Ray
+                raise APIError(
+                    pool_overflow_message(self.engine.stats().kv_bytes_capacity), code="kv_capacity_exceeded"
+                )
             yield output
 
     async def health(self) -> dict[str, str | None]:

@@ -13,7 +13,15 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 #: Most stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
@@ -107,15 +115,17 @@ class ChatMessage(BaseModel):
 
     @model_validator(mode="after")
     def _check_content(self) -> ChatMessage:
+        """A user message must say something; an assistant's or system's may be empty (a model's empty
+        answer replayed as history is a valid conversation, as for OpenAI and vLLM)."""
         if isinstance(self.content, str):
-            if not self.content.strip():
+            if self.role == "user" and not self.content.strip():
                 raise ValueError("content is empty")
             return self
         if not self.content:
             raise ValueError("content is an empty list")
         if self.role != "user" and any(isinstance(p, ImagePart) for p in self.content):
             raise ValueError(f"images are only allowed in user messages, not in a {self.role!r} message")
-        if not any(isinstance(p, ImagePart) or p.text.strip() for p in self.content):
+        if self.role == "user" and not any(isinstance(p, ImagePart) or p.text.strip() for p in self.content):
             raise ValueError("content has no text and no image")
         return self
 
@@ -211,10 +221,15 @@ class ChatCompletionRequest(BaseModel):
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass (default 1).")
     top_k: int | None = Field(
-        None, ge=0, description="Keep only the k most likely tokens; 0 turns it off (extension)."
+        None,
+        ge=-1,
+        description="Keep only the k most likely tokens; 0 or -1 (vLLM's value) turn it off (extension).",
     )
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Seed of the request's sampling: same seed, same tokens."
+        None,
+        ge=-MAX_SEED - 1,
+        le=MAX_SEED,
+        description="Seed of the request's sampling (a signed 64-bit integer): same seed, same tokens.",
     )
     stop: UnicodeStr | list[UnicodeStr] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} stop strings."
@@ -257,6 +272,16 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
         return stops
 
+    @field_validator("stream", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value
+
+    @field_validator("top_k")
+    @classmethod
+    def _minus_one_is_off(cls, value: int | None) -> int | None:
+        return 0 if value == -1 else value
+
     @field_validator("n")
     @classmethod
     def _check_n(cls, value: int | None) -> int | None:
@@ -264,34 +289,33 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"only n=1 is supported (one choice per request), got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _check_unsupported(self) -> ChatCompletionRequest:
-        neutral = [
-            (
-                "frequency_penalty",
-                self.frequency_penalty in (None, 0, 0.0),
-                "must be 0 (penalties are not supported)",
-            ),
-            (
-                "presence_penalty",
-                self.presence_penalty in (None, 0, 0.0),
-                "must be 0 (penalties are not supported)",
-            ),
-            ("logprobs", not self.logprobs, "is not supported; send false or leave it out"),
-            ("top_logprobs", self.top_logprobs in (None, 0), "is not supported; send 0 or leave it out"),
-            ("logit_bias", not self.logit_bias, "is not supported; send {} or leave it out"),
-            (
-                "response_format",
-                self.response_format is None or self.response_format == {"type": "text"},
+    @field_validator(
+        "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias", "response_format"
+    )
+    @classmethod
+    def _check_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        """Fields accepted only at their neutral value (a field validator, so the error names the field)."""
+        ok, why = {
+            "frequency_penalty": (value in (None, 0, 0.0), "must be 0 (penalties are not supported)"),
+            "presence_penalty": (value in (None, 0, 0.0), "must be 0 (penalties are not supported)"),
+            "logprobs": (not value, "is not supported; send false or leave it out"),
+            "top_logprobs": (value in (None, 0), "is not supported; send 0 or leave it out"),
+            "logit_bias": (not value, "is not supported; send {} or leave it out"),
+            "response_format": (
+                value is None or value == {"type": "text"},
                 "only {'type': 'text'} is supported",
             ),
-        ]
-        for name, ok, why in neutral:
-            if not ok:
-                raise ValueError(f"{name} {why}")
-        if self.stream_options is not None and not self.stream:
+        }[info.field_name]
+        if not ok:
+            raise ValueError(f"{info.field_name} {why}")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return value
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -20,7 +20,13 @@ from zipvl_ray.engine.model_runner import ModelRunner
 from zipvl_ray.engine.sampler import make_generator, sample
 from zipvl_ray.engine.scheduler import Scheduler
 from zipvl_ray.engine.sequence import Sequence, SequenceStatus
-from zipvl_ray.engine.types import EngineStats, RequestError, RequestOutput, SamplingParams
+from zipvl_ray.engine.types import (
+    POOL_OVERFLOW_ERROR,
+    EngineStats,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 from zipvl_ray.kv import OutOfBlocks
 from zipvl_ray.multimodal import PreparedPrompt, PromptError, PromptProcessor
 from zipvl_ray.routing.footprint import predict_bytes
@@ -322,7 +328,7 @@ class LLMEngine:
             self.scheduler.requeue(seqs, cap_next_prefill=True)
             return []
         seq = seqs[0]
-        seq.error = "the request needs more KV memory than the whole pool holds"
+        seq.error = f"the request needs {POOL_OVERFLOW_ERROR}"
         self._finish(seq, "error")
         return [self._output(seq)]
 

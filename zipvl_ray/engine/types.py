@@ -268,3 +268,25 @@ class EngineStats:
         out = asdict(self)
         out["kv_utilization"] = self.kv_utilization
         return out
+
+
+#: What the engine says when a request does not fit in the whole KV pool even alone
+#: (``LLMEngine._prefill_did_not_fit``).
+POOL_OVERFLOW_ERROR = "more KV memory than the whole pool holds"
+
+
+def needs_more_than_the_pool(output: RequestOutput) -> bool:
+    """True for the engine's refusal of a request that cannot fit in the replica's KV pool even alone."""
+    return (
+        output.finish_reason == "error"
+        and not output.token_ids
+        and POOL_OVERFLOW_ERROR in (output.error or "")
+    )
+
+
+def pool_overflow_message(capacity_bytes: int) -> str:
+    """The client's message for :func:`needs_more_than_the_pool`."""
+    return (
+        f"the request needs more KV cache memory than one model replica holds ({capacity_bytes} bytes), even "
+        "after ZipVL pruning: send fewer or smaller images, a shorter prompt or a smaller max_tokens"
+    )
