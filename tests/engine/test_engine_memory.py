@@ -316,3 +316,73 @@ def test_stop_strings_without_a_tokenizer_are_refused(tiny_llava):
     with pytest.raises(RequestError, match="stop strings need a tokenizer"):
         eng.add_request("r", EncodedPrompt([1, 2, 3], []), SamplingParams(stop=["x"]))
     assert not eng.has_unfinished()
+
+
+def test_two_under_predicted_requests_do_not_preempt_each_others_prefill_forever(tiny_llava):
+    """Two requests that each fit the pool alone but not together, both predicted far too small (their
+    per-request overrides never teach the running mean, which starts at 5%): the first prefilled is
+    preempted by the second's failing prefill, and so on. A sequence prefilled before is sized by what
+    its prefill kept, so one of them waits while the other decodes."""
+    import random
+
+    from zipvl_ray.engine import EncodedPrompt
+
+    model, processor = tiny_llava
+    rng = random.Random(0)
+    prompts = {rid: EncodedPrompt([rng.randrange(256) for _ in range(300)], []) for rid in "XY"}
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    override = {"max_keep_ratio": 0.9}  # any override: such requests never update the running mean
+
+    def build(kv_cache_bytes):
+        config = EngineConfig(kv_cache_bytes=kv_cache_bytes, default_keep_fraction=0.05)
+        return LLMEngine(model, processor, zipvl=ZipVLConfig(), engine=config)
+
+    alone = build(64 << 20)
+    alone.add_request("X", prompts["X"], sampling, override)
+    alone.step()  # X's prefill
+    blocks_alone = alone.runner.kv.num_used_blocks
+    expected = {"X": run_all_ids(alone)["X"]}
+    alone.add_request("Y", prompts["Y"], sampling, override)
+    expected["Y"] = run_all_ids(alone)["Y"]
+
+    eng = build(int(blocks_alone * 1.5) * alone.runner.block_bytes)
+    for rid in "XY":
+        eng.add_request(rid, prompts[rid], sampling, override)
+    got = run_all_ids(eng, max_steps=200)
+    assert got == expected, f"no progress: {eng.stats().num_preemptions} preemptions"
+    assert eng.stats().num_preemptions <= 2
+    assert_accounting(eng)
+
+
+def run_all_ids(eng, max_steps: int = 10_000) -> dict[str, list[int]]:
+    """Step until idle (at most ``max_steps``); the finished requests' token ids by request id."""
+    done = {}
+    for _ in range(max_steps):
+        if not eng.has_unfinished():
+            break
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return done
+
+
+def test_a_failing_step_leaves_nothing_of_its_generate_call_behind(tiny_llava, monkeypatch):
+    from zipvl_ray.engine import LLM
+
+    model, processor = tiny_llava
+    llm = LLM(model, processor=processor, zipvl=CONFIG, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    calls = {"n": 0}
+    decode = llm.engine.runner.decode
+
+    def flaky_decode(seqs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return decode(seqs)
+
+    monkeypatch.setattr(llm.engine.runner, "decode", flaky_decode)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        llm.generate(mixed_prompts()[:2], SamplingParams(max_tokens=6, ignore_eos=True))
+    stats = llm.stats()
+    assert (stats.num_waiting, stats.num_running, stats.kv_bytes_used) == (0, 0, 0)
+    assert len(llm.generate(mixed_prompts()[:1], SamplingParams(max_tokens=3))) == 1

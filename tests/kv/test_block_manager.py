@@ -102,3 +102,19 @@ def test_rows_are_limited_by_max_num_seqs(layout):
         kv.open("b")
     kv.free("a")
     kv.open("b")
+
+
+def test_invalid_lengths_are_refused_and_a_full_row_cannot_grow(layout):
+    kv = KVCacheManager(layout, num_blocks=40, max_num_seqs=2, max_model_len=8)  # 3 blocks per layer row
+    kv.open("a")
+    with pytest.raises(ValueError, match="cannot allocate -3"):
+        kv.allocate_tokens("a", 0, -3)
+    for layer in range(layout.num_layers):
+        kv.allocate_tokens("a", layer, 12)  # the whole row: 3 blocks of 4
+    with pytest.raises(ValueError, match="0 <= new_length <= 12"):
+        kv.truncate("a", 1, -1)
+    used = kv.num_used_blocks
+    with pytest.raises(OutOfBlocks, match="max_model_len"):
+        kv.append_slots(["a"])
+    assert kv.num_used_blocks == used and kv.seqs["a"].lengths == [12, 12, 12]  # nothing changed
+    kv.check_consistency()

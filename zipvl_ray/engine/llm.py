@@ -91,10 +91,15 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         final: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for request_id in ids:  # a failed step (or Ctrl-C) leaves no request of the call holding KV
+                self.engine.abort_request(request_id)
+            raise
         return [final[i] for i in ids]
 
     def stats(self):

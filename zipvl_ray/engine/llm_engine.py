@@ -29,7 +29,7 @@ from zipvl_ray.engine.types import (
 )
 from zipvl_ray.kv import OutOfBlocks
 from zipvl_ray.multimodal import PreparedPrompt, PromptError, PromptProcessor
-from zipvl_ray.routing.footprint import predict_bytes
+from zipvl_ray.routing.footprint import blocks_for, predict_bytes
 from zipvl_ray.vision import ImageFeatures, VisionEncoder
 
 
@@ -151,6 +151,17 @@ class LLMEngine:
         return ids
 
     def _predict_seq_bytes(self, seq: Sequence, decode_tokens: int) -> int:
+        """Bytes ``seq`` will hold after its prefill plus ``decode_tokens`` generated tokens.
+
+        A sequence prefilled before (then preempted) is sized by what its prefill kept: recomputation
+        selects the same tokens, so that is exact. Sizing it by the running mean again would readmit it
+        beside another on the same under-prediction, and two such requests could preempt each other's
+        prefill forever.
+        """
+        kept = seq.metrics.kept_tokens_per_layer
+        if kept:
+            block_size = self.runner.layout.block_size
+            return blocks_for([k + decode_tokens for k in kept], block_size) * self.runner.block_bytes
         fractions = self.keep_fractions if seq.uses_default_zipvl else self._fractions_for(seq.zipvl)
         return predict_bytes(
             seq.num_prompt_tokens,

@@ -150,6 +150,8 @@ class KVCacheManager:
     def allocate_tokens(self, seq_id: str, layer: int, num_tokens: int) -> torch.Tensor:
         """Allocate blocks for ``num_tokens`` tokens of an empty layer and return their flat slots ``(num_tokens,)``."""
         seq = self.seqs[seq_id]
+        if num_tokens < 0:
+            raise ValueError(f"cannot allocate {num_tokens} tokens")
         if seq.lengths[layer]:
             raise ValueError(f"layer {layer} of {seq_id!r} is not empty")
         n_blocks = -(-num_tokens // self.block_size)
@@ -186,6 +188,13 @@ class KVCacheManager:
         needed = self.blocks_to_append(seq_ids)
         if needed > self.allocator.num_free:
             raise OutOfBlocks(f"decode needs {needed} KV blocks, {self.allocator.num_free} free")
+        for sid in seq_ids:  # checked before anything changes: the device block table has no column more
+            seq = self.seqs[sid]
+            if any(
+                length % bs == 0 and len(table) >= self.max_blocks_per_layer
+                for length, table in zip(seq.lengths, seq.tables, strict=True)
+            ):
+                raise OutOfBlocks(f"{sid!r} would exceed max_model_len in a layer")
         slots = torch.empty(self.layout.num_layers, len(seq_ids), dtype=torch.long)
         updates: list[tuple[int, int, int, int]] = []
         for b, sid in enumerate(seq_ids):
@@ -216,8 +225,8 @@ class KVCacheManager:
     def truncate(self, seq_id: str, layer: int, new_length: int) -> int:
         """Drop the tokens of ``layer`` beyond ``new_length`` and free the blocks no longer needed."""
         seq = self.seqs[seq_id]
-        if new_length > seq.lengths[layer]:
-            raise ValueError("truncate cannot grow a layer")
+        if not 0 <= new_length <= seq.lengths[layer]:
+            raise ValueError(f"truncate needs 0 <= new_length <= {seq.lengths[layer]}, got {new_length}")
         keep_blocks = -(-new_length // self.block_size)
         table = seq.tables[layer]
         freed = table[keep_blocks:]
