@@ -102,6 +102,15 @@ def test_adaptive_count_matches_brute_force(tau, seed):
     assert adaptive_count(scores, tau) == expected
 
 
+@pytest.mark.parametrize("tau", [0.975, 0.9999, 0.99999])
+def test_adaptive_count_is_exact_on_long_prompts_near_tau_one(tau):
+    """The running sum is float64: in fp32 it drifted by a few tokens at n = 32K, tau = 0.99999."""
+    scores = torch.rand(32_768, generator=torch.Generator().manual_seed(7)) ** 4
+    ordered = torch.sort(scores.double(), descending=True).values.cumsum(0)
+    expected = int(torch.searchsorted(ordered, ordered[-1] * tau).item()) + 1
+    assert adaptive_count(scores, tau) == expected
+
+
 def test_probe_row_counts():
     probes = torch.tensor([2, 5, 9])
     c = probe_row_counts(10, probes, num_heads=2)

@@ -644,3 +644,87 @@ def test_a_rejected_attempts_late_completion_keeps_the_retrys_hold():
 
     router, held = asyncio.run(scenario())
     assert held == {"a": 10} and len(router.holds) == 0 and router.counters.released == 1
+
+
+def test_frozen_stats_never_hold_requests_at_the_handle():
+    """A replica's stats stop (its record_routing_stats hangs, the controller is down): the last snapshot
+    said 10 waiting, over the guard. Fresh, that holds the request back; stale, the replica only goes last,
+    and the request is routed instead of waiting for as long as the stats stay frozen."""
+    clock = Clock()
+
+    async def scenario():
+        router = make_router(clock, stats_stale_after_s=5, max_queue_len=8)
+        a = StatsReplica("a", stats(1000, 0, at=T0, waiting=10))
+        held = await router.choose_replicas([a], pending("fresh", 10))
+        clock.t = T0 + 3600
+        routed = await router.choose_replicas([a], pending("an hour later", 10))
+        return router, held, routed
+
+    router, held, routed = asyncio.run(scenario())
+    assert held == [] and names(routed) == ["a"]
+    assert router.counters.held_back == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"block_size": 0},
+        {"kept_fraction_per_layer": [float("nan")]},
+        {"kept_fraction_per_layer": [None]},
+        {"kept_fraction_per_layer": "abc"},
+        {"kept_fraction_per_layer": [1.5]},
+        {"kv_bytes_capacity": float("inf")},
+        {"kv_bytes_used": float("inf")},
+        {"num_waiting": -4},
+        {"zipvl_tau": float("nan")},
+    ],
+)
+def test_one_replicas_implausible_stats_do_not_break_routing(bad):
+    """Another engine class, or a version skew, may report anything: that replica counts as not reported
+    and the others are still ranked by KV."""
+
+    async def scenario():
+        router = make_router(Clock())
+        fakes = [StatsReplica("a", stats(100, 50)), StatsReplica("b", {**stats(100, 10), **bad})]
+        return router, names(await router.choose_replicas(fakes, pending("r1", 10)))
+
+    router, order = asyncio.run(scenario())
+    assert order == ["a", "b"]  # b is unknown: after every known replica that fits
+    assert router.counters.missing_replica_views == 1 and router.counters.errors == 0
+
+
+def test_an_error_inside_the_router_routes_the_request_unranked(monkeypatch):
+    import zipvl_ray.routing.router as module
+
+    def broken(*_args, **_kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(module, "rank_replicas", broken)
+
+    async def scenario():
+        router = make_router(Clock())
+        fakes = [StatsReplica("a", stats(100)), StatsReplica("b", stats(100))]
+        return router, await router.choose_replicas(fakes, pending("r1", 10))
+
+    router, ranks = asyncio.run(scenario())
+    assert len(ranks) == 1 and len(ranks[0]) == 2 and router.counters.errors == 1
+
+
+def test_holds_expire_after_the_wall_clock_steps_back():
+    """Holds of requests cancelled before routing are swept; a clock that stepped back an hour must not
+    keep them (and the requests they make look queued) for that hour."""
+    clock = Clock()
+
+    async def scenario():
+        router = make_router(clock, pending_hold_ttl_s=30, sweep_interval_s=1)
+        a = StatsReplica("a", stats(1000))
+        for i in range(3):
+            await router.choose_replicas([a], pending(f"gone{i}", 10))  # chosen, never routed
+        clock.t = T0 - 3600
+        await router.choose_replicas([a], pending("after the step", 10))
+        clock.t = T0 - 3600 + 31
+        await router.choose_replicas([a], pending("later", 10))
+        return router
+
+    router = asyncio.run(scenario())
+    assert {h.request_id for h in router.holds._by_request.values()} == {"later"}

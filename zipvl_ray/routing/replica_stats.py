@@ -133,13 +133,37 @@ def profile_from_routing_stats(data: dict[str, Any] | None) -> tuple[KVProfile |
         return None, None
     timestamp = data.get(STATS_TIMESTAMP_KEY)
     timestamp = float(timestamp) if isinstance(timestamp, int | float) else None
+    if timestamp is not None and not math.isfinite(timestamp):
+        timestamp = None
     try:
         profile = KVProfile.from_stats(data)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None, timestamp
-    if profile.capacity_bytes <= 0:
+    if profile.capacity_bytes <= 0 or not _plausible(profile):
         return None, timestamp
     return profile, timestamp
+
+
+def _plausible(profile: KVProfile) -> bool:
+    """Whether every figure the router computes with is in range (another engine class, or a version skew
+    between replicas, could report anything; one bad report must not break routing to every replica)."""
+    counts = (
+        profile.used_bytes,
+        profile.reserved_bytes,
+        profile.block_bytes,
+        profile.num_running,
+        profile.num_waiting,
+        profile.lifetime_bytes,
+    )
+    fractions = profile.kept_fraction_per_layer
+    return (
+        profile.block_size >= 1
+        and profile.num_layers >= 1
+        and all(c >= 0 for c in counts)
+        and all(isinstance(f, int | float) and math.isfinite(f) and 0.0 <= f <= 1.0 for f in fractions)
+        and (profile.zipvl_tau is None or 0.0 < profile.zipvl_tau <= 1.0)
+        and (profile.zipvl_max_keep_ratio is None or 0.0 <= profile.zipvl_max_keep_ratio <= 1.0)
+    )
 
 
 def _finite_float(value: Any) -> float:

@@ -160,6 +160,9 @@ class RouterCounters:
         Position, in the router's own ranking, of the replica Serve routed to -> count (0 = first choice).
     predicted_bytes_total : int
         Sum of the first choice's predicted bytes over decisions.
+    errors : int
+        Decisions in which the router itself raised; the request went to Serve's candidates unranked
+        (an exception inside ``choose_replicas`` would leave it waiting forever).
     prompt_tokens_total, image_tokens_total, max_tokens_total : int
         Sums of the prediction inputs over decisions.
     """
@@ -185,6 +188,7 @@ class RouterCounters:
     prompt_tokens_total: int = 0
     image_tokens_total: int = 0
     max_tokens_total: int = 0
+    errors: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,6 +344,14 @@ class HoldTable:
             return None
         return self._detach(request_id)
 
+    def rebase(self, now: float) -> None:
+        """Move timestamps later than ``now`` back to ``now`` (after the wall clock stepped back), so that
+        TTLs count from here instead of from a future that is an hour away."""
+        for hold in self._by_request.values():
+            hold.reserved_at = min(hold.reserved_at, now)
+            if hold.routed_at is not None:
+                hold.routed_at = min(hold.routed_at, now)
+
     def expire(self, now: float, *, routed_ttl_s: float, pending_ttl_s: float) -> int:
         """Drop holds past their TTL, and chosen-only holds whose caller gave up; returns how many."""
         stale = [
@@ -446,6 +458,8 @@ class Ranking:
         Replicas moved last by the queue guard.
     no_kv_info : bool
         No replica had KV stats: ranked by held requests only.
+    stale_demoted : int
+        Of the ``demoted``, those whose stats are stale.
     """
 
     order: list[Hashable]
@@ -453,11 +467,18 @@ class Ranking:
     fits: bool
     demoted: int = 0
     no_kv_info: bool = False
+    stale_demoted: int = 0
 
     @property
     def saturated(self) -> bool:
-        """Every replica is over the queue guard."""
-        return bool(self.order) and self.demoted == len(self.order)
+        """Every replica is over the queue guard, none of them on a stale snapshot's word.
+
+        A stale snapshot (a replica whose stats stopped: hung ``record_routing_stats``, a controller down)
+        keeps its last ``num_waiting`` and counts every request routed since as queued; holding requests
+        at the handle on that evidence could hold them for as long as the stats stay frozen. Such replicas
+        still go last in the order, but they never make the router hold a request back.
+        """
+        return bool(self.order) and self.demoted == len(self.order) and not self.stale_demoted
 
 
 def build_view(
@@ -586,6 +607,7 @@ def rank_replicas(views: Sequence[ReplicaView], hints: RoutingHints, config: KVR
         predicted_bytes=predicted,
         fits=fits[ordered[0].key],
         demoted=len(guarded),
+        stale_demoted=sum(v.stats_state == "stale" for v in guarded),
     )
 
 
@@ -688,7 +710,15 @@ class KVPackingRouter(RequestRouter):
         if pending_request.metadata.call_method not in self.config.kv_routed_methods:
             return [list(candidate_replicas)]  # a health ping or a stats call: holds no KV
         with self._lock:
-            return self._choose_locked(candidate_replicas, pending_request)
+            try:
+                return self._choose_locked(candidate_replicas, pending_request)
+            except Exception:
+                # Serve has already taken the request off its queue: an exception here would leave its
+                # future unresolved for good. Route it unranked instead, and say so.
+                self.counters.errors += 1
+                if self.counters.errors == 1 or self.counters.errors % 1000 == 0:
+                    logger.exception("KVPackingRouter failed to rank a request; routing it unranked")
+                return [list(candidate_replicas)]
 
     def _choose_locked(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest
@@ -804,8 +834,10 @@ class KVPackingRouter(RequestRouter):
         return order
 
     def _maybe_sweep(self, now: float) -> None:
-        if now - self._last_sweep < self.config.sweep_interval_s:
+        if 0.0 <= now - self._last_sweep < self.config.sweep_interval_s:
             return
+        if now < self._last_sweep:  # the wall clock stepped back: no hold may be younger than now
+            self._holds.rebase(now)
         self._last_sweep = now
         self.counters.expired += self._holds.expire(
             now, routed_ttl_s=self.config.hold_ttl_s, pending_ttl_s=self.config.pending_hold_ttl_s
