@@ -260,6 +260,16 @@ class Trend:
         return max(0.0, (value - before) / (now - then))
 
 
+def _without_metrics(ctx: AutoscalingContext, requests_per_replica: float) -> tuple[int, dict[str, Any]]:
+    """The decision while no replica reports the policy's metrics (replicas starting, ``record_autoscaling_stats``
+    failing, a misspelt ``metric``): the current target, or more when Serve's own request count (running and
+    queued at the handles) asks for more, at ``requests_per_replica`` each. Never fewer: no metrics is no
+    evidence that load fell."""
+    load = float(ctx.total_num_requests or 0.0)
+    desired = max(ctx.target_num_replicas, _ceil(load / requests_per_replica))
+    return desired, {"metrics_missing": 1.0, "request_load": load}
+
+
 def _ceil(value: float) -> int:
     # Aggregated floats land a hair above whole numbers (2.0000000001 must not become 3).
     return max(0, math.ceil(value - 1e-6))
@@ -275,7 +285,8 @@ class KVDemandPolicy:
 
     Notes
     -----
-    Until a replica has reported metrics it keeps the current target. The returned state carries only
+    Until a replica has reported metrics it keeps the current target, or asks for more when Serve's request
+    count (running plus queued) exceeds ``queued_requests_per_replica`` per replica. The returned state carries only
     the figures behind the decision (``kv_demand_bytes``, ``kv_waiting_requests``, ``kv_desired_raw``,
     and ``kv_rise_per_s`` with a forecast), for inspection; Serve merges its own delay counters into it.
     The forecast's history lives in the instance (Serve builds one per deployment and keeps it), so a
@@ -293,7 +304,7 @@ class KVDemandPolicy:
             self.config,
         )
         if demand is None:
-            return ctx.target_num_replicas, {}
+            return _without_metrics(ctx, self.config.queued_requests_per_replica)
         desired = demand.desired_replicas
         state = {"kv_demand_bytes": demand.held_bytes, "kv_waiting_requests": demand.waiting_requests}
         if self.config.forecast_s > 0:
@@ -355,7 +366,7 @@ class QueueLengthPolicy:
         else:
             values = (ctx.aggregated_metrics or {}).get(self.config.metric)
             if not values:
-                return ctx.target_num_replicas, {}
+                return _without_metrics(ctx, self.config.target_per_replica)
             queued = float(ctx.total_queued_requests or 0.0)
             load = float(sum(values.values())) + queued * self.config.queued_request_load
         return _ceil(desired_replicas_for_queue(load, self.config)), {"queue_load": load}
