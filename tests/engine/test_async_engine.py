@@ -207,3 +207,111 @@ def test_steps_that_keep_failing_make_the_health_check_fail(tiny_llava, monkeypa
         eng.check_health()
     finally:
         eng.shutdown()
+
+
+def test_an_id_is_free_again_once_its_closed_stream_has_aborted(engine):
+    """A stream closed early keeps its id until its abort is done: a second stream with that id meanwhile
+    is refused (its abort used to kill the newcomer's request, or its outputs leaked into the newcomer's
+    stream); once ``aclose()`` returned, the id serves a new request normally."""
+    long = SamplingParams(max_tokens=300, ignore_eos=True)
+    short = SamplingParams(max_tokens=3, ignore_eos=True)
+    prompt = mixed_prompts(n_images=(1,))[0]
+
+    async def main():
+        first = engine.generate("x", prompt, long)
+        await anext(first)
+        closing = asyncio.create_task(first.aclose())
+        with pytest.raises(RequestError, match="already in use"):
+            await collect(engine, "x", "Hi", short)  # concurrently with the close
+        await closing
+        after_close = await asyncio.wait_for(collect(engine, "x", "Hi", short), 60)
+
+        # The close has started (its abort runs in a thread) when the newcomer arrives: the newcomer is
+        # refused or, if the abort already finished, served; it used to be aborted silently and hang.
+        second = engine.generate("y", prompt, long)
+        await anext(second)
+        closing = asyncio.create_task(second.aclose())
+        await asyncio.sleep(0)
+        try:
+            racing = await asyncio.wait_for(collect(engine, "y", "Hi", short), 60)
+        except RequestError:
+            racing = None
+        await closing
+        return after_close, racing
+
+    after_close, racing = asyncio.run(main())
+    for outs in filter(None, (after_close, racing)):
+        assert outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 3
+        assert sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
+    assert engine.stats().kv_bytes_used == 0
+
+
+def test_a_refused_duplicate_id_does_not_abort_the_request_that_holds_it(engine):
+    from zipvl_ray.api.local import stream_with_abort
+
+    sampling = SamplingParams(max_tokens=20, ignore_eos=True)
+
+    async def main():
+        original = stream_with_abort(engine, "dup", mixed_prompts()[0], sampling, None)
+        outs = [await anext(original)]
+        with pytest.raises(RequestError, match="already in use"):
+            async for _ in stream_with_abort(engine, "dup", "Hi", sampling, None):
+                pass
+        outs += [o async for o in original]
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 20
+
+
+def test_an_abort_never_overtakes_the_last_steps_delta(engine, monkeypatch):
+    """The engine thread delivers a step's outputs after the step; an abort delivered from the event loop
+    could reach the stream first and end it one delta short. Both now deliver under the engine lock."""
+    import threading
+    import time
+
+    real = engine._deliver
+
+    def slow(outputs):  # widen the window between a step and its delivery
+        if threading.current_thread() is engine._thread:
+            time.sleep(0.01)
+        real(outputs)
+
+    monkeypatch.setattr(engine, "_deliver", slow)
+
+    async def trial(i):
+        outs = []
+
+        async def consume():
+            async for out in engine.generate(f"ab{i}", mixed_prompts()[0], SamplingParams(max_tokens=200)):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while len(outs) < 1 + i % 3:
+            await asyncio.sleep(0)
+        await engine.abort(f"ab{i}")
+        await asyncio.wait_for(task, 30)
+        return outs
+
+    for i in range(6):
+        outs = asyncio.run(trial(i))
+        assert outs[-1].finish_reason == "abort"
+        assert sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
+
+
+def test_an_abort_before_the_add_runs_ends_the_stream_without_running_it(engine):
+    async def main():
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        engine._streams["early"] = (loop, queue)
+        engine._pending_adds.add("early")
+        try:
+            await engine.abort("early")
+            engine._add("early", "Hi", SamplingParams(max_tokens=4), None, 0.0)  # the late add: skipped
+            return await asyncio.wait_for(queue.get(), 5)
+        finally:
+            engine._streams.pop("early", None)
+
+    out = asyncio.run(main())
+    assert out.finished and out.finish_reason == "abort"
+    assert "early" not in engine.engine.sequences and engine.stats().num_waiting == 0

@@ -14,6 +14,7 @@ from typing import Any
 from zipvl_ray.api.errors import APIError
 from zipvl_ray.engine import EncodedPrompt
 from zipvl_ray.engine.types import (
+    RequestError,
     RequestOutput,
     SamplingParams,
     needs_more_than_the_pool,
@@ -37,15 +38,18 @@ async def stream_with_abort(
     request's KV blocks are freed whatever way the client left.
     """
     outputs = engine.generate(request_id, prompt, sampling, zipvl)
-    finished = False
+    finished = refused = False
     try:
         async for output in outputs:
             finished = output.finished
             yield output
             if finished:
                 return
+    except RequestError:
+        refused = True  # never queued (a bad request, or an id already in use): nothing of ours to abort
+        raise
     finally:
-        if not finished:
+        if not finished and not refused:
             await asyncio.shield(engine.abort(request_id))
         await outputs.aclose()
 

@@ -87,6 +87,10 @@ class AsyncLLMEngine:
 
         Raises :class:`~zipvl_ray.engine.types.RequestError` before yielding for a bad request. Closing
         the iterator early (a client that went away) aborts the request and frees its KV.
+
+        ``request_id`` must be unique among live requests: it is in use from this call until the
+        stream has ended, or been closed and its abort has finished (``aclose()`` returns then); a second
+        stream with the same id meanwhile is refused.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -102,8 +106,10 @@ class AsyncLLMEngine:
         except BaseException:
             # The worker thread cannot be interrupted: a caller cancelled while the add waits for the lock
             # (behind a long step) or encodes images must still leave nothing running.
-            self._streams.pop(request_id, None)
-            await asyncio.shield(asyncio.to_thread(self._withdraw, request_id))
+            try:
+                await asyncio.shield(asyncio.to_thread(self._withdraw, request_id))
+            finally:
+                self._streams.pop(request_id, None)
             raise
         finished = False
         try:
@@ -114,9 +120,11 @@ class AsyncLLMEngine:
                     finished = True
                     break
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:  # abort without delivering: a new stream may already reuse the id
-                await asyncio.shield(asyncio.to_thread(self._abort_locked, request_id))
+            try:
+                if not finished:  # the id stays registered until the abort is done: no new stream takes it
+                    await asyncio.shield(asyncio.to_thread(self._abort_locked, request_id))
+            finally:
+                self._streams.pop(request_id, None)
 
     def _add(self, request_id, prompt, sampling, zipvl, arrival) -> None:
         with self._lock:
@@ -135,18 +143,24 @@ class AsyncLLMEngine:
                 return
         self._abort_locked(request_id)  # added already (or failed, then this finds nothing)
 
-    def _abort_locked(self, request_id: str) -> RequestOutput | None:
+    def _abort_locked(self, request_id: str, *, deliver: bool = False) -> RequestOutput | None:
         with self._lock:
-            out = self.engine.abort_request(request_id)
-            self._stats = self.engine.stats()
+            if deliver and request_id in self._pending_adds:  # aborted before its add ran: never add it
+                self._pending_adds.discard(request_id)
+                out = RequestOutput(request_id=request_id, finished=True, finish_reason="abort")
+            else:
+                out = self.engine.abort_request(request_id)
+                self._stats = self.engine.stats()
+            if deliver and out is not None:
+                # Under the lock, so after every output of the steps before it (the engine thread
+                # delivers those under the lock too): the stream never ends before its last delta.
+                self._deliver([out])
         return out
 
     async def abort(self, request_id: str) -> None:
-        """Abort ``request_id``; returns once its KV blocks are back in the pool."""
-
-        out = await asyncio.to_thread(self._abort_locked, request_id)
-        if out is not None:
-            self._deliver([out])
+        """Abort ``request_id``; returns once its KV blocks are back in the pool. Its stream (if any)
+        ends with a finished output whose ``finish_reason`` is ``"abort"``."""
+        await asyncio.to_thread(self._abort_locked, request_id, deliver=True)
 
     def check_health(self) -> None:
         """Raise if the engine thread is gone, or its steps keep failing (Serve then restarts the replica)."""
@@ -177,8 +191,8 @@ class AsyncLLMEngine:
                         self.last_step_error = f"{type(exc).__name__}: {exc}"[:200]
                         outputs = self._fail_all(exc)
                     self._stats = self.engine.stats()
-            if outputs:
-                self._deliver(outputs)
+                if outputs:  # under the lock: an abort's final output never overtakes a step's
+                    self._deliver(outputs)
             if not busy:
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
