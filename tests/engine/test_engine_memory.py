@@ -386,3 +386,27 @@ def test_a_failing_step_leaves_nothing_of_its_generate_call_behind(tiny_llava, m
     stats = llm.stats()
     assert (stats.num_waiting, stats.num_running, stats.kv_bytes_used) == (0, 0, 0)
     assert len(llm.generate(mixed_prompts()[:1], SamplingParams(max_tokens=3))) == 1
+
+
+def test_a_request_that_outgrows_the_whole_pool_returns_what_it_generated(tiny_llava):
+    """A prompt that fits the pool with a max_tokens that never can: when it is alone and one more token
+    does not fit, it ends with finish reason length and its tokens, not an error that loses them."""
+    model, processor = tiny_llava
+    probe = LLMEngine(model, processor, zipvl=CONFIG, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    block_bytes, layers = probe.runner.block_bytes, probe.runner.layout.num_layers
+    prompt = mixed_prompts(n_images=(0,))[0]
+    n = len(probe.encode_prompt(prompt).token_ids)
+    blocks_per_layer = -(-n // probe.runner.layout.block_size) + 1  # the prompt plus one block of decode
+    eng = LLMEngine(
+        model,
+        processor,
+        zipvl=CONFIG,
+        engine=EngineConfig(kv_cache_bytes=blocks_per_layer * layers * block_bytes),
+    )
+    eng.add_request("r", prompt, SamplingParams(max_tokens=500, ignore_eos=True), {"enabled": False})
+    final = None
+    while eng.has_unfinished():
+        for output in eng.step():
+            final = output
+    assert final.finished and final.finish_reason == "length" and final.error is None
+    assert 0 < len(final.token_ids) < 500 and eng.stats().kv_bytes_used == 0

@@ -368,8 +368,14 @@ class LLMEngine:
     def _decode_step(self) -> list[RequestOutput]:
         outputs = []
         for seq in self.scheduler.ensure_decode_room():
-            seq.error = "the KV pool cannot hold this request's next token even alone"
-            self._finish(seq, "error")
+            # Alone in the pool and no room for one more token: the replica's context is full. What it
+            # generated is kept and returned, as at max_model_len ("length"); with nothing generated
+            # (cannot happen after a prefill that fit, but stay safe) it is an error.
+            if seq.output_token_ids:
+                self._finish(seq, "length")
+            else:
+                seq.error = "the KV pool cannot hold this request's next token even alone"
+                self._finish(seq, "error")
             outputs.append(self._output(seq))
         seqs = self.scheduler.running[: self.config.max_num_seqs]
         if not seqs:
