@@ -286,3 +286,74 @@ def test_remote_fetch(path, limits, outcome):
 
 def run_image_size(coroutine_factory) -> tuple[int, int]:
     return asyncio.run(coroutine_factory()).size
+
+
+def _progressive_jpeg_with_extra_scans(extra: int) -> bytes:
+    """A small progressive JPEG with ``extra`` copies of its smallest refinement scan appended: each copy
+    costs the decoder a pass over the whole image (a scan bomb)."""
+    import io
+    import struct
+
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buffer, "JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    segments, i = [], 2
+    while data[i + 1] != 0xD9:
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        end = i + 2 + length
+        if data[i + 1] == 0xDA:  # a scan: its header, then entropy-coded data up to the next marker
+            while not (data[end] == 0xFF and data[end + 1] != 0x00 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append(data[i:end])
+        i = end
+    scans = [s for s in segments if s[1] == 0xDA]
+    return data[:2] + b"".join(segments) + min(scans[1:], key=len) * extra + b"\xff\xd9"
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_before_decoding():
+    assert decode_image(_progressive_jpeg_with_extra_scans(20), LIMITS).size == (64, 64)
+    with pytest.raises(APIError, match="scans, over the limit of 100") as info:
+        decode_image(_progressive_jpeg_with_extra_scans(2000), LIMITS)
+    assert info.value.code == "invalid_image_data"
+
+
+def test_exif_orientation_is_applied_and_multi_picture_jpegs_read_as_their_first_picture():
+    import io
+
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    random_image(4, size=(40, 20)).save(buffer, "JPEG", exif=exif)
+    assert decode_image(buffer.getvalue(), LIMITS, claimed_mime="image/jpeg").size == (20, 40)
+
+    buffer = io.BytesIO()
+    first, second = random_image(5, size=(48, 32)), random_image(6, size=(24, 16))
+    first.save(buffer, "MPO", save_all=True, append_images=[second])
+    image = decode_image(buffer.getvalue(), LIMITS, claimed_mime="image/jpeg")
+    assert image.size == (48, 32)
+
+
+def test_the_images_of_one_request_are_limited_in_pixels_together(prompt_processor):
+    """Headers are read first and counted together: a few KB of headers must not declare gigabytes."""
+    from zipvl_ray.api.chat import ChatPreparer, ServingSettings
+    from zipvl_ray.api.schemas import ChatCompletionRequest
+
+    limits = ImageLimits(max_image_pixels=512 * 512, max_total_pixels=3 * 256 * 256)
+    settings = ServingSettings(served_model_name="m", model_source="m", max_model_len=512, images=limits)
+    preparer = ChatPreparer(prompt_processor, settings)
+
+    def request(n: int) -> ChatCompletionRequest:
+        parts = [
+            {"type": "image_url", "image_url": {"url": data_url(png_header_only(256, 256), MIME["PNG"])}}
+        ]
+        return ChatCompletionRequest.model_validate(
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": parts * n + [{"type": "text", "text": "?"}]}],
+            }
+        )
+
+    with pytest.raises(APIError, match="4 images hold 262144 pixels together, over the limit of 196608"):
+        asyncio.run(preparer.load_images(request(4)))
+    with pytest.raises(APIError, match="truncated or corrupt"):  # 3 pass the total; then each is decoded
+        asyncio.run(preparer.load_images(request(3)))

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zipvl_ray.api.auth import AuthSettings
 from zipvl_ray.api.errors import APIError, describe_validation_errors, error_payload
-from zipvl_ray.api.images import ImageLimits, load_image
+from zipvl_ray.api.images import ImageLimits, load_pixels, open_image_url
 from zipvl_ray.api.middleware import IngressCounters
 from zipvl_ray.api.schemas import (
     AssistantMessage,
@@ -177,18 +177,23 @@ class ChatPreparer:
             )
         if not urls:
             return []
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(load_image(url, self.settings.images, where=where))
-                    for url, where in zip(urls, locations, strict=True)
-                ]
-        except BaseExceptionGroup as group_error:
-            api_errors = [e for e in group_error.exceptions if isinstance(e, APIError)]
-            if api_errors:
-                raise api_errors[0] from None
-            raise
-        return [task.result() for task in tasks]
+        limits = self.settings.images
+        # Headers first, all of them: their pixels are counted together before any image is decoded.
+        opened = await _gather_first_api_error(
+            open_image_url(url, limits, where=where) for url, where in zip(urls, locations, strict=True)
+        )
+        total = sum(image.width * image.height for image in opened)
+        if total > limits.max_total_pixels:
+            raise APIError(
+                f"the request's {len(opened)} images hold {total} pixels together, over the limit of "
+                f"{limits.max_total_pixels}",
+                param="messages",
+                code="image_too_large",
+            )
+        return await _gather_first_api_error(
+            asyncio.to_thread(load_pixels, image, where=where)
+            for image, where in zip(opened, locations, strict=True)
+        )
 
     def _prepare_sync(self, request: ChatCompletionRequest, images: list[Image.Image]) -> PreparedPrompt:
         inputs = []
@@ -460,6 +465,20 @@ class ChatCompletionHandler:
             if not ended:
                 self.counters.disconnected += 1
             await _close(outputs)
+
+
+async def _gather_first_api_error(coroutines) -> list[Any]:
+    """Run ``coroutines`` concurrently; their results in order, or the first :class:`APIError` any raised
+    (the others are cancelled)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as group_error:
+        api_errors = [e for e in group_error.exceptions if isinstance(e, APIError)]
+        if api_errors:
+            raise api_errors[0] from None
+        raise
+    return [task.result() for task in tasks]
 
 
 async def _first_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -13,8 +13,14 @@ Nothing reaches the image processor before passing these checks, in this order:
 3. **Header.** Pillow opens the image lazily, restricted to the allowed formats (so no exotic decoder
    ever runs); the format must match the data URL's MIME type; width and height must be >= 1 and the
    pixel count <= :attr:`ImageLimits.max_image_pixels` *before* any pixel is decoded (decompression
-   bomb guard); animated images and colour modes other than RGB-like ones (CMYK...) are refused.
-4. **Pixels.** The image is decoded; truncated or corrupt data is refused.
+   bomb guard); animated images and colour modes other than RGB-like ones (CMYK...) are refused; a JPEG
+   with more than :data:`MAX_JPEG_SCANS` scans is refused (a progressive JPEG of thousands of tiny scans
+   costs minutes of CPU to decode while its size stays small). A camera's multi-picture JPEG (MPO) is
+   read as its first picture.
+4. **Request.** All the images of one request together hold at most :attr:`ImageLimits.max_total_pixels`
+   (checked on the headers, before any is decoded: a few kilobytes of headers may declare gigabytes).
+5. **Pixels.** The image is decoded, truncated or corrupt data is refused, and the EXIF orientation is
+   applied (as browsers and ``transformers.image_utils.load_image`` do).
 
 Every refusal is an :class:`~zipvl_ray.api.errors.APIError` (HTTP 400) whose message names the image
 (``messages[0].content[1]``-style path when the caller passes it) and the limit.
@@ -32,7 +38,7 @@ import warnings
 from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from zipvl_ray.api.errors import APIError
@@ -42,6 +48,13 @@ ImageFormat = Literal["PNG", "JPEG", "WEBP"]
 #: MIME type of each accepted format.
 FORMAT_MIME: dict[str, str] = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MIME_FORMAT: dict[str, str] = {**{v: k for k, v in FORMAT_MIME.items()}, "image/jpg": "JPEG"}
+
+#: Most scans (SOS markers) a JPEG may have. Baseline JPEGs have one per component group, progressive
+#: ones about ten (libjpeg's default script); decode time grows with the scan count, whatever the size.
+MAX_JPEG_SCANS = 100
+
+#: The EXIF tag that says how to rotate / flip the stored pixels for display (1: as stored).
+EXIF_ORIENTATION = 0x0112
 
 #: Colour modes accepted (converted to RGB by the prompt processor). CMYK, 32-bit and float are refused.
 ACCEPTED_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "La"})
@@ -64,6 +77,14 @@ class ImageLimits(BaseModel):
         description="Largest width x height, checked from the header before decoding (decompression bomb guard).",
     )
     max_image_side: int = Field(16384, ge=1, description="Largest width or height, in pixels.")
+    max_total_pixels: int = Field(
+        2 * 4096 * 4096,
+        ge=1,
+        description=(
+            "Most pixels of all the images of one request together, checked from the headers before any is "
+            "decoded (16 header-only JPEGs of 4096 x 4096 are 15 KB of JSON and 800 MB of pixels)."
+        ),
+    )
     max_aspect_ratio: float = Field(
         50.0,
         ge=1,
@@ -190,7 +211,14 @@ def parse_data_url(url: str, limits: ImageLimits, *, where: str = "image") -> tu
 def decode_image(
     data: bytes, limits: ImageLimits, *, claimed_mime: str | None = None, where: str = "image"
 ) -> Image.Image:
-    """Validate and decode encoded image bytes (see the module docstring for the checks).
+    """Validate and decode encoded image bytes (:func:`open_image`, then :func:`load_pixels`)."""
+    return load_pixels(open_image(data, limits, claimed_mime=claimed_mime, where=where), where=where)
+
+
+def open_image(
+    data: bytes, limits: ImageLimits, *, claimed_mime: str | None = None, where: str = "image"
+) -> Image.Image:
+    """Validate encoded image bytes up to the header (steps 2-3 of the module docstring); no pixel decoded.
 
     Parameters
     ----------
@@ -205,7 +233,7 @@ def decode_image(
     Returns
     -------
     PIL.Image.Image
-        The decoded image (pixels loaded, original mode).
+        The opened image (lazy: pixels not decoded yet), original mode.
     """
     if not data:
         raise APIError(f"{where}: the image is empty", param=where, code="invalid_image_data")
@@ -232,6 +260,9 @@ def decode_image(
                 code="invalid_image_data",
             ) from None
         fmt = (image.format or "").upper()
+        multi_picture = fmt == "MPO"  # a camera JPEG with a second picture (preview, gain map)
+        if multi_picture:
+            fmt = "JPEG"
         if claimed_mime is not None and MIME_FORMAT.get(claimed_mime) != fmt:
             raise APIError(
                 f"{where}: declared as {claimed_mime} but the data is a {fmt or 'unknown'} image",
@@ -243,21 +274,33 @@ def decode_image(
             raise APIError(
                 f"{where}: the image has zero size ({width}x{height})", param=where, code="invalid_image_data"
             )
-        if width * height > limits.max_image_pixels or max(width, height) > limits.max_image_side:
+        if width * height > limits.max_image_pixels:
             raise APIError(
                 f"{where}: the image is {width}x{height} = {width * height} pixels, over the limit of "
-                f"{limits.max_image_pixels} pixels (and {limits.max_image_side} per side)",
+                f"{limits.max_image_pixels} pixels",
+                param=where,
+                code="image_too_large",
+            )
+        if max(width, height) > limits.max_image_side:
+            raise APIError(
+                f"{where}: the image is {width}x{height}, over the limit of {limits.max_image_side} pixels per side",
                 param=where,
                 code="image_too_large",
             )
         if max(width, height) > limits.max_aspect_ratio * min(width, height):
             raise APIError(
                 f"{where}: the image is {width}x{height}, an aspect ratio of "
-                f"{max(width, height) / min(width, height):.0f}:1, over the limit of {limits.max_aspect_ratio:g}:1",
+                f"{max(width, height) / min(width, height):.4g}:1, over the limit of {limits.max_aspect_ratio:g}:1",
                 param=where,
                 code="image_too_large",
             )
-        if getattr(image, "is_animated", False) or getattr(image, "n_frames", 1) > 1:
+        if fmt == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise APIError(
+                f"{where}: the JPEG has {scans} scans, over the limit of {MAX_JPEG_SCANS}",
+                param=where,
+                code="invalid_image_data",
+            )
+        if not multi_picture and (getattr(image, "is_animated", False) or getattr(image, "n_frames", 1) > 1):
             raise APIError(
                 f"{where}: animated images are not supported; send the frames as separate images",
                 param=where,
@@ -265,10 +308,24 @@ def decode_image(
             )
         if image.mode not in ACCEPTED_MODES:
             raise APIError(
-                f"{where}: colour mode {image.mode!r} is not supported; send an RGB, RGBA or greyscale image",
+                f"{where}: colour mode {image.mode!r} is not supported (CMYK, 16-bit greyscale and float images "
+                "are not); send an 8-bit RGB, RGBA or greyscale image",
                 param=where,
                 code="unsupported_image_type",
             )
+    return image
+
+
+def load_pixels(image: Image.Image, *, where: str = "image") -> Image.Image:
+    """Decode an image from :func:`open_image` and apply its EXIF orientation (step 5).
+
+    Returns
+    -------
+    PIL.Image.Image
+        The decoded, upright image (original mode).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image.load()
         except Image.DecompressionBombError:
@@ -279,6 +336,11 @@ def decode_image(
             raise APIError(
                 f"{where}: the image data is truncated or corrupt", param=where, code="invalid_image_data"
             ) from None
+        try:
+            if image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+                return ImageOps.exif_transpose(image)
+        except (OSError, ValueError, SyntaxError, EOFError, KeyError, TypeError):
+            pass  # an unreadable EXIF block: the pixels as stored
     return image
 
 
@@ -448,9 +510,15 @@ async def load_image(url: str, limits: ImageLimits, *, where: str = "image") -> 
 
     The CPU part (base64 and image decoding) runs in a worker thread so the event loop stays free.
     """
+    image = await open_image_url(url, limits, where=where)
+    return await asyncio.to_thread(load_pixels, image, where=where)
+
+
+async def open_image_url(url: str, limits: ImageLimits, *, where: str = "image") -> Image.Image:
+    """A data URL or an allowlisted remote URL -> a validated image, opened but not decoded (:func:`open_image`)."""
     if url[:5].lower() == "data:":
         mime, data = await asyncio.to_thread(parse_data_url, url, limits, where=where)
     else:
         check_remote_url(url, limits, where=where)
         mime, data = await fetch_image_bytes(url, limits, where=where)
-    return await asyncio.to_thread(decode_image, data, limits, claimed_mime=mime, where=where)
+    return await asyncio.to_thread(open_image, data, limits, claimed_mime=mime, where=where)
