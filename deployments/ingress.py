@@ -149,6 +149,8 @@ class RayServeBackend:
                             type(exc).__name__,
                         )
                         cancel_quietly(outputs)
+                        if features is not None:
+                            cancel_quietly(features)
                         request = dataclasses.replace(request, request_id=f"{request_id}-retry{attempt + 1}")
                         continue
                     raise replica_failure_error(exc) from None
@@ -206,8 +208,11 @@ class RayServeBackend:
             replicas = await asyncio.to_thread(self._list_replicas, handle)
         except Exception:  # the listing is best effort; stats still come from one replica
             replicas = []
-        if not replicas:
-            one = await _awaitable(handle.stats.remote())
+        if not replicas:  # through the handle: it may wait behind busy replicas, so not for ever
+            try:
+                one = await asyncio.wait_for(_awaitable(handle.stats.remote()), self.health_timeout_s)
+            except Exception as exc:
+                return [{"replica": "unknown", "error": type(exc).__name__}]
             return [{"replica": "unknown", **one}]
 
         async def read(replica: str, actor: Any) -> dict[str, Any]:
@@ -254,10 +259,23 @@ def cancel_quietly(response: Any) -> None:
 
 
 def is_replica_failure(exc: BaseException) -> bool:
-    """True when ``exc`` says a replica (or an actor it depended on) died or became unreachable."""
+    """True when ``exc`` says a replica (or an actor it depended on) died or became unreachable.
+
+    Looks along the chain of causes: Ray's ``RayTaskError`` carries one in ``cause``, and Serve's router
+    wraps the death of an *upstream* actor (the vision replica whose result the LLM call takes as an
+    argument) in a ``RayServeException`` whose ``__cause__`` is the ``ActorDiedError``.
+    """
     from ray.exceptions import RayActorError
 
-    return isinstance(exc, RayActorError) or isinstance(getattr(exc, "cause", None), RayActorError)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 8:
+        if isinstance(current, RayActorError):
+            return True
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+    return False
 
 
 def replica_failure_error(exc: BaseException) -> APIError:

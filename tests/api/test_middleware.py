@@ -162,3 +162,19 @@ def test_the_proxy_callback_installs_one_middleware():
     (middleware,) = validate_http_proxy_callback_return(proxy_middlewares())
     assert middleware.cls is ServeProxyMiddleware
     assert PROXY_CALLBACK_IMPORT_PATH == "zipvl_ray.api.middleware:proxy_middlewares"
+
+
+def test_clients_cannot_lift_the_proxys_timeout_or_disconnect_cancellation():
+    """Ray 2.60's proxy reads x-request-timeout-seconds (0: no timeout) and x-request-disconnect-disabled
+    from each request; the proxy middleware drops both before the proxy sees them."""
+    from ray.serve._private.http_util import parse_disconnect_disabled_header, parse_request_timeout_header
+
+    seen = []
+
+    async def app(scope, receive, send):
+        headers = dict(scope["headers"])
+        seen.append((parse_request_timeout_header(headers, 600.0), parse_disconnect_disabled_header(headers)))
+        await _plain(200, b"ok")(scope, receive, send)
+
+    _get(ServeProxyMiddleware(app), {"x-request-timeout-seconds": "0", "X-Request-Disconnect-Disabled": "?1"})
+    assert seen == [(600.0, False)]

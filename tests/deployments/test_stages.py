@@ -331,3 +331,73 @@ def test_a_retry_after_an_unreachable_replica_cancels_the_first_attempt_and_uses
 
     (out,) = asyncio.run(run())
     assert out.finished and seen == ["chatcmpl-1", "chatcmpl-1-retry1"] and cancelled == ["chatcmpl-1"]
+
+
+def test_the_death_of_the_vision_replica_under_a_request_is_retried():
+    """Serve's router reports the death of an upstream actor (the vision replica whose result the LLM call
+    takes as an argument) as a RayServeException caused by the ActorDiedError: a replica failure, retried
+    like the LLM replica's own death (it used to be a plain 500)."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.serve.exceptions import RayServeException
+
+    from deployments.ingress import RayServeBackend, is_replica_failure
+    from zipvl_ray.multimodal import PreparedPrompt
+    from zipvl_ray.routing.footprint import RoutingHints
+
+    died = RayTaskError("encode", "traceback", ActorDiedError()).as_instanceof_cause()
+    upstream = RayServeException("Request to deployment 'LLMServer' failed because an upstream actor died")
+    upstream.__cause__ = died
+    assert is_replica_failure(upstream) and is_replica_failure(ActorDiedError())
+    assert not is_replica_failure(RayServeException("bad request")) and not is_replica_failure(ValueError())
+
+    attempts, cancelled = [], []
+
+    class Response:
+        def __init__(self, name, fail=False):
+            self.name, self.fail = name, fail
+
+        def __aiter__(self):
+            return self._run()
+
+        async def _run(self):
+            if self.fail:
+                raise upstream
+            yield RequestOutput(request_id="x", token_ids=[1], finished=True)
+
+        def cancel(self):
+            cancelled.append(self.name)
+
+    class LLM:
+        def options(self, **_):
+            return self
+
+        @property
+        def generate(self):
+            return self
+
+        def remote(self, request, features, routing_hints):
+            attempts.append(request.request_id)
+            return Response(f"llm-{len(attempts)}", fail=len(attempts) == 1)
+
+    class Vision:
+        calls = 0
+
+        @property
+        def encode(self):
+            return self
+
+        def remote(self, images):
+            Vision.calls += 1
+            return Response(f"vision-{Vision.calls}")
+
+    backend = RayServeBackend(vision=Vision(), llm=LLM())
+    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[_image(1)], image_token_id=None)
+
+    async def run():
+        return [
+            o async for o in backend.generate("chatcmpl-1", prompt, SamplingParams(), None, RoutingHints(3))
+        ]
+
+    (out,) = asyncio.run(run())
+    assert out.finished and attempts == ["chatcmpl-1", "chatcmpl-1-retry1"]
+    assert {"llm-1", "vision-1"} <= set(cancelled)  # the first attempt, its encode included

@@ -257,6 +257,30 @@ class RequestIdSanitizerMiddleware:
         await self.app(scope, receive, send)
 
 
+#: Headers with which a client could override Serve's proxy for its own request (Ray 2.60): a timeout of its
+#: choosing (0 or less: none) and no cancellation when it disconnects. Meant for a trusted load balancer in
+#: front of the proxy, not for API clients: a client could keep KV held after leaving.
+PROXY_CONTROL_HEADERS = (b"x-request-timeout-seconds", b"x-request-disconnect-disabled")
+
+
+class ProxyControlHeaderFilterMiddleware:
+    """Drop :data:`PROXY_CONTROL_HEADERS` from incoming requests, so the proxy applies the configured
+    ``request_timeout_s`` and cancels requests whose client went away, whatever the client sends."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            headers = scope.get("headers") or []
+            if any(key.lower() in PROXY_CONTROL_HEADERS for key, _ in headers):
+                scope = {
+                    **scope,
+                    "headers": [(k, v) for k, v in headers if k.lower() not in PROXY_CONTROL_HEADERS],
+                }
+        await self.app(scope, receive, send)
+
+
 #: Most bytes of a proxy's own error body read to rewrite it (Serve's are one short sentence).
 MAX_PROXY_ERROR_BODY = 64 * 1024
 
@@ -370,11 +394,14 @@ class ServeProxyMiddleware:
 
     Outside: :class:`OpenAIErrorMiddleware` (the proxy's own plain-text errors become OpenAI errors);
     inside: :class:`RequestIdSanitizerMiddleware` (a malformed ``x-request-id`` is dropped so Serve
-    creates a fresh one). Serve's own request-id middleware runs inside both.
+    creates a fresh one) and :class:`ProxyControlHeaderFilterMiddleware` (clients cannot lift the
+    proxy's timeout or its cancellation on disconnect). Serve's own request-id middleware runs inside.
     """
 
     def __init__(self, app):
-        self.app = OpenAIErrorMiddleware(RequestIdSanitizerMiddleware(app))
+        self.app = OpenAIErrorMiddleware(
+            RequestIdSanitizerMiddleware(ProxyControlHeaderFilterMiddleware(app))
+        )
 
     async def __call__(self, scope, receive, send):
         await self.app(scope, receive, send)
