@@ -163,7 +163,9 @@ class VisionEncoderServer:
 
         When the batch's forward raises and the batch holds several requests, each request is encoded
         again on its own, so one request's bad input (or its out-of-memory) fails that request only. The
-        batch counts as failed for the health check only when every request in it failed.
+        batch counts as failed for the health check unless some request that needed the encoder (a cache
+        miss) succeeded: answers served from the cache alone prove nothing about the device. The batching
+        counters count the requests and images that were served.
         """
         flat = [image for images in requests for image in images]
         try:
@@ -179,11 +181,14 @@ class VisionEncoderServer:
                 str(exc)[:200],
             )
             outcomes = [await self._encode_alone(images) for images in requests]
-            failures = [o for o in outcomes if isinstance(o, Exception)]
-            if len(failures) == len(outcomes):
-                self._record_failure(failures[-1])
+            served = [r for r, o in zip(requests, outcomes, strict=True) if not isinstance(o, Exception)]
+            device_ok = any(not isinstance(o, Exception) and o[1].cache_misses > 0 for o in outcomes)
+            if device_ok:
+                self._record_success(served, [image for images in served for image in images])
             else:
-                self._record_success(requests, flat)
+                self._record_failure(next(o for o in outcomes if isinstance(o, Exception)))
+                if served:  # answered from the cache: served, but no evidence the device works
+                    self._count_served(served, [image for images in served for image in images])
             return outcomes
         self._record_success(requests, flat)
         report = BatchReport(len(requests), len(flat), hits, misses, elapsed)
@@ -207,6 +212,9 @@ class VisionEncoderServer:
 
     def _record_success(self, requests: list[list[ImageInput]], flat: list[ImageInput]) -> None:
         self.consecutive_failed_batches = 0
+        self._count_served(requests, flat)
+
+    def _count_served(self, requests: list[list[ImageInput]], flat: list[ImageInput]) -> None:
         self.batches += 1
         self.requests += len(requests)
         self.images += len(flat)

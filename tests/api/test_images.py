@@ -338,7 +338,9 @@ def test_the_images_of_one_request_are_limited_in_pixels_together(prompt_process
     from zipvl_ray.api.chat import ChatPreparer, ServingSettings
     from zipvl_ray.api.schemas import ChatCompletionRequest
 
-    limits = ImageLimits(max_image_pixels=512 * 512, max_total_pixels=3 * 256 * 256)
+    limits = ImageLimits(max_image_pixels=256 * 256, max_total_pixels=3 * 256 * 256)
+    with pytest.raises(ValueError, match="must be at least max_image_pixels"):
+        ImageLimits(max_image_pixels=256 * 256, max_total_pixels=100)
     settings = ServingSettings(served_model_name="m", model_source="m", max_model_len=512, images=limits)
     preparer = ChatPreparer(prompt_processor, settings)
 

@@ -266,7 +266,13 @@ def test_one_requests_failing_images_fail_only_that_request_of_its_batch():
     assert [f.content_hash for f in good[0]] == ["h1"] and [f.content_hash for f in also_good[0]] == ["h3"]
     assert good[1].requests == 1 and good[1].images == 1
     server.check_health()
-    assert server.stats()["requests"] == 3
+    assert (server.stats()["requests"], server.stats()["images"]) == (2, 2)  # what was served
+
+    # A batch whose only success came from the cache says nothing about the device: it counts as failed.
+    cached_only = asyncio.run(batch(server, [[_image(1)], [poison]]))
+    assert cached_only[0][1].cache_misses == 0 and isinstance(cached_only[1], RuntimeError)
+    assert server.consecutive_failed_batches == 1
+    server.consecutive_failed_batches = 0
 
     # Through the request path: the failing request raises its own error.
     async def call_alone():

@@ -315,3 +315,60 @@ def test_an_abort_before_the_add_runs_ends_the_stream_without_running_it(engine)
     out = asyncio.run(main())
     assert out.finished and out.finish_reason == "abort"
     assert "early" not in engine.engine.sequences and engine.stats().num_waiting == 0
+
+
+def test_a_second_cancellation_does_not_free_the_id_before_the_abort_ran(engine, monkeypatch):
+    """The consumer is cancelled while its stream's abort waits for the engine: cancelled again, it leaves,
+    but the id stays taken until the abort has run (a newcomer got the old request's deltas, then was
+    aborted silently and hung)."""
+    import contextlib
+    import threading
+    import time
+
+    started, release = threading.Event(), threading.Event()
+    real = engine._abort_locked
+
+    def slow_abort(request_id, *, deliver=False):
+        started.set()
+        release.wait(10)
+        return real(request_id, deliver=deliver)
+
+    monkeypatch.setattr(engine, "_abort_locked", slow_abort)
+
+    async def main():
+        first = asyncio.Event()
+
+        async def consume():
+            async with contextlib.aclosing(
+                engine.generate("dc", mixed_prompts()[0], SamplingParams(max_tokens=300, ignore_eos=True))
+            ) as stream:
+                async for _ in stream:
+                    first.set()
+                    await asyncio.sleep(3600)
+
+        task = asyncio.create_task(consume())
+        await first.wait()
+        task.cancel()
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # again, while the abort waits
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        still_taken = "dc" in engine._streams
+        with pytest.raises(RequestError, match="already in use"):
+            await collect(engine, "dc", "Hi", SamplingParams(max_tokens=2))
+        release.set()
+        for _ in range(500):
+            if "dc" not in engine._streams:
+                break
+            await asyncio.sleep(0.01)
+        monkeypatch.setattr(engine, "_abort_locked", real)
+        outs = await asyncio.wait_for(
+            collect(engine, "dc", "Hi", SamplingParams(max_tokens=2, ignore_eos=True)), 30
+        )
+        return still_taken, outs
+
+    still_taken, outs = asyncio.run(main())
+    assert still_taken and outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 2
+    time.sleep(0.05)
+    assert engine.stats().kv_bytes_used == 0

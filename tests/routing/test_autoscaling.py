@@ -213,14 +213,14 @@ def test_forecast_scales_ahead_of_a_rising_demand_and_never_below_it():
 
 def test_kv_policy_keeps_the_target_until_metrics_arrive():
     assert KVDemandPolicy(**AT_75)(context(None, target=3))[0] == 3
-    assert KVDemandPolicy(**AT_75)(context({}, target=3, total=20))[0] == 3  # 20 / 8 -> 3: no more
+    assert KVDemandPolicy(**AT_75)(context({}, target=3, total=200))[0] == 3  # running: no evidence
 
 
-def test_without_metrics_serves_request_count_can_still_scale_up_never_down():
+def test_without_metrics_requests_queued_at_the_handles_still_scale_up_never_down():
     """Metrics missing (record_autoscaling_stats failing, Serve disabling custom metrics): 1,000 requests
     running and queued must not leave the fleet at its target."""
-    desired, state = KVDemandPolicy(**AT_75)(context(None, target=2, total=1000))
-    assert desired == 125 and state["metrics_missing"] == 1.0  # 1000 / queued_requests_per_replica (8)
+    desired, state = KVDemandPolicy(**AT_75)(context(None, target=2, total=1064, queued=1000))
+    assert desired == 2 + 125 and state["metrics_missing"] == 1.0  # 1000 / queued_requests_per_replica (8)
     assert KVDemandPolicy(**AT_75)(context(None, target=5, total=0))[0] == 5
 
 
@@ -285,9 +285,9 @@ def test_queue_policy(kwargs, metrics, total, queued, expected):
     assert "queue_load" in state
 
 
-def test_queue_policy_with_a_missing_metric_falls_back_to_the_request_count():
-    policy = QueueLengthPolicy(metric="pending_image_tokens", target_per_replica=4)
-    assert policy(context({}, target=2, total=50))[0] == 13  # ceil(50 / 4)
+def test_queue_policy_with_a_missing_metric_scales_on_the_handles_queue():
+    policy = QueueLengthPolicy(metric="pending_image_tokens", target_per_replica=400, queued_request_load=100)
+    assert policy(context({}, target=2, total=60, queued=50))[0] == 2 + 13  # ceil(50 x 100 / 400)
     assert policy(context({}, target=2, total=3))[0] == 2  # never below the target
 
 

@@ -728,3 +728,16 @@ def test_holds_expire_after_the_wall_clock_steps_back():
 
     router = asyncio.run(scenario())
     assert {h.request_id for h in router.holds._by_request.values()} == {"later"}
+
+
+def test_a_snapshot_from_the_future_is_not_fresh_for_ever():
+    """A replica's clock an hour ahead (or this router's an hour behind): its frozen snapshot over the guard
+    must not hold requests back until the clocks meet."""
+
+    async def scenario():
+        router = make_router(Clock(T0), stats_stale_after_s=5, max_queue_len=8)
+        a = StatsReplica("a", stats(1000, 0, at=T0 + 3600, waiting=10))
+        return router, await router.choose_replicas([a], pending("r", 10))
+
+    router, ranks = asyncio.run(scenario())
+    assert names(ranks) == ["a"] and router.counters.held_back == 0 and router.counters.stale_replica_views == 1

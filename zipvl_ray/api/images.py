@@ -39,7 +39,7 @@ from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from zipvl_ray.api.errors import APIError
 
@@ -78,11 +78,12 @@ class ImageLimits(BaseModel):
     )
     max_image_side: int = Field(16384, ge=1, description="Largest width or height, in pixels.")
     max_total_pixels: int = Field(
-        2 * 4096 * 4096,
+        4 * 4096 * 4096,
         ge=1,
         description=(
             "Most pixels of all the images of one request together, checked from the headers before any is "
-            "decoded (16 header-only JPEGs of 4096 x 4096 are 15 KB of JSON and 800 MB of pixels)."
+            "decoded (16 header-only JPEGs of 4096 x 4096 are 15 KB of JSON and 800 MB of pixels); at least "
+            "max_image_pixels. The default takes five 12 MP photos or 64 frames of 1024 x 1024."
         ),
     )
     max_aspect_ratio: float = Field(
@@ -115,6 +116,15 @@ class ImageLimits(BaseModel):
         10.0, gt=0, description="Total time allowed to fetch one remote image."
     )
     max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed when fetching a remote image.")
+
+    @model_validator(mode="after")
+    def _total_holds_one_image(self) -> ImageLimits:
+        if self.max_total_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_total_pixels ({self.max_total_pixels}) must be at least max_image_pixels "
+                f"({self.max_image_pixels}): a single allowed image would be refused"
+            )
+        return self
 
     @field_validator("allowed_url_hosts")
     @classmethod

@@ -98,7 +98,8 @@ class AsyncLLMEngine:
             from zipvl_ray.engine.types import RequestError
 
             raise RequestError(f"request id {request_id!r} is already in use")
-        self._streams[request_id] = (loop, queue)
+        entry = (loop, queue)
+        self._streams[request_id] = entry
         self._pending_adds.add(request_id)
         arrival = time.perf_counter()
         try:
@@ -106,10 +107,7 @@ class AsyncLLMEngine:
         except BaseException:
             # The worker thread cannot be interrupted: a caller cancelled while the add waits for the lock
             # (behind a long step) or encodes images must still leave nothing running.
-            try:
-                await asyncio.shield(asyncio.to_thread(self._withdraw, request_id))
-            finally:
-                self._streams.pop(request_id, None)
+            await self._release_after(asyncio.to_thread(self._withdraw, request_id), request_id, entry)
             raise
         finished = False
         try:
@@ -120,11 +118,23 @@ class AsyncLLMEngine:
                     finished = True
                     break
         finally:
-            try:
-                if not finished:  # the id stays registered until the abort is done: no new stream takes it
-                    await asyncio.shield(asyncio.to_thread(self._abort_locked, request_id))
-            finally:
-                self._streams.pop(request_id, None)
+            if finished:
+                self._unregister(request_id, entry)
+            else:  # the id stays registered until the abort is done: no new stream takes it
+                await self._release_after(
+                    asyncio.to_thread(self._abort_locked, request_id), request_id, entry
+                )
+
+    async def _release_after(self, cleanup, request_id: str, entry: tuple) -> None:
+        """Run ``cleanup`` (a withdraw or an abort) to its end even if the caller is cancelled again, and
+        only then free ``request_id`` for a new stream."""
+        task = asyncio.ensure_future(cleanup)
+        task.add_done_callback(lambda _: self._unregister(request_id, entry))
+        await asyncio.shield(task)
+
+    def _unregister(self, request_id: str, entry: tuple) -> None:
+        if self._streams.get(request_id) is entry:
+            del self._streams[request_id]
 
     def _add(self, request_id, prompt, sampling, zipvl, arrival) -> None:
         with self._lock:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ from zipvl_ray.kv import OutOfBlocks
 from zipvl_ray.multimodal import PreparedPrompt, PromptError, PromptProcessor
 from zipvl_ray.routing.footprint import blocks_for, predict_bytes
 from zipvl_ray.vision import ImageFeatures, VisionEncoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -353,7 +356,8 @@ class LLMEngine:
         m.guard_fired = seg.guard_fired
         m.kv_bytes = held
         m.kv_bytes_dense = self.runner.dense_bytes(n)
-        m.predicted_kv_bytes = predicted
+        if m.num_preemptions == 0:  # the admission prediction; a recomputation is sized by what was kept
+            m.predicted_kv_bytes = predicted
         if seq.uses_default_zipvl and m.num_preemptions == 0:
             alpha = self.config.keep_fraction_ema if self._seen_prefills else 1.0
             self.keep_fractions = [
@@ -372,6 +376,11 @@ class LLMEngine:
             # generated is kept and returned, as at max_model_len ("length"); with nothing generated
             # (cannot happen after a prefill that fit, but stay safe) it is an error.
             if seq.output_token_ids:
+                logger.warning(
+                    "request %s outgrew the whole KV pool after %d tokens: stopped (finish reason length)",
+                    seq.request_id,
+                    len(seq.output_token_ids),
+                )
                 self._finish(seq, "length")
             else:
                 seq.error = "the KV pool cannot hold this request's next token even alone"

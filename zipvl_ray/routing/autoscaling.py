@@ -260,14 +260,14 @@ class Trend:
         return max(0.0, (value - before) / (now - then))
 
 
-def _without_metrics(ctx: AutoscalingContext, requests_per_replica: float) -> tuple[int, dict[str, Any]]:
+def _without_metrics(ctx: AutoscalingContext, queued_per_replica: float) -> tuple[int, dict[str, Any]]:
     """The decision while no replica reports the policy's metrics (replicas starting, ``record_autoscaling_stats``
-    failing, a misspelt ``metric``): the current target, or more when Serve's own request count (running and
-    queued at the handles) asks for more, at ``requests_per_replica`` each. Never fewer: no metrics is no
-    evidence that load fell."""
-    load = float(ctx.total_num_requests or 0.0)
-    desired = max(ctx.target_num_replicas, _ceil(load / requests_per_replica))
-    return desired, {"metrics_missing": 1.0, "request_load": load}
+    failing, a misspelt ``metric``): the current target, plus one replica per ``queued_per_replica`` requests
+    waiting at the handles (no replica took them: the fleet is short). Never fewer: no metrics is no evidence
+    that load fell, and running requests say nothing about how many more a replica takes."""
+    queued = float(ctx.total_queued_requests or 0.0)
+    desired = ctx.target_num_replicas + _ceil(queued / queued_per_replica)
+    return desired, {"metrics_missing": 1.0, "queued_requests": queued}
 
 
 def _ceil(value: float) -> int:
@@ -285,8 +285,8 @@ class KVDemandPolicy:
 
     Notes
     -----
-    Until a replica has reported metrics it keeps the current target, or asks for more when Serve's request
-    count (running plus queued) exceeds ``queued_requests_per_replica`` per replica. The returned state carries only
+    Until a replica has reported metrics it keeps the current target, plus one replica per
+    ``queued_requests_per_replica`` requests waiting at the handles. The returned state carries only
     the figures behind the decision (``kv_demand_bytes``, ``kv_waiting_requests``, ``kv_desired_raw``,
     and ``kv_rise_per_s`` with a forecast), for inspection; Serve merges its own delay counters into it.
     The forecast's history lives in the instance (Serve builds one per deployment and keeps it), so a
@@ -365,8 +365,9 @@ class QueueLengthPolicy:
             load = float(ctx.total_num_requests or 0.0)
         else:
             values = (ctx.aggregated_metrics or {}).get(self.config.metric)
-            if not values:
-                return _without_metrics(ctx, self.config.target_per_replica)
+            if not values:  # queued requests priced in the metric's unit, as below
+                per_replica = self.config.target_per_replica / max(self.config.queued_request_load, 1e-9)
+                return _without_metrics(ctx, per_replica)
             queued = float(ctx.total_queued_requests or 0.0)
             load = float(sum(values.values())) + queued * self.config.queued_request_load
         return _ceil(desired_replicas_for_queue(load, self.config)), {"queue_load": load}

@@ -515,7 +515,9 @@ def build_view(
             totals.uncovered_count,
             order,
         )
-    fresh = stats_time is not None and now - stats_time <= config.stats_stale_after_s
+    # A snapshot from further in the future than the staleness window is no fresher than one as old: the
+    # replica's clock or this one stepped (a frozen snapshot must not read as fresh until clocks catch up).
+    fresh = stats_time is not None and abs(now - stats_time) <= config.stats_stale_after_s
     # Split by the snapshot's time even when it is stale: the queue is the requests sent since it; only the
     # bytes are counted conservatively (every hold on top of the report).
     totals = holds.totals(key, stats_time, config.coverage_margin_s)
