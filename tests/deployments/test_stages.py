@@ -298,7 +298,7 @@ def test_a_retry_after_an_unreachable_replica_cancels_the_first_attempt_and_uses
     from zipvl_ray.multimodal import PreparedPrompt
     from zipvl_ray.routing.footprint import RoutingHints
 
-    seen, cancelled = [], []
+    cancelled = []
 
     class Call:
         def __init__(self, request):
@@ -315,19 +315,9 @@ def test_a_retry_after_an_unreachable_replica_cancels_the_first_attempt_and_uses
         def cancel(self):
             cancelled.append(self.request.request_id)
 
-    class Handle:
-        def options(self, **_):
-            return self
-
-        @property
-        def generate(self):
-            return self
-
-        def remote(self, request, features, routing_hints):
-            seen.append(request.request_id)
-            return Call(request)
-
-    backend = RayServeBackend(vision=None, llm=Handle())
+    handle = FakeLLMHandle(Call)
+    seen = handle.request_ids
+    backend = RayServeBackend(vision=None, llm=handle)
     prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[], image_token_id=None)
 
     async def run():
@@ -356,7 +346,7 @@ def test_the_death_of_the_vision_replica_under_a_request_is_retried():
     assert is_replica_failure(upstream) and is_replica_failure(ActorDiedError())
     assert not is_replica_failure(RayServeException("bad request")) and not is_replica_failure(ValueError())
 
-    attempts, cancelled = [], []
+    cancelled = []
 
     class Response:
         def __init__(self, name, fail=False):
@@ -373,17 +363,8 @@ def test_the_death_of_the_vision_replica_under_a_request_is_retried():
         def cancel(self):
             cancelled.append(self.name)
 
-    class LLM:
-        def options(self, **_):
-            return self
-
-        @property
-        def generate(self):
-            return self
-
-        def remote(self, request, features, routing_hints):
-            attempts.append(request.request_id)
-            return Response(f"llm-{len(attempts)}", fail=len(attempts) == 1)
+    llm = FakeLLMHandle(lambda _request: Response(f"llm-{len(attempts)}", fail=len(attempts) == 1))
+    attempts = llm.request_ids
 
     class Vision:
         calls = 0
@@ -396,7 +377,7 @@ def test_the_death_of_the_vision_replica_under_a_request_is_retried():
             Vision.calls += 1
             return Response(f"vision-{Vision.calls}")
 
-    backend = RayServeBackend(vision=Vision(), llm=LLM())
+    backend = RayServeBackend(vision=Vision(), llm=llm)
     prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[_image(1)], image_token_id=None)
 
     async def run():
@@ -407,3 +388,23 @@ def test_the_death_of_the_vision_replica_under_a_request_is_retried():
     (out,) = asyncio.run(run())
     assert out.finished and attempts == ["chatcmpl-1", "chatcmpl-1-retry1"]
     assert {"llm-1", "vision-1"} <= set(cancelled)  # the first attempt, its encode included
+
+
+class FakeLLMHandle:
+    """The LLM deployment's handle as ``RayServeBackend`` calls it (``options(...).generate.remote(...)``):
+    each call's request id is recorded, and ``respond(request)`` gives the call's response."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.request_ids: list[str] = []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, request, features, routing_hints):
+        self.request_ids.append(request.request_id)
+        return self.respond(request)

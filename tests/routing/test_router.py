@@ -740,4 +740,6 @@ def test_a_snapshot_from_the_future_is_not_fresh_for_ever():
         return router, await router.choose_replicas([a], pending("r", 10))
 
     router, ranks = asyncio.run(scenario())
-    assert names(ranks) == ["a"] and router.counters.held_back == 0 and router.counters.stale_replica_views == 1
+    assert (
+        names(ranks) == ["a"] and router.counters.held_back == 0 and router.counters.stale_replica_views == 1
+    )
