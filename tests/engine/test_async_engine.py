@@ -372,3 +372,32 @@ def test_a_second_cancellation_does_not_free_the_id_before_the_abort_ran(engine,
     assert still_taken and outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 2
     time.sleep(0.05)
     assert engine.stats().kv_bytes_used == 0
+
+
+def test_the_engine_lock_is_handed_to_waiting_threads():
+    """threading.Lock is not fair: a loop that releases and retakes it (the engine thread, step after step)
+    starves a thread waiting for it (an add, an abort). The engine thread hands it over between steps."""
+    import threading
+    import time
+
+    from zipvl_ray.engine.async_engine import HandoffLock
+
+    lock, stop = HandoffLock(), threading.Event()
+
+    def engine_loop():
+        while not stop.is_set():
+            with lock:
+                time.sleep(0.002)  # a step
+            lock.yield_to_waiters()
+
+    thread = threading.Thread(target=engine_loop)
+    thread.start()
+    time.sleep(0.02)
+    waits = []
+    for _ in range(5):
+        start = time.monotonic()
+        with lock:
+            waits.append(time.monotonic() - start)
+    stop.set()
+    thread.join()
+    assert max(waits) < 0.05, waits

@@ -22,6 +22,45 @@ from zipvl_ray.engine.types import EngineStats, RequestOutput, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class HandoffLock:
+    """A lock whose holder can hand it to the threads waiting for it.
+
+    ``threading.Lock`` is not fair: the engine thread, releasing it after a step and taking it again for
+    the next, would win nearly every time, and an add or an abort could wait until the engine is idle.
+    After each step the engine thread calls :meth:`yield_to_waiters`, which returns once every thread that
+    was waiting has taken the lock (or after ``timeout_s``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    def acquire(self) -> bool:
+        with self._count:
+            self._waiting += 1
+        try:
+            return self._lock.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> HandoffLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def yield_to_waiters(self, timeout_s: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._waiting and time.monotonic() < deadline:
+            time.sleep(0.0001)
+
+
 class AsyncLLMEngine:
     """Asynchronous front of :class:`LLMEngine`.
 
@@ -40,7 +79,7 @@ class AsyncLLMEngine:
         self.unhealthy_after_failed_steps = unhealthy_after_failed_steps
         self.consecutive_failed_steps = 0
         self.last_step_error: str | None = None
-        self._lock = threading.Lock()
+        self._lock = HandoffLock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending_adds: set[str] = set()  # generate() calls whose add has not run yet
@@ -203,6 +242,7 @@ class AsyncLLMEngine:
                     self._stats = self.engine.stats()
                 if outputs:  # under the lock: an abort's final output never overtakes a step's
                     self._deliver(outputs)
+            self._lock.yield_to_waiters()  # adds and aborts get their turn between two steps
             if not busy:
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
