@@ -114,7 +114,7 @@ class RayServeBackend:
         finished = False
         error: BaseException | str | None = None
         last: RequestOutput | None = None
-        outputs = None
+        outputs = features = None
         try:
             for attempt in range(self.replica_failure_retries + 1):
                 # The span is current while the calls are made: Serve propagates it to the replicas.
@@ -163,6 +163,8 @@ class RayServeBackend:
         finally:
             if not finished and outputs is not None:
                 cancel_quietly(outputs)
+                if features is not None:  # a client that left during the encode: stop it too
+                    cancel_quietly(features)
             _end_generate(span, request_id, prompt, last, error)
 
     async def _ping(self, handle: DeploymentHandle) -> str | None:

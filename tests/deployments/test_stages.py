@@ -408,3 +408,45 @@ class FakeLLMHandle:
     def remote(self, request, features, routing_hints):
         self.request_ids.append(request.request_id)
         return self.respond(request)
+
+
+def test_a_client_leaving_mid_request_cancels_both_stages():
+    from deployments.ingress import RayServeBackend
+    from zipvl_ray.multimodal import PreparedPrompt
+    from zipvl_ray.routing.footprint import RoutingHints
+
+    cancelled = []
+
+    class Response:
+        def __init__(self, name):
+            self.name = name
+
+        def __aiter__(self):
+            return self._run()
+
+        async def _run(self):
+            yield RequestOutput(request_id="x", token_ids=[1], delta_token_ids=[1])
+            await asyncio.sleep(3600)
+
+        def cancel(self):
+            cancelled.append(self.name)
+
+    class Vision:
+        @property
+        def encode(self):
+            return self
+
+        def remote(self, images):
+            return Response("vision")
+
+    backend = RayServeBackend(vision=Vision(), llm=FakeLLMHandle(lambda _request: Response("llm")))
+    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[_image(1)], image_token_id=None)
+
+    async def run():
+        stream = backend.generate("chatcmpl-1", prompt, SamplingParams(), None, RoutingHints(3))
+        first = await anext(stream)
+        await stream.aclose()  # the client went away
+        return first
+
+    assert not asyncio.run(run()).finished
+    assert sorted(cancelled) == ["llm", "vision"]
