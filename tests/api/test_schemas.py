@@ -37,6 +37,9 @@ def request(**fields) -> dict:
         {"stream": None, "ignore_eos": None},  # nullable, as in OpenAI's schema
         {"top_k": -1},  # vLLM's "off"
         {"seed": -5},
+        # what SDKs and frameworks send by default
+        {"tools": [], "tool_choice": "none", "parallel_tool_calls": True, "store": False},
+        {"metadata": {"run": "7"}, "service_tier": "auto", "functions": [], "function_call": "auto"},
     ],
 )
 def test_accepted(fields):
@@ -107,7 +110,12 @@ def test_refused_unsupported_fields_name_themselves_as_the_error_param(field, va
         ({"logprobs": True}, "logprobs is not supported"),
         ({"logit_bias": {"1": 5}}, "logit_bias is not supported"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": []}, "Extra inputs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
+        ({"tool_choice": "required"}, "tool_choice must be 'none' or 'auto'"),
+        ({"functions": [{"name": "f"}]}, "functions are not supported"),
+        ({"store": True}, "store is not supported"),
+        ({"service_tier": "flex"}, "service_tier"),
+        ({"best_of": 2}, "Extra inputs"),
         ({"zipvl": {"tau": 0}}, "greater than 0"),
         ({"zipvl": {"max_keep_ratio": 1.5}}, "less than or equal to 1"),
         ({"zipvl": {"enabled": "no"}}, "valid boolean"),

@@ -352,16 +352,20 @@ def cases(
         # -- unsupported parameters
         Case(
             "tools",
-            _with(service, tools=[{"type": "function"}]),
+            _with(service, tools=[{"type": "function", "function": {"name": "f"}}]),
             400,
-            "unsupported parameter 'tools'",
-            code="unsupported_parameter",
+            "tools are not supported",
         ),
+        Case("tool_choice required", _with(service, tool_choice="required"), 400, "tool_choice must be"),
         Case(
-            "functions",
-            _with(service, functions=[]),
+            "legacy functions", _with(service, functions=[{"name": "f"}]), 400, "functions are not supported"
+        ),
+        Case("store", _with(service, store=True), 400, "store is not supported"),
+        Case(
+            "unknown parameter",
+            _with(service, best_of=3),
             400,
-            "unsupported parameter 'functions'",
+            "unsupported parameter 'best_of'",
             code="unsupported_parameter",
         ),
         Case("logprobs", _with(service, logprobs=True), 400, "logprobs is not supported"),

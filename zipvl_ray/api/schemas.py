@@ -256,6 +256,25 @@ class ChatCompletionRequest(BaseModel):
         None, description="Not supported: only an empty map is accepted."
     )
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
+    # Fields SDKs and frameworks send by default; accepted at the values that ask for nothing we lack.
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Not supported: only an empty list is accepted."
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="Without tools: only 'none' or 'auto' (both mean no tool call)."
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="Accepted for compatibility; ignored (no tools)."
+    )
+    functions: list[dict[str, Any]] | None = Field(
+        None, description="Legacy tools: not supported, only an empty list is accepted."
+    )
+    function_call: str | dict[str, Any] | None = Field(None, description="Legacy: only 'none' or 'auto'.")
+    store: bool | None = Field(None, description="Storing completions is not supported: only false.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted for compatibility; ignored.")
+    service_tier: Literal["auto", "default"] | None = Field(
+        None, description="Accepted for compatibility ('auto' or 'default'); ignored."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -290,7 +309,17 @@ class ChatCompletionRequest(BaseModel):
         return value
 
     @field_validator(
-        "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "logit_bias", "response_format"
+        "frequency_penalty",
+        "presence_penalty",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "store",
     )
     @classmethod
     def _check_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
@@ -305,6 +334,17 @@ class ChatCompletionRequest(BaseModel):
                 value is None or value == {"type": "text"},
                 "only {'type': 'text'} is supported",
             ),
+            "tools": (not value, "are not supported (no function calling); send [] or leave it out"),
+            "tool_choice": (
+                value in (None, "none", "auto"),
+                "must be 'none' or 'auto' (no function calling)",
+            ),
+            "functions": (not value, "are not supported (no function calling); send [] or leave it out"),
+            "function_call": (
+                value in (None, "none", "auto"),
+                "must be 'none' or 'auto' (no function calling)",
+            ),
+            "store": (not value, "is not supported (completions are not stored); send false or leave it out"),
         }[info.field_name]
         if not ok:
             raise ValueError(f"{info.field_name} {why}")
