@@ -43,9 +43,33 @@ def test_a_local_checkpoint_loads_with_the_same_weights_and_processor(saved_tiny
 def test_unknown_names_fail_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for load in (load_model, load_processor):
-        with pytest.raises(FileNotFoundError, match="neither a built-in model .* HF_HUB_OFFLINE=1"):
+        with pytest.raises(FileNotFoundError, match="neither a built-in model .*HF_HUB_OFFLINE forbids the hub"):
             load("no-such-org/no-such-model")
     assert "tiny-llava" in builtin_model_names()
+
+
+def test_a_hub_id_loads_offline_from_the_hugging_face_cache(saved_tiny_llava, tmp_path, monkeypatch):
+    """The KubeRay pods run ``HF_HUB_OFFLINE=1`` and serve a hub id the download Job put in the cache on
+    the volume: the id resolves to its cached snapshot (laid out as ``snapshot_download`` leaves it)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    model, processor, path = saved_tiny_llava
+    revision = "0" * 40
+    repo = tmp_path / "models--acme--tiny-llava"
+    shutil.copytree(path, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded, loaded_processor = load_model("acme/tiny-llava")
+    assert loaded_processor.tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert load_processor("acme/tiny-llava").tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
+    with pytest.raises(FileNotFoundError, match=f"nor a hub id cached under {tmp_path}"):
+        load_processor("acme/not-downloaded")
 
 
 def test_an_unsupported_architecture_is_refused(saved_tiny_llava, tmp_path):

@@ -65,16 +65,33 @@ def builtin_model_names() -> list[str]:
     return names
 
 
+def _hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, read as huggingface_hub reads it."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def _checkpoint_path(name_or_path: str) -> str:
-    """A shipped checkpoint's directory, a local directory, or the hub id itself (checked offline)."""
+    """A shipped checkpoint's directory, a local directory, or a hub id.
+
+    Offline (``HF_HUB_OFFLINE=1``, as the KubeRay pods run), a hub id resolves to its snapshot in the
+    Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, where the download Job put it); an id that is not
+    cached there is refused with a message that says so. Online, the hub id is returned as it is.
+    """
     local = CHECKPOINT_DIR / name_or_path
     path = str(local) if (local / "config.json").exists() else name_or_path
-    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.path.isdir(path) or not _hub_offline():
+        return path
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True)
+    except Exception as exc:  # not cached, or not a valid hub id: one message for both
         raise FileNotFoundError(
-            f"{name_or_path!r} is neither a built-in model ({', '.join(builtin_model_names())}) nor a local "
-            "directory, and HF_HUB_OFFLINE=1 forbids the hub"
-        )
-    return path
+            f"{name_or_path!r} is neither a built-in model ({', '.join(builtin_model_names())}), a local "
+            f"directory, nor a hub id cached under {constants.HF_HUB_CACHE} (HF_HUB_OFFLINE forbids the "
+            f"hub: {type(exc).__name__})"
+        ) from exc
 
 
 def _load_pretrained_processor(path: str):
