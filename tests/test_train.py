@@ -4,6 +4,7 @@ loads offline and answers held-out questions through the reference generate path
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from zipvl_ray.train import (
     draw_batch,
     frames_range,
     learning_rate,
+    load_initial_weights,
     main,
 )
 
@@ -155,6 +157,48 @@ def test_concept_mix_curriculum():
 def test_set_rejects_unknown_fields():
     with pytest.raises(SystemExit):
         main(["--smoke", "--set", "no_such_field=1"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "steps=abc"], "must be JSON"),
+        (["--set", "steps"], "give a JSON value"),
+        (["--set", "steps=null"], "give a JSON value"),
+        (["--set", "steps=6.0"], "steps must be an integer >= 1"),
+        (["--steps", "-5"], "steps must be an integer >= 1"),
+        (["--set", "seed=1.5"], "seed must be an integer >= 0"),
+        (
+            ["--set", "grounding_layers=[90,91,92]"],
+            "grounding_layers must be three layer indices in \\[0, 8\\)",
+        ),
+        (["--set", "entropy_start=60"], "entropy_start must be a number in \\[0, 1\\]"),
+        (["--set", 'val_splits=["shortt"]'], "val_splits must be a list of splits"),
+        (["--set", "video_frames=[[0, 2, 200]]"], "video_frames must be"),
+        (["--set", 'patch_mode="aligned"'], "patch_mode must be one of"),
+        (["--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_bad_arguments_fail_at_once_with_the_fields_name(args, message, capsys):
+    """Before: raw tracebacks (some after the 65 s vision stage), and out-of-range layers or fractions
+    that silently switched a loss term off."""
+    with pytest.raises(SystemExit):
+        main(["--smoke", *args])
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_init_from_loads_every_tensor_of_the_checkpoint():
+    """The saved file's keys differ from the module's; the old raw load matched 0 of 118 and said nothing."""
+    from zipvl_ray.models import CHECKPOINT_DIR, load_model
+
+    trained, _ = load_model("zipvl-tiny", device="cpu", dtype="float32")
+    model, _ = build_untrained_zipvl_tiny(seed=0)
+    load_initial_weights(model, CHECKPOINT_DIR / "zipvl-tiny")
+    expected = trained.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):

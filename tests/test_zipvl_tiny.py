@@ -11,6 +11,7 @@ triangle?" needs the triangle's cell among 64.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -64,6 +65,24 @@ def test_zipvl_tiny_is_a_builtin_name_loaded_offline(monkeypatch):
     assert model.config.model_type == "llava"
     assert not model.training
     assert processor.tokenizer.convert_tokens_to_ids("triangle") != processor.tokenizer.unk_token_id
+
+
+def test_the_checkpoint_loads_with_transformers_auto_classes_and_pads_on_the_left(tmp_path):
+    """Outside the project's loader (which sets left padding itself), a user's ``AutoProcessor`` must pad a
+    batch on the left too: right padding puts pad tokens between the prompt and the answer of a
+    decoder-only model, and batched greedy answers came out empty. The shipped processor files are what
+    the code writes."""
+    from transformers import AutoProcessor
+
+    from zipvl_ray.models.zipvl_tiny import build_untrained_zipvl_tiny
+
+    directory = CHECKPOINT_DIR / ZIPVL_TINY_NAME
+    assert AutoProcessor.from_pretrained(directory).tokenizer.padding_side == "left"
+    _, processor = build_untrained_zipvl_tiny()
+    processor.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        assert json.loads((tmp_path / name).read_text()) == json.loads((directory / name).read_text()), name
+    assert (tmp_path / "chat_template.jinja").read_text() == (directory / "chat_template.jinja").read_text()
 
 
 @pytest.fixture(scope="module")

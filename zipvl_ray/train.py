@@ -40,10 +40,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from zipvl_ray.data import make_sample, make_split
 from zipvl_ray.data.scenes import COLOURS, GRID, PATCH_LABELS, PLURALS, SHAPES, patch_labels
 from zipvl_ray.data.splits import SPLITS, Sample, make_conversation
-from zipvl_ray.models.zipvl_tiny import ZIPVL_TINY_NAME, build_untrained_zipvl_tiny, save_checkpoint
+from zipvl_ray.models.zipvl_tiny import (
+    ZIPVL_TINY_NAME,
+    ZIPVL_TINY_SPEC,
+    build_untrained_zipvl_tiny,
+    save_checkpoint,
+)
 
 #: Where the committed checkpoint lives.
 DEFAULT_OUT = Path(__file__).resolve().parent / "checkpoints" / ZIPVL_TINY_NAME
+#: The most frames a training video may have: the burned-in timecode has two digits.
+MAX_VIDEO_FRAMES = 99
 #: Attention implementation key of the text model while training (SDPA + attention loss terms).
 TRAIN_ATTN_KEY = "zipvl_tiny_training"
 
@@ -184,6 +191,89 @@ class TrainConfig:
     log_every: int = 25
     val_size: int = 16
     val_splits: tuple[str, ...] = ("short", "medium", "long")
+
+    def __post_init__(self):
+        """Check every field's type and range, so that a bad ``--set`` fails at once, with its name, and
+        not as a traceback after the vision stage or as a loss term silently switched off."""
+        layers, heads = ZIPVL_TINY_SPEC.num_layers, ZIPVL_TINY_SPEC.num_heads
+        errors = []
+
+        def check(name, ok, expected):
+            if not ok:
+                errors.append(f"{name} must be {expected}, not {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+        minimum = {"steps": 1, "tokens_per_step": 1, "max_turns": 1, "vision_frames_per_step": 1}
+        minimum |= {"grounding_heads": 1, "entropy_rows": 1, "log_every": 1}
+        for name in (
+            "warmup_steps",
+            "picture_steps",
+            "vision_steps",
+            "concept_steps",
+            "concept_anneal_steps",
+        ):
+            minimum[name] = 0
+        minimum |= {"seed": 0, "eval_every": 0, "val_size": 0}
+        for name, low in minimum.items():
+            check(name, is_int(getattr(self, name)) and getattr(self, name) >= low, f"an integer >= {low}")
+        check("grounding_heads", self.grounding_heads <= heads, f"at most the {heads} heads")
+        for name in ("lr", "grad_clip"):
+            check(name, is_number(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
+        for name in (
+            "weight_decay",
+            "aux_weight",
+            "grounding_weight",
+            "entropy_weight",
+            "early_answer_weight",
+        ):
+            check(name, is_number(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        for name in ("min_lr_ratio", "short_fraction", "single_fraction", "entropy_start"):
+            check(
+                name, is_number(getattr(self, name)) and 0 <= getattr(self, name) <= 1, "a number in [0, 1]"
+            )
+        for name in ("freeze_vision", "empty_concept"):
+            check(name, isinstance(getattr(self, name), bool), "true or false")
+        for name, choices in (
+            ("feature_source", ("vision", "concepts")),
+            ("patch_features", ("projector", "vision")),
+            ("patch_mode", ("classify", "align")),
+        ):
+            check(name, getattr(self, name) in choices, f"one of {choices}")
+        in_model = lambda v: isinstance(v, (list, tuple)) and all(is_int(i) and 0 <= i < layers for i in v)  # noqa: E731
+        check(
+            "grounding_layers",
+            in_model(self.grounding_layers) and len(self.grounding_layers) == 3,
+            f"three layer indices in [0, {layers})",
+        )
+        check("early_answer_layers", in_model(self.early_answer_layers), f"layer indices in [0, {layers})")
+        check(
+            "val_splits",
+            isinstance(self.val_splits, (list, tuple)) and all(s in SPLITS for s in self.val_splits),
+            f"a list of splits among {sorted(SPLITS)}",
+        )
+        stage = lambda v: (  # noqa: E731
+            isinstance(v, (list, tuple))
+            and len(v) == 3
+            and is_number(v[0])
+            and 0 <= v[0] <= 1
+            and is_int(v[1])
+            and is_int(v[2])
+            and 1 <= v[1] <= v[2] <= MAX_VIDEO_FRAMES
+        )
+        check(
+            "video_frames",
+            isinstance(self.video_frames, (list, tuple))
+            and len(self.video_frames) > 0
+            and all(stage(v) for v in self.video_frames),
+            f"a list of [start_fraction, min_frames, max_frames] with 1 <= min <= max <= {MAX_VIDEO_FRAMES}",
+        )
+        if errors:
+            raise ValueError("TrainConfig: " + "; ".join(errors))
 
 
 SMOKE_CONFIG = TrainConfig(
@@ -718,15 +808,26 @@ def train(
         torch.use_deterministic_algorithms(previous)
 
 
+def load_initial_weights(model, checkpoint: Path | str) -> None:
+    """Load a saved checkpoint's weights into ``model`` (``--init-from``), every tensor or an error.
+
+    Through transformers, which maps the file's key layout (``language_model.model.layers...``) onto
+    the module's (``model.language_model.layers...``); a raw ``load_state_dict(strict=False)`` of the
+    file loaded none of them and said nothing.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    saved = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model.load_state_dict(saved.state_dict(), strict=True)
+
+
 def _train(
     config: TrainConfig, out: Path | None, *, log, init_from: Path | None, stop_after: int | None = None
 ) -> dict:
     torch.manual_seed(config.seed)
     model, processor = build_untrained_zipvl_tiny(seed=config.seed)
     if init_from is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(Path(init_from) / "model.safetensors")), strict=False)
+        load_initial_weights(model, init_from)
     encoder = Encoder(processor)
     on_projector = config.patch_features == "projector"
     head = PatchHead(
@@ -878,8 +979,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = SMOKE_CONFIG if args.smoke else TrainConfig()
     overrides = {
         "steps": args.steps,
@@ -887,13 +986,25 @@ def main(argv: list[str] | None = None) -> dict:
         "entropy_weight": args.entropy_weight,
         "eval_every": args.eval_every,
     }
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
     fields = asdict(config)
     for item in args.set:
-        name, _, value = item.partition("=")
+        name, equals, value = item.partition("=")
         if name not in fields:
             parser.error(f"--set {item}: TrainConfig has no field {name!r}")
-        overrides[name] = json.loads(value)
-    config = TrainConfig(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
+        try:
+            overrides[name] = json.loads(value) if equals else None
+        except json.JSONDecodeError:
+            parser.error(f"--set {item}: the value must be JSON (a string needs quotes: {name}='\"...\"')")
+        if overrides[name] is None:
+            parser.error(f"--set {item}: give a JSON value after '='")
+    try:
+        config = TrainConfig(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
     if args.stop_after is not None:
         out = None

@@ -1,8 +1,9 @@
 """An offline byte-level tokenizer for the built-in models.
 
 Hub tokenizers are unreachable in CI, so the built-in models use a BPE tokenizer with the 256 byte
-symbols and no merges: every text round-trips exactly, and architecture-specific special tokens are
-added on top. Real models load their own tokenizer from the hub or a local path.
+symbols and no merges: every text round-trips up to Unicode NFC normalisation (which the Qwen2
+tokenizer class applies, as on the hub: ``"e\u0301"`` comes back as ``"\u00e9"``), and
+architecture-specific special tokens are added on top. Real models load their own tokenizer from the hub or a local path.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def byte_tokenizer(extra_special_tokens: list[str], *, eos_token: str = "<|im_en
         bos_token=None,
         eos_token=eos_token,
         pad_token="<|endoftext|>",
+        padding_side="left",  # passed here, not set after, so that save_pretrained writes it
     )
     specials = [t for t in COMMON_SPECIALS + extra_special_tokens if t not in (eos_token, "<|endoftext|>")]
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.padding_side = "left"
     return tokenizer

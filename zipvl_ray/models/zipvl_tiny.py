@@ -1,4 +1,4 @@
-"""``zipvl-tiny``: the architecture of the trained built-in model (LLaVA-1.5 layout, about 1.9M parameters).
+"""``zipvl-tiny``: the architecture of the trained built-in model (LLaVA-1.5 layout, 1.8M parameters).
 
 The trained weights live in ``zipvl_ray/checkpoints/zipvl-tiny/`` (written by ``python -m
 zipvl_ray.train``); this module builds the *untrained* model with the same sizes, tokenizer and
@@ -81,7 +81,7 @@ assert ZIPVL_TINY_CHAT_TEMPLATE != LLAVA_CHAT_TEMPLATE
 def zipvl_tiny_tokenizer():
     """The byte-level tokenizer of the built-in models plus ``<image>`` and :data:`WORD_TOKENS`.
 
-    Ids 0-255 are bytes, so every text round-trips; the added words are matched longest first
+    Ids 0-255 are bytes, so every text round-trips (up to NFC normalisation); the added words are matched longest first
     ("triangles" is one token, not "triangle" + "s").
     """
     tokenizer = byte_tokenizer(["<image>"])
