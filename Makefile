@@ -12,6 +12,9 @@ export TOKENIZERS_PARALLELISM ?= false
 # bound to 127.0.0.1.
 export RAY_ADDRESS ?= local
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+# Serve's HTTP proxy answers some errors itself (404 while the app deploys, 503 backpressure, 408
+# timeouts) in plain text; this callback makes them OpenAI JSON errors (docs/reliability.md).
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH ?= zipvl_ray.api.middleware:proxy_middlewares
 
 .PHONY: install serve demo test test-fast lint format k8s gpu-wheels clean
 

@@ -83,6 +83,18 @@ class PreparedPrompt:
         return len(self.token_ids)
 
 
+def _message_texts(messages: list[dict]) -> list[str]:
+    """The text of chat messages in transformers' format (string contents and ``text`` parts)."""
+    texts = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return texts
+
+
 def image_content_hash(image: Image.Image) -> str:
     """A stable hash of an image's mode, size and pixels."""
     digest = hashlib.blake2b(digest_size=16)
@@ -117,6 +129,29 @@ class PromptProcessor:
         self.tokenizer = processor.tokenizer
         self.image_token: str = processor.image_token
         self.image_token_id: int = int(processor.image_token_id)
+
+    @property
+    def control_tokens(self) -> list[str]:
+        """The tokenizer's special tokens (end of turn, image placeholder...), longest first."""
+        specials = {*self.tokenizer.all_special_tokens, self.image_token}
+        return sorted((t for t in specials if t), key=len, reverse=True)
+
+    def check_message_text(self, texts) -> None:
+        """Refuse message text that holds one of the model's control tokens.
+
+        The rendered prompt is tokenized as a whole, so ``"<|im_end|>"`` typed by a user would become the
+        real end-of-turn token (and could end the turn and write the assistant's part itself), and
+        ``"<image>"`` an image placeholder. OpenAI's API treats message text as text; here such text is
+        refused with a message naming the token rather than given a meaning its writer did not intend.
+        """
+        tokens = self.control_tokens
+        for text in texts:
+            for token in tokens:
+                if token in text:
+                    raise PromptError(
+                        f"message text must not contain the model's control token {token!r} (send images as "
+                        "image_url parts; the chat template writes the turn markers)"
+                    )
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """Apply the chat template. Image parts (``{"type": "image"}`` or ``"image_url"``) become placeholders."""
@@ -160,6 +195,8 @@ class PromptProcessor:
     def prepare(self, prompt: str | list[dict], images: list[Image.Image] | None = None) -> PreparedPrompt:
         """Prepare a rendered prompt (``str``) or chat messages (``list[dict]``) with its images."""
         images = images or []
+        if not isinstance(prompt, str):
+            self.check_message_text(_message_texts(prompt))
         text = prompt if isinstance(prompt, str) else self.render(prompt)
         if not text:
             raise PromptError("the prompt is empty")

@@ -40,6 +40,32 @@ def request(**fields) -> dict:
         # what SDKs and frameworks send by default
         {"tools": [], "tool_choice": "none", "parallel_tool_calls": True, "store": False},
         {"metadata": {"run": "7"}, "service_tier": "auto", "functions": [], "function_call": "auto"},
+        {"prompt_cache_key": "k", "safety_identifier": "s", "modalities": ["text"]},
+        # what wrappers forward as null when unset
+        {
+            "reasoning_effort": None,
+            "verbosity": None,
+            "audio": None,
+            "prediction": None,
+            "web_search_options": None,
+        },
+        {"stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}},
+        # an SDK's returned assistant message replayed as history (message.model_dump())
+        {
+            "messages": [
+                USER,
+                {
+                    "role": "assistant",
+                    "content": "red",
+                    "refusal": None,
+                    "tool_calls": None,
+                    "function_call": None,
+                    "audio": None,
+                    "annotations": [],
+                },
+                USER,
+            ]
+        },
     ],
 )
 def test_accepted(fields):
@@ -92,7 +118,24 @@ def test_refused_unsupported_fields_name_themselves_as_the_error_param(field, va
             "no text and no image",
         ),
         ({"messages": [{"role": "system", "content": [IMAGE]}]}, "only allowed in user messages"),
-        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "Extra inputs"),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c"}]}]},
+            "tool calls are not",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]},
+            "refusals are not supported",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}]},
+            "audio is not supported",
+        ),
+        ({"messages": [{"role": "user", "content": "x", "weight": 1}]}, "Extra inputs"),
+        ({"reasoning_effort": "low"}, "reasoning_effort is not supported"),
+        ({"verbosity": "high"}, "verbosity is not supported"),
+        ({"modalities": ["text", "audio"]}, "modalities must be"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction is not supported"),
+        ({"web_search_options": {}}, "web_search_options is not supported"),
         ({"max_tokens": 0}, "greater than or equal to 1"),
         ({"max_tokens": 1.5}, "valid integer"),
         ({"max_tokens": "5"}, "valid integer"),

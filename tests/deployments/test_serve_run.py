@@ -25,6 +25,21 @@ from tests.deployments.conftest import REPO_ROOT, free_port, ray_test_env
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STARTUP_TIMEOUT_S = 240
+#: ``(status, content type)`` of each non-200 answer to ``/health`` while the application deployed.
+STARTUP_ERRORS: list[tuple[int, str]] = []
+
+
+def makefile_export(name: str) -> str:
+    """The value the Makefile exports to ``make serve`` for the environment variable ``name``."""
+    out = subprocess.run(
+        ["make", "--no-print-directory", "--eval", f"_print-env: ; @echo $${name}", "_print-env"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k != name},
+    )
+    return out.stdout.strip()
 
 
 def _require_real_stack() -> None:
@@ -48,6 +63,9 @@ def served(tmp_path_factory):
     path.write_text(yaml.safe_dump(config))
     log = (path.parent / "serve.log").open("w")
     env = {**os.environ, **ray_test_env(), "RAY_ADDRESS": "local"}
+    # As `make serve` runs it: with the proxy callback that answers the proxy's own errors in JSON.
+    callback = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+    env[callback] = makefile_export(callback)
     serve_bin = Path(sys.executable).parent / "serve"
     process = subprocess.Popen(
         [str(serve_bin), "run", str(path)],
@@ -65,8 +83,10 @@ def served(tmp_path_factory):
                 f"serve run exited:\n{(path.parent / 'serve.log').read_text()[-4000:]}"
             )
             try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                answer = httpx.get(f"{base}/health", timeout=5)
+                if answer.status_code == 200:
                     break
+                STARTUP_ERRORS.append((answer.status_code, answer.headers.get("content-type", "")))
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, (
@@ -96,6 +116,16 @@ def served(tmp_path_factory):
 
 def test_health_and_models(served):
     checks.check_models_and_health(served)
+
+
+def test_the_proxy_answers_in_openai_json_while_the_application_deploys(served):
+    """``make serve`` installs the proxy callback: before the application is up, Serve's proxy answers
+    404 / 503 by itself, and an OpenAI client must get JSON errors, not plain text."""
+    if not STARTUP_ERRORS:
+        pytest.skip("the application was up before the proxy answered anything else")
+    assert all(content_type.startswith("application/json") for _, content_type in STARTUP_ERRORS), (
+        STARTUP_ERRORS
+    )
 
 
 def test_chat_completion_with_an_image(served):

@@ -202,6 +202,7 @@ class ChatPreparer:
                 inputs.append(self.processor.preprocess_image(image))
             except ValueError as exc:  # e.g. Qwen2-VL's processor refuses aspect ratios over 200
                 raise PromptError(f"image {index}: the model's image processor refused it: {exc}") from None
+        self.processor.check_message_text(request.message_texts())
         with self._tokenizer_lock:
             try:
                 text = self.processor.render(request.template_messages())

@@ -95,6 +95,27 @@ class ChatMessage(BaseModel):
         description="A string, or a list of text and image_url parts (user messages only for images)."
     )
     name: UnicodeStr | None = Field(None, description="Accepted for compatibility; not shown to the model.")
+    # What an OpenAI SDK's returned assistant message carries when it is replayed as history
+    # (``message.model_dump()``): accepted at the values that say "none of this".
+    refusal: Any = Field(None, description="Accepted as null only (the model does not refuse).")
+    tool_calls: Any = Field(None, description="Accepted as null or [] only (no function calling).")
+    function_call: Any = Field(None, description="Legacy; accepted as null only.")
+    audio: Any = Field(None, description="Accepted as null only (no audio output).")
+    annotations: Any = Field(None, description="Accepted as null or [] only.")
+
+    @field_validator("refusal", "tool_calls", "function_call", "audio", "annotations")
+    @classmethod
+    def _only_none(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or (value == [] and info.field_name in ("tool_calls", "annotations")):
+            return None
+        why = {
+            "refusal": "refusals are not supported",
+            "tool_calls": "tool calls are not supported (no function calling)",
+            "function_call": "function calls are not supported (no function calling)",
+            "audio": "audio is not supported",
+            "annotations": "annotations are not supported",
+        }[info.field_name]
+        raise ValueError(f"{why}; send null or leave it out")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -157,6 +178,9 @@ class StreamOptions(BaseModel):
 
     include_usage: bool = Field(
         False, description="Send a last chunk (before [DONE]) with empty choices and the request's usage."
+    )
+    include_obfuscation: bool | None = Field(
+        None, description="Accepted for compatibility; ignored (chunks carry no obfuscation padding)."
     )
 
 
@@ -275,6 +299,15 @@ class ChatCompletionRequest(BaseModel):
     service_tier: Literal["auto", "default"] | None = Field(
         None, description="Accepted for compatibility ('auto' or 'default'); ignored."
     )
+    prompt_cache_key: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
+    safety_identifier: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
+    # Options of other OpenAI models, which wrappers forward as null when unset.
+    reasoning_effort: Any = Field(None, description="Not supported (no reasoning): only null is accepted.")
+    verbosity: Any = Field(None, description="Not supported: only null is accepted.")
+    modalities: Any = Field(None, description="Output modalities: only ['text'] (or null) is accepted.")
+    audio: Any = Field(None, description="Not supported (no audio output): only null is accepted.")
+    prediction: Any = Field(None, description="Predicted outputs are not supported: only null is accepted.")
+    web_search_options: Any = Field(None, description="Not supported (no web search): only null is accepted.")
 
     @field_validator("stop")
     @classmethod
@@ -320,6 +353,12 @@ class ChatCompletionRequest(BaseModel):
         "functions",
         "function_call",
         "store",
+        "reasoning_effort",
+        "verbosity",
+        "modalities",
+        "audio",
+        "prediction",
+        "web_search_options",
     )
     @classmethod
     def _check_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
@@ -345,6 +384,18 @@ class ChatCompletionRequest(BaseModel):
                 "must be 'none' or 'auto' (no function calling)",
             ),
             "store": (not value, "is not supported (completions are not stored); send false or leave it out"),
+            "reasoning_effort": (value is None, "is not supported (no reasoning); send null or leave it out"),
+            "verbosity": (value is None, "is not supported; send null or leave it out"),
+            "modalities": (value in (None, ["text"]), "must be ['text'] (text output only)"),
+            "audio": (value is None, "is not supported (no audio output); send null or leave it out"),
+            "prediction": (
+                value is None,
+                "is not supported (no predicted outputs); send null or leave it out",
+            ),
+            "web_search_options": (
+                value is None,
+                "is not supported (no web search); send null or leave it out",
+            ),
         }[info.field_name]
         if not ok:
             raise ValueError(f"{info.field_name} {why}")
@@ -374,6 +425,18 @@ class ChatCompletionRequest(BaseModel):
             else sum(len(p.text) for p in message.content if isinstance(p, TextPart))
             for message in self.messages
         )
+
+    def message_texts(self) -> list[str]:
+        """The text of every message (string contents and text parts), in order."""
+        return [
+            text
+            for message in self.messages
+            for text in (
+                [message.content]
+                if isinstance(message.content, str)
+                else [p.text for p in message.content if isinstance(p, TextPart)]
+            )
+        ]
 
     def image_urls(self) -> list[str]:
         """Every image URL of the conversation, in the order the chat template places them."""
