@@ -43,7 +43,9 @@ def test_a_local_checkpoint_loads_with_the_same_weights_and_processor(saved_tiny
 def test_unknown_names_fail_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for load in (load_model, load_processor):
-        with pytest.raises(FileNotFoundError, match="neither a built-in model .*HF_HUB_OFFLINE forbids the hub"):
+        with pytest.raises(
+            FileNotFoundError, match="neither a built-in model .*HF_HUB_OFFLINE forbids the hub"
+        ):
             load("no-such-org/no-such-model")
     assert "tiny-llava" in builtin_model_names()
 
@@ -67,7 +69,9 @@ def test_a_hub_id_loads_offline_from_the_hugging_face_cache(saved_tiny_llava, tm
     assert loaded_processor.tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert load_processor("acme/tiny-llava").tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
+    assert (
+        load_processor("acme/tiny-llava").tokenizer(PROMPT).input_ids == processor.tokenizer(PROMPT).input_ids
+    )
     with pytest.raises(FileNotFoundError, match=f"nor a hub id cached under {tmp_path}"):
         load_processor("acme/not-downloaded")
 
