@@ -596,6 +596,32 @@ def test_gpu_weights_come_from_the_model_cache_filled_by_the_job():
     assert served["applications"][0]["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.parametrize("present", [True, False])
+def test_a_local_model_directory_is_checked_by_the_job_not_downloaded(tmp_path, present):
+    """``args.model`` may be a directory on the volume (docs/kubernetes.md): the Job then checks that the
+    checkpoint is there (snapshot_download of a path raised HFValidationError)."""
+    import subprocess
+    import sys
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    if present:
+        (checkpoint / "config.json").write_text("{}")
+    root = _copy_repo_inputs(tmp_path / "repo")
+    config = yaml.safe_load((root / k8s.GPU_VARIANT.config).read_text())
+    config["applications"][0]["args"]["model"] = str(checkpoint)
+    (root / k8s.GPU_VARIANT.config).write_text(yaml.safe_dump(config, sort_keys=False))
+    files = k8s.render_files(root)
+    job = yaml.safe_load(files[k8s.MODEL_DOWNLOAD_JOB_OUTPUT])
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "snapshot_download" not in command[-1]
+    run = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True)
+    assert (run.returncode == 0) == present, run.stderr
+    if not present:
+        assert f"copy the checkpoint to {checkpoint} on the volume first" in run.stderr
+    assert f"the local directory {checkpoint}" in files[k8s.GPU_VARIANT.output]
+
+
 def test_cpu_manifest_serves_a_builtin_model_without_volumes():
     from zipvl_ray.models import builtin_model_names
 
@@ -700,7 +726,10 @@ def test_deployment_overrides_resize_the_worker_group_and_pass_through(tmp_path)
     under args replaces every replica): the renderer sizes the worker group with them applied."""
     root = _copy_repo_inputs(tmp_path)
     config = yaml.safe_load((root / k8s.GPU_VARIANT.config).read_text())
-    overrides = [{"name": "LLMServer", "autoscaling_config": {"min_replicas": 4, "max_replicas": 6}}]
+    # The docs' recipe: the whole block (policy included), with the new bounds.
+    block = dict(config["applications"][0]["args"]["llm"]["autoscaling_config"])
+    block.update(min_replicas=4, max_replicas=6, initial_replicas=4)
+    overrides = [{"name": "LLMServer", "autoscaling_config": block}]
     config["applications"][0]["deployments"] = overrides
     (root / k8s.GPU_VARIANT.config).write_text(yaml.safe_dump(config, sort_keys=False))
     manifest = k8s.render_rayservice(k8s.GPU_VARIANT, root).manifest
@@ -710,21 +739,48 @@ def test_deployment_overrides_resize_the_worker_group_and_pass_through(tmp_path)
     assert served["applications"][0]["deployments"] == overrides
 
 
+def _gpu_llm_policy() -> dict:
+    return load(k8s.GPU_VARIANT.config)["applications"][0]["args"]["llm"]["autoscaling_config"]["policy"]
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ({"num_replicas": 3}, (3, 3)),  # a number replaces the code's autoscaling
-        ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 5}}, (1, 5)),
-        ({"ray_actor_options": {"num_gpus": 0.5}}, (2, 8)),
+        ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 5, "policy": "POLICY"}}, (1, 5)),
+        ({"autoscaling_config": None, "num_replicas": 3}, (3, 3)),  # back to a fixed count
+        ({"graceful_shutdown_timeout_s": 30}, (2, 8)),
     ],
 )
-def test_stage_demands_apply_serve_overrides_field_by_field(override, expected):
+def test_stage_demands_apply_serve_overrides_as_serve_does(override, expected):
     args = load(k8s.GPU_VARIANT.config)["applications"][0]["args"]
+    if (override.get("autoscaling_config") or {}).get("policy") == "POLICY":
+        override = {"autoscaling_config": {**override["autoscaling_config"], "policy": _gpu_llm_policy()}}
     demands = {d.stage: d for d in k8s.stage_demands(args, [{"name": "LLMServer", **override}])}
     assert (demands["llm"].min_replicas, demands["llm"].max_replicas) == expected
-    assert demands["llm"].num_gpus == override.get("ray_actor_options", {}).get("num_gpus", 1)
+    assert demands["llm"].num_gpus == 1
     with pytest.raises(ValueError, match="no deployment named"):
         k8s.stage_demands(args, [{"name": "LLMServerr", "num_replicas": 1}])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        # Serve takes the block in place of the app's whole one: the GPU, CPUs and environment would go.
+        ({"ray_actor_options": {"num_gpus": 0.5}}, "overrides ray_actor_options"),
+        ({"ray_actor_options": {"num_cpus": 6}}, "overrides ray_actor_options"),
+        # Serve keeps autoscaling and ignores the count.
+        ({"num_replicas": 4}, "Serve ignores a fixed count"),
+        # Serve would fall back to its default queue-length policy.
+        ({"autoscaling_config": {"min_replicas": 4, "max_replicas": 6}}, "leaves out or changes"),
+    ],
+)
+def test_overrides_serve_would_apply_differently_are_refused(override, message):
+    """Measured against Serve 2.60's own override_deployment_info (review 2026-12-06): each of these was
+    taken field by field here while Serve applied it otherwise, so the pods were sized for a cluster
+    Serve would not build."""
+    args = load(k8s.GPU_VARIANT.config)["applications"][0]["args"]
+    with pytest.raises(ValueError, match=message):
+        k8s.stage_demands(args, [{"name": "LLMServer", **override}])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -773,6 +829,18 @@ def test_check_reports_a_hand_edited_manifest_and_render_repairs_it(tmp_path, ca
     assert "differs from a fresh render" in capsys.readouterr().out
     assert k8s.main(["render", "--root", str(root)]) == 0
     assert k8s.main(["check", "--root", str(root), "--crd-dir", str(tmp_path / "none")]) == 0
+
+
+def test_check_reports_a_config_the_renderer_refuses_instead_of_crashing(tmp_path, capsys):
+    root = _copy_repo_inputs(tmp_path)
+    config = yaml.safe_load((root / k8s.GPU_VARIANT.config).read_text())
+    config["applications"][0]["deployments"] = [{"name": "LLMServerr", "num_replicas": 1}]
+    (root / k8s.GPU_VARIANT.config).write_text(yaml.safe_dump(config, sort_keys=False))
+    assert k8s.main(["check", "--root", str(root), "--crd-dir", str(tmp_path / "none")]) == 1
+    assert (
+        "cannot render the manifests: deployments: no deployment named ['LLMServerr']"
+        in capsys.readouterr().out
+    )
 
 
 def test_check_flags_a_missing_manifest(tmp_path):

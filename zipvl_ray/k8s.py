@@ -179,8 +179,10 @@ class Variant:
     min_worker_pods, max_worker_pods : int
         The worker group's ``minReplicas`` / ``maxReplicas``: fixed bounds (the pod budget) for the Ray
         autoscaler, not derived from the Serve replica counts, so that a Serve-only change leaves the
-        cluster spec alone except ``replicas``, which KubeRay applies in place (no new cluster).
-        ``replicas`` (the start size) is derived: the pods that hold every stage at its minimum count.
+        cluster spec alone except ``replicas`` (the start size: the pods that hold every stage at its
+        minimum count). KubeRay leaves ``replicas``, ``minReplicas`` and ``maxReplicas`` out of the hash
+        it compares, so a change of any of them alone is not applied to a running cluster (no new
+        cluster either): docs/kubernetes.md says how to apply a budget change.
     idle_timeout_s : int
         Ray autoscaler: seconds an idle worker pod lives before it is removed.
     upgrade_strategy : str
@@ -349,8 +351,16 @@ def stage_demands(
     ``num_replicas`` fixed: min = max = it; ``autoscaling_config``: its bounds; ``"auto"``: Serve's
     default autoscaling bounds updated with the given block. Serve reserves 1 CPU per replica unless
     ``num_cpus`` says otherwise. ``overrides`` (the application's Serve ``deployments:`` list) win over
-    ``args`` field by field, as Serve applies them: ``num_replicas``, ``autoscaling_config``,
-    ``graceful_shutdown_timeout_s`` and ``ray_actor_options.num_cpus`` / ``num_gpus``.
+    ``args`` as Serve 2.60 applies them (``override_deployment_info``): ``autoscaling_config`` replaces
+    the whole block, ``num_replicas`` and ``graceful_shutdown_timeout_s`` replace theirs. Overrides that
+    Serve would apply differently from what they seem to say are refused (ValueError):
+
+    * ``ray_actor_options``: Serve replaces the whole block the app builds (its GPUs, CPUs and the
+      replica environment), so ``{num_gpus: 0.5}`` would also drop the CPUs and the environment; the
+      stage's ``args`` fields (``num_cpus``, ``num_gpus``, ``env_vars``) set them;
+    * a number of replicas for a stage that autoscales: Serve keeps autoscaling and ignores it;
+    * an ``autoscaling_config`` without the ``policy`` the ``args`` block names: Serve would fall back to
+      its default queue-length policy.
     """
     from ray.serve.config import AutoscalingConfig
 
@@ -366,22 +376,39 @@ def stage_demands(
     demands = []
     for stage in ("ingress", "vision", "llm"):
         options = getattr(args, stage)
-        override = by_name.get(STAGE_DEPLOYMENTS[stage], {})
-        actor = override.get("ray_actor_options") or {}
+        name = STAGE_DEPLOYMENTS[stage]
+        override = by_name.get(name, {})
+        if "ray_actor_options" in override:
+            raise ValueError(
+                f"deployments: {name} overrides ray_actor_options, which Serve takes in place of the whole "
+                "block the app builds (GPUs, CPUs and the replica environment, not only the keys given): set "
+                f"num_cpus / num_gpus / env_vars under args.{stage} instead"
+            )
         update = {
             k: override[k]
             for k in ("num_replicas", "autoscaling_config", "graceful_shutdown_timeout_s")
             if k in override
         }
-        if "num_replicas" in update and "autoscaling_config" not in update:
-            update["autoscaling_config"] = None  # a number replaces the code's autoscaling
-        if (
-            "autoscaling_config" in update
-            and update["autoscaling_config"] is not None
-            and "num_replicas" not in update
-        ):
+        autoscales = options.num_replicas == "auto" or options.autoscaling_config is not None
+        if update.get("autoscaling_config") is not None:
+            policy = (options.autoscaling_config or {}).get("policy")
+            if policy is not None and update["autoscaling_config"].get("policy") != policy:
+                raise ValueError(
+                    f"deployments: {name}'s autoscaling_config replaces the whole block of args.{stage}, whose "
+                    f"policy {policy!r} it leaves out or changes: Serve would use another policy; copy the "
+                    "policy block into the override"
+                )
+            autoscales = True
+        elif "autoscaling_config" in update:  # null: back to a fixed count
+            autoscales = False
+        if isinstance(update.get("num_replicas"), int) and autoscales:
+            raise ValueError(
+                f"deployments: {name} sets num_replicas {update['num_replicas']}, but the stage autoscales and "
+                "Serve ignores a fixed count then: override autoscaling_config (min_replicas = max_replicas) "
+                "instead"
+            )
+        if update.get("autoscaling_config") is not None and "num_replicas" not in update:
             update["num_replicas"] = None
-        update.update({k: actor[k] for k in ("num_cpus", "num_gpus") if k in actor})
         options = options.model_copy(update=update)
         if options.num_replicas == "auto" or options.autoscaling_config is not None:
             block = (
@@ -685,17 +712,30 @@ def render_rayservice(variant: Variant, root: Path = REPO_ROOT, image_repo: str 
             for d in demands
         )
         + "); the Ray autoscaler adds and removes pods in between. A change of Serve replica counts "
-        "changes only serveConfigV2 and replicas, which KubeRay applies without a new cluster.",
+        "changes only serveConfigV2 (applied by Serve, no new cluster) and replicas (the next cluster's "
+        "start size). KubeRay does not apply a change of replicas/minReplicas/maxReplicas alone to a "
+        "running cluster (docs/kubernetes.md, Scale).",
         f"Worker terminationGracePeriodSeconds = the longest graceful_shutdown_timeout_s + 30 = {grace_s}.",
         "Tracing env (RAY_SERVE_TRACING_*, ZIPVL_TRACING_*, OTEL_*) in every Ray container: zipvl_ray.k8s.TRACING.",
     ]
-    if variant.model_cache is not None:
+    if variant.model_cache is not None and _is_local_model(app["args"]["model"]):
+        notes.append(
+            f"Weights: the local directory {app['args']['model']}, on PVC {variant.model_cache.claim_name} "
+            f"(mounted at {variant.model_cache.mount_path}); {MODEL_DOWNLOAD_JOB_OUTPUT} checks that it holds "
+            "a checkpoint (copy it there first)."
+        )
+    elif variant.model_cache is not None:
         notes.append(
             f"Weights: {app['args']['model']} from the Hugging Face cache on PVC "
             f"{variant.model_cache.claim_name} (HF_HOME={variant.model_cache.hf_home}), filled by "
             f"{MODEL_DOWNLOAD_JOB_OUTPUT}; HF_TOKEN from Secret {variant.model_cache.token_secret} (optional)."
         )
     return Rendered(variant, manifest, changes, demands, start_pods, max_pods_needed, notes)
+
+
+def _is_local_model(model: str) -> bool:
+    """True for a directory path (``/models/my-llava``, ``./ckpt``), False for a hub id (``org/name``)."""
+    return model.startswith(("/", "./", "../", "~"))
 
 
 def _model_cache_manifests(variant: Variant, root: Path, image: str) -> dict[str, dict[str, Any]]:
@@ -709,7 +749,18 @@ def _model_cache_manifests(variant: Variant, root: Path, image: str) -> dict[str
         "metadata": {"name": cache.claim_name, "labels": labels},
         "spec": {"accessModes": [cache.access_mode], "resources": {"requests": {"storage": cache.storage}}},
     }
-    download = f"from huggingface_hub import snapshot_download; print(snapshot_download(repo_id={model!r}))"
+    if _is_local_model(model):
+        # A local directory is not downloaded: the Job checks that the checkpoint is where the replicas
+        # will look, so that a missing copy fails here, not in every replica's constructor.
+        download = (
+            f"import os, sys; p = {model!r}; ok = os.path.isfile(os.path.join(p, 'config.json')); "
+            "print(p, 'holds a checkpoint' if ok else 'holds no config.json'); "
+            "sys.exit(0 if ok else 'copy the checkpoint to ' + p + ' on the volume first')"
+        )
+    else:
+        download = (
+            f"from huggingface_hub import snapshot_download; print(snapshot_download(repo_id={model!r}))"
+        )
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -1243,7 +1294,11 @@ def check_folder(root: Path = REPO_ROOT, crd_dir: Path | None = DEFAULT_CRD_DIR)
         schemas = load_crd_schemas(Path(crd_dir))
     else:
         report.skipped.append(f"CRD schema validation: no KubeRay CRDs at {crd_dir}")
-    expected = render_files(root)
+    try:
+        expected = render_files(root)
+    except (ValueError, OSError) as exc:  # a config the renderer refuses: a finding, not a traceback
+        report.errors.setdefault("configs", []).append(f"cannot render the manifests: {exc}")
+        expected = {}
     present = sorted(p.relative_to(root).as_posix() for p in (root / "k8s").glob("*.yaml"))
     for path in sorted(set(present) | set(expected)):
         problems = report.errors.setdefault(path, [])
