@@ -13,6 +13,9 @@ import torch
 from PIL import Image
 
 TINY_ARCHS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"]
+#: An end-of-sequence id no model has: reference generations run their full length and, unlike with
+#: ``min_new_tokens``, EOS is not forbidden (the engine with ``ignore_eos`` may pick it).
+NO_EOS = 10**9
 
 
 def make_image(seed: int, size: tuple[int, int] = (100, 140)) -> Image.Image:
@@ -32,7 +35,7 @@ def greedy(model, inputs, cache=None, steps=16):
         out = model.generate(
             **inputs,
             max_new_tokens=steps,
-            min_new_tokens=steps,
+            eos_token_id=NO_EOS,  # never stop, never forbid a token (min_new_tokens would forbid EOS)
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,

@@ -99,3 +99,24 @@ def test_a_cached_feature_is_reused_only_for_the_same_token_layout():
     assert second.embeds.shape[0] == large.num_tokens
     assert encoder.encode([dataclasses.replace(small)])[0] is first  # same layout: a hit
     assert encoder.cache_stats()["hits"] == 1 and encoder.cache_stats()["misses"] == 2
+
+
+def test_a_cached_feature_is_reused_only_for_the_same_preprocessing():
+    """Same picture, same token count, other normalisation (a corrected processor config rolled out to
+    some ingress replicas): other pixels, so the cache must not hand back the old pixels' features."""
+    import copy
+
+    model, processor = load_model("tiny-llava")
+    encoder = VisionEncoder(model, cache_size=16)
+    picture = make_image(4, (90, 120))
+    (old,) = PromptProcessor(processor).prepare(chat("x", 1), [picture]).images
+    corrected = copy.deepcopy(processor)
+    corrected.image_processor.image_mean = [0.5, 0.5, 0.5]
+    corrected.image_processor.image_std = [0.5, 0.5, 0.5]
+    (new,) = PromptProcessor(corrected).prepare(chat("x", 1), [picture]).images
+    assert old.num_tokens == new.num_tokens and not torch.equal(old.pixel_values, new.pixel_values)
+    encoder.encode([old])
+    served = encoder.encode([new])[0].embeds
+    truth = VisionEncoder(model, cache_size=0).encode([new])[0].embeds
+    torch.testing.assert_close(served, truth)
+    assert encoder.cache_stats()["misses"] == 2

@@ -128,6 +128,27 @@ def text_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in language_model(model).layers]
 
 
+def sliding_window_of(model: torch.nn.Module) -> int | None:
+    """The attention window the stock text model applies, if it limits anything, else None.
+
+    Read from the attention modules as transformers' forward passes it (``module.sliding_window``, set per
+    layer by Qwen2-style models; Mistral passes its config's), and ignored when it is at least the
+    model's context length. ZipVL's prefill selection and decode attend over every kept token, so a model
+    with a smaller window would be served differently from its stock forward.
+    """
+    text_config = model.config.get_text_config(decoder=True)
+    context = getattr(text_config, "max_position_embeddings", None)
+    windows = []
+    for module in text_attention_modules(model):
+        if hasattr(module, "sliding_window"):
+            window = module.sliding_window
+        else:
+            window = getattr(getattr(module, "config", None), "sliding_window", None)
+        if window and (context is None or window < context):
+            windows.append(int(window))
+    return min(windows) if windows else None
+
+
 def enable_zipvl(model: torch.nn.Module, config: ZipVLConfig | None = None) -> torch.nn.Module:
     """Make the text model of ``model`` use ZipVL attention; the vision tower keeps SDPA.
 
@@ -141,7 +162,19 @@ def enable_zipvl(model: torch.nn.Module, config: ZipVLConfig | None = None) -> t
     Returns
     -------
     The same model (modified in place). Generate with ``past_key_values=ZipVLCache(model)``.
+
+    Raises
+    ------
+    ValueError
+        For a text model with sliding-window attention (:func:`sliding_window_of`).
     """
+    window = sliding_window_of(model)
+    if window is not None:
+        raise ValueError(
+            f"the text model uses sliding-window attention (a window of {window} tokens), which ZipVL's "
+            "attention does not apply: it would not answer like the stock model. Serve a checkpoint without "
+            "a window (sliding_window: null), or one whose window is at least its context length"
+        )
     register_zipvl()
     config = config or ZipVLConfig()
     sub_configs = getattr(model.config, "sub_configs", {}) or {}

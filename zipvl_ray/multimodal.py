@@ -34,12 +34,17 @@ class ImageInput:
         Placeholder tokens this image expands to in the prompt.
     content_hash : str
         Hash of the decoded image (mode, size and pixels): the encoder-cache key.
+    preprocessing : str
+        Digest of the image processor's settings that made ``pixel_values`` (resize, crop, mean, std...):
+        also part of the encoder-cache key, so that ingress replicas with other settings (a rolling
+        update) never get features made from other pixels. Empty when unknown.
     """
 
     pixel_values: torch.Tensor
     extra: dict[str, torch.Tensor]
     num_tokens: int
     content_hash: str
+    preprocessing: str = ""
 
     @property
     def grid_thw(self) -> tuple[int, int, int] | None:
@@ -129,6 +134,10 @@ class PromptProcessor:
         self.tokenizer = processor.tokenizer
         self.image_token: str = processor.image_token
         self.image_token_id: int = int(processor.image_token_id)
+        #: Digest of the image processor's settings (see :attr:`ImageInput.preprocessing`).
+        self.preprocessing_digest: str = hashlib.blake2b(
+            processor.image_processor.to_json_string().encode(), digest_size=8
+        ).hexdigest()
 
     @property
     def control_tokens(self) -> list[str]:
@@ -171,6 +180,7 @@ class PromptProcessor:
             extra=extra,
             num_tokens=num_tokens,
             content_hash=image_content_hash(rgb),
+            preprocessing=self.preprocessing_digest,
         )
 
     def expand(self, text: str, images: list[ImageInput]) -> list[int]:
@@ -200,7 +210,12 @@ class PromptProcessor:
         text = prompt if isinstance(prompt, str) else self.render(prompt)
         if not text:
             raise PromptError("the prompt is empty")
-        inputs = [self.preprocess_image(image) for image in images]
+        inputs = []
+        for index, image in enumerate(images):
+            try:
+                inputs.append(self.preprocess_image(image))
+            except ValueError as exc:  # e.g. Qwen2-VL's processor refuses aspect ratios over 200
+                raise PromptError(f"image {index}: the model's image processor refused it: {exc}") from None
         token_ids = self.expand(text, inputs)
         if not token_ids:
             raise PromptError("the prompt is empty after tokenization")

@@ -43,12 +43,13 @@ def _nbytes(features: ImageFeatures) -> int:
 
 
 def cache_key(image: ImageInput) -> str:
-    """The encoder-cache key of an image: its content hash and the token layout the ingress's processor gave
-    it (token count, Qwen's patch grid). Pixels alone are not enough: ingress replicas with other
-    processor settings (a rolling update, another ``min_pixels``) prepare the same picture into another
-    number of tokens, and a cached feature of the old layout would not match the prompt's placeholders."""
+    """The encoder-cache key of an image: its content hash, the digest of the ingress processor's settings
+    and the token layout it gave the image (token count, Qwen's patch grid). The picture alone is not
+    enough: ingress replicas with other processor settings (a rolling update, another ``min_pixels`` or
+    ``image_mean``) prepare the same picture into other pixels or another number of tokens, and a cached
+    feature of the old preprocessing would be wrong for the new request."""
     grid = "x".join(map(str, image.grid_thw)) if image.grid_thw is not None else "-"
-    return f"{image.content_hash}:{image.num_tokens}:{grid}"
+    return f"{image.content_hash}:{image.preprocessing}:{image.num_tokens}:{grid}"
 
 
 def _owned(embeds: torch.Tensor) -> torch.Tensor:

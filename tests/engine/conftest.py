@@ -6,7 +6,7 @@ import torch
 from zipvl_ray.cache import ZipVLCache
 from zipvl_ray.models import load_model
 
-from ..conftest import chat, make_image
+from ..conftest import NO_EOS, chat, make_image
 
 TEXTS = [
     "Describe the picture.",
@@ -35,7 +35,7 @@ def reference_tokens(model, processor, prompt, config, max_new_tokens):
             **inputs,
             past_key_values=ZipVLCache(model, config),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
+            eos_token_id=NO_EOS,  # never stop, never forbid a token (min_new_tokens would forbid EOS)
             do_sample=False,
         )
     return out[0, inputs["input_ids"].shape[1] :].tolist()

@@ -308,6 +308,25 @@ def test_a_refused_prompt_leaves_none_of_its_generate_call_behind(tiny_llava):
     assert out.finished and llm.stats().num_finished == 1
 
 
+def test_an_image_the_processor_refuses_is_a_request_error_offline_too():
+    """The HTTP path turned the image processor's ValueError into a 400; ``LLM.generate`` let it escape
+    as a bare ValueError instead of the engine's RequestError."""
+    from PIL import Image
+
+    from zipvl_ray.engine import LLM
+    from zipvl_ray.engine.types import RequestError
+
+    llm = LLM("tiny-qwen2-vl", engine=EngineConfig(kv_cache_bytes=8 << 20))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}]
+    with pytest.raises(
+        RequestError, match="image 0: the model's image processor refused it: absolute aspect"
+    ):
+        llm.generate(
+            [{"messages": messages, "images": [Image.new("RGB", (4000, 10))]}], SamplingParams(max_tokens=2)
+        )
+    assert llm.stats().num_waiting == 0
+
+
 def test_stop_strings_without_a_tokenizer_are_refused(tiny_llava):
     from zipvl_ray.engine import EncodedPrompt, RequestError
 

@@ -98,3 +98,28 @@ def test_a_reduced_dtype_keeps_the_rotary_frequencies_in_fp32(saved_tiny_llava, 
     for n, b in rope.items():
         torch.testing.assert_close(b, dict(reference.named_buffers())[n], rtol=0, atol=0)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("processor_class", ["as saved", "Qwen2VLProcessor"])
+def test_a_saved_qwen2_vl_checkpoint_loads_back_without_torchvision(tmp_path, processor_class):
+    """Saved by the image-only class, AutoProcessor returned a bare image processor; with the hub's
+    ``Qwen2VLProcessor`` it wants a video processor (torchvision). Both load as the image-only processor
+    with the checkpoint's tokenizer and chat template, and answer like the original."""
+    from zipvl_ray.engine import LLM, SamplingParams
+
+    model, processor = load_model("tiny-qwen2-vl")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    if processor_class != "as saved":
+        config = json.loads((tmp_path / "processor_config.json").read_text())
+        config["processor_class"] = processor_class
+        (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    loaded, loaded_processor = load_model(str(tmp_path))
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what?<|im_end|>\n"
+    assert loaded_processor.tokenizer(prompt).input_ids == processor.tokenizer(prompt).input_ids
+    assert loaded_processor.chat_template == processor.chat_template
+    assert load_processor(str(tmp_path)).tokenizer(prompt).input_ids == processor.tokenizer(prompt).input_ids
+    messages = [{"role": "user", "content": "hello"}]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    expected = LLM("tiny-qwen2-vl").generate([{"messages": messages}], params)[0].token_ids
+    assert LLM(str(tmp_path)).generate([{"messages": messages}], params)[0].token_ids == expected

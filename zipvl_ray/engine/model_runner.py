@@ -191,6 +191,18 @@ class StepKV(Cache):
         runner.kv.truncate(seq_id, layer, new_length)
 
 
+def _rope_types(model) -> set[str]:
+    """The ``rope_type`` of every rotary embedding of the text model (``{"default"}`` for most)."""
+    types = set()
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        if isinstance(rope_type, str):
+            types.add(rope_type)
+        elif isinstance(rope_type, dict):
+            types.update(t for t in rope_type.values() if isinstance(t, str))
+    return types
+
+
 class ModelRunner:
     """Owns the model, the KV pool and the block tables; runs prefill and decode forwards.
 
@@ -202,6 +214,14 @@ class ModelRunner:
     """
 
     def __init__(self, model, config: EngineConfig):
+        rope_types = _rope_types(model)
+        if any("dynamic" in t or t == "longrope" for t in rope_types):
+            raise ValueError(
+                f"RoPE scaling {sorted(rope_types)} is not supported by the paged engine: its frequencies "
+                "depend on the longest position of the forward, and the engine packs several sequences "
+                "into one, so a request's answer would depend on its batch (the reference path, "
+                "model.generate with ZipVLCache, serves it)"
+            )
         self.model = model
         self.config = config
         self.adapter = VLMAdapter(model)

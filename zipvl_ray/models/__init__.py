@@ -13,6 +13,7 @@ Supported architectures: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from zipvl_ray.attention import enable_zipvl
 from zipvl_ray.config import ZipVLConfig
-from zipvl_ray.models.builtin import BUILTIN_MODELS, TinySpec
+from zipvl_ray.models.builtin import BUILTIN_MODELS, Qwen2VLImageProcessor, TinySpec
 
 #: Directory of checkpoints shipped inside the package (``zipvl-tiny`` lives here once trained).
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -94,10 +95,41 @@ def _checkpoint_path(name_or_path: str) -> str:
         ) from exc
 
 
+def _image_only_qwen_processor(path: str, error: Exception | None):
+    """Qwen2(.5)-VL's processor built for images only, from the checkpoint's image processor, tokenizer
+    and chat template: ``AutoProcessor`` insists on a video processor (which needs torchvision, absent
+    from CPU images) and, for a checkpoint saved by the image-only class, returns a bare image processor.
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    if AutoConfig.from_pretrained(path).model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        if error is not None:
+            raise error
+        raise ValueError(f"{path}: transformers' AutoProcessor gave a processor without a tokenizer")
+    template = None
+    for name, read in (
+        ("chat_template.jinja", lambda t: t),
+        ("chat_template.json", lambda t: json.loads(t)["chat_template"]),
+    ):
+        file = Path(path) / name
+        if file.is_file():
+            template = read(file.read_text())
+            break
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Qwen2VLImageProcessor(
+        AutoImageProcessor.from_pretrained(path), tokenizer, chat_template=template or tokenizer.chat_template
+    )
+
+
 def _load_pretrained_processor(path: str):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as exc:  # "Can't load video processor": Qwen2-VL without torchvision
+        processor = _image_only_qwen_processor(path, exc)
+    if getattr(processor, "tokenizer", None) is None:
+        processor = _image_only_qwen_processor(path, None)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         if tokenizer.pad_token_id is None:
