@@ -239,11 +239,15 @@ class LLMServer:
                 # The engine completed the request: a consumer closing the stream afterwards is no error.
                 error = (final.error or "engine error") if final.finish_reason == "error" else None
             else:
-                reason = "refused" if isinstance(error, RequestError) else "abort"
+                if isinstance(error, RequestError):
+                    reason, error = "refused", telemetry.ClientError(str(error))
+                elif error is None or telemetry.span_outcome(error) == "cancelled":
+                    reason, error = "abort", "aborted"
+                else:  # the engine or the features failed (an OOM moving them to the device...)
+                    reason = "error"
                 if self._metrics is not None:
                     self._metrics.inc("zipvl_llm_requests_total", 1, {"finish_reason": reason})
                 logger.info("request %s ended without a result (%s)", request.request_id, reason)
-                error = error or "aborted"
             self._export_engine_stats()
         except Exception:  # telemetry must never break serving
             logger.exception("recording telemetry of request %s failed", request.request_id)

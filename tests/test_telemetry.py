@@ -119,9 +119,33 @@ def test_otlp_when_an_endpoint_is_set(clean_env, protocol, module):
         exporter = processor._batch_processor._exporter
         assert type(exporter).__module__ == module
         processor.shutdown()
+    # http/json (allowed by the specification; the Python SDK has none) goes as http/protobuf
     clean_env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    (processor,) = telemetry.build_span_processors("otlp")
+    assert type(processor._batch_processor._exporter).__module__.endswith("proto.http.trace_exporter")
+    processor.shutdown()
+    clean_env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
     with pytest.raises(ValueError, match="grpc or http/protobuf"):
         telemetry.build_span_processors("otlp")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ZIPVL_TRACING_EXPORTER": "file"},  # no directory
+        {"ZIPVL_TRACING_EXPORTER": "otel"},  # a typo
+        {"ZIPVL_TRACING_EXPORTER": "file", "ZIPVL_TRACING_FILE_DIR": "/proc/no/such/dir"},
+        {"ZIPVL_TRACING_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"},
+    ],
+)
+def test_bad_tracing_settings_turn_tracing_off_instead_of_killing_the_process(clean_env, env, caplog):
+    """Serve calls span_processors in the constructor of its proxy and of every replica: an exception
+    there killed the proxy (review 2026-12-06: connection refused on every request)."""
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with caplog.at_level("ERROR", logger="zipvl_ray.telemetry"):
+        assert telemetry.span_processors() == []
+    assert "tracing is off in process" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -307,13 +331,48 @@ def test_instrument_method_wraps_sync_and_async_methods(spans):
 
 
 def test_a_failing_block_marks_its_span(spans):
+    from opentelemetry.trace import StatusCode
+
+    from zipvl_ray.api.errors import APIError
+
     with pytest.raises(RuntimeError), telemetry.span("failing"):
         raise RuntimeError("boom")
+    with pytest.raises(APIError), telemetry.span("refused"):
+        raise APIError("bad image", param="messages")
     span = telemetry.start_span("ended")
-    telemetry.end_span(span, error="the client went away")
-    failing, ended = spans.get_finished_spans()
-    assert not failing.status.is_ok and failing.events[0].name == "exception"
-    assert ended.status.description == "the client went away"
+    telemetry.end_span(span, error="engine error")
+    failing, refused, ended = spans.get_finished_spans()
+    assert failing.status.status_code is StatusCode.ERROR and failing.events[0].name == "exception"
+    assert ended.status.description == "engine error"
+    # A refused request (4xx) is not a failure of the service: an attribute, no ERROR status.
+    assert refused.status.status_code is StatusCode.UNSET and not refused.events
+    assert refused.attributes["http.response.status_code"] == 400
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (None, "ok"),
+        ("the client went away", "cancelled"),
+        ("aborted", "cancelled"),
+        (asyncio.CancelledError(), "cancelled"),
+        (telemetry.ClientError("prompt too long"), "client_error"),
+        ("engine error", "error"),
+        (RuntimeError("CUDA out of memory"), "error"),
+    ],
+)
+def test_cancellations_and_refusals_do_not_mark_spans_as_errors(spans, error, outcome):
+    """Like the metrics (a client leaving counts 499, not 5xx): span-based error rates count only
+    failures of the service."""
+    from opentelemetry.trace import StatusCode
+
+    assert telemetry.span_outcome(error) == outcome
+    span = telemetry.start_span("request")
+    telemetry.end_span(span, error=error)
+    (ended,) = spans.get_finished_spans()
+    assert (ended.status.status_code is StatusCode.ERROR) == (outcome == "error")
+    assert ended.attributes.get("zipvl.cancelled", False) == (outcome == "cancelled")
+    assert ("zipvl.client_error" in ended.attributes) == (outcome == "client_error")
 
 
 def test_llm_deployment_traces_a_request_with_the_fake_engine(spans):
@@ -339,6 +398,66 @@ def test_llm_deployment_traces_a_request_with_the_fake_engine(spans):
     assert generate.attributes["zipvl.output_tokens"] == 4 and generate.status.is_ok
     assert by_name["zipvl.llm.decode"].attributes["zipvl.output_tokens"] == 4
     assert by_name["zipvl.llm.prefill"].parent.span_id == generate.context.span_id
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason", "status"),
+    [
+        (RuntimeError("CUDA out of memory moving the features"), "error", "ERROR"),
+        (asyncio.CancelledError(), "abort", "UNSET"),
+        ("refused", "refused", "UNSET"),
+    ],
+)
+def test_llm_deployment_counts_an_engine_failure_as_error_not_abort(spans, failure, reason, status):
+    """An engine that raised was counted ``finish_reason="abort"`` (like a client that left), so error
+    alerts and the abort panel were both wrong; a refusal or a cancellation is no ERROR span."""
+    from deployments.llm import GenerateRequest, LLMServer
+    from tests.deployments.fakes import FakeEngine
+    from zipvl_ray.engine.types import RequestError, SamplingParams
+
+    class FailingEngine(FakeEngine):
+        async def generate(self, *args, **kwargs):
+            raise RequestError("prompt too long") if failure == "refused" else failure
+            yield  # pragma: no cover - an async generator
+
+    server = LLMServer.func_or_class.__new__(LLMServer.func_or_class)
+    server.engine = FailingEngine(token_delay_s=0)
+    server._metrics = telemetry.InMemoryMetricsSink()
+    server._stats_exporter = None
+    request = GenerateRequest(
+        request_id="r1", token_ids=list(b"hello"), sampling=SamplingParams(max_tokens=4)
+    )
+
+    async def run():
+        return [item async for item in server.generate(request)]
+
+    if failure == "refused":
+        asyncio.run(run())
+    else:
+        with pytest.raises(type(failure)):
+            asyncio.run(run())
+    assert server._metrics.counters == {("zipvl_llm_requests_total", (("finish_reason", reason),)): 1}
+    (generate,) = [s for s in spans.get_finished_spans() if s.name == "zipvl.llm.generate"]
+    assert generate.status.status_code.name == status
+
+
+def test_replica_counters_exist_at_zero_from_the_start():
+    """A series that first appears at 1 hides its first event from rate() / increase()."""
+    for stage in ("ingress", "vision", "llm"):
+        sink = telemetry.InMemoryMetricsSink()
+        telemetry.initialise_counters(sink, stage)
+        assert sink.counters and all(value == 0 for value in sink.counters.values())
+        names = {name for name, _ in sink.counters}
+        assert names == {
+            m.name
+            for m in telemetry.METRICS
+            if m.stage == stage
+            and m.kind == "counter"
+            and (not m.tag_keys or m.name == "zipvl_llm_requests_total")
+        }
+    assert {tags for name, tags in sink.counters if name == "zipvl_llm_requests_total"} == {
+        (("finish_reason", reason),) for reason in ("stop", "length", "error", "abort", "refused")
+    }
 
 
 # ------------------------------------------------------------------------------------------ metrics

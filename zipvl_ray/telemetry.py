@@ -176,14 +176,22 @@ _memory_exporter: InMemorySpanExporter | None = None
 _memory_lock = threading.Lock()
 
 
+#: The most spans the ``memory`` exporter keeps per process (the oldest go first): a serving process
+#: that nothing reads would otherwise grow by about 3 KB per span, ~40 KB per request, without end.
+MEMORY_EXPORTER_MAX_SPANS = 10_000
+
+
 def memory_exporter() -> InMemorySpanExporter:
-    """This process's in-memory span exporter (created on first use; the ``memory`` exporter kind)."""
+    """This process's in-memory span exporter (created on first use; the ``memory`` exporter kind).
+
+    It keeps the last :data:`MEMORY_EXPORTER_MAX_SPANS` finished spans.
+    """
     global _memory_exporter
     with _memory_lock:
         if _memory_exporter is None:
             from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-            _memory_exporter = InMemorySpanExporter()
+            _memory_exporter = InMemorySpanExporter(max_spans=MEMORY_EXPORTER_MAX_SPANS)
         return _memory_exporter
 
 
@@ -200,6 +208,9 @@ def otlp_protocol() -> OtlpProtocol:
     for name in OTLP_PROTOCOL_ENVS:
         value = os.environ.get(name, "").strip().lower()
         if value:
+            if value == "http/json":  # allowed by the specification; the Python SDK has no JSON exporter
+                logger.warning("%s=http/json: exporting OTLP as http/protobuf (same endpoint)", name)
+                return "http/protobuf"
             if value not in ("grpc", "http/protobuf"):
                 raise ValueError(f"{name}={value!r}: zipvl-ray exports OTLP as grpc or http/protobuf")
             return value  # type: ignore[return-value]
@@ -286,13 +297,15 @@ def span_processors() -> list[SpanProcessor]:
     # outranks a service.name in OTEL_RESOURCE_ATTRIBUTES: default it only when neither names the service.
     if not os.environ.get("OTEL_SERVICE_NAME") and not _resource_attributes_name_service():
         os.environ["OTEL_SERVICE_NAME"] = DEFAULT_SERVICE_NAME
-    processors = build_span_processors()
-    logger.info(
-        "tracing: %s exporter in process %d (%d span processors)",
-        resolve_exporter_kind(),
-        os.getpid(),
-        len(processors),
-    )
+    try:
+        kind = resolve_exporter_kind()
+        processors = build_span_processors(kind)
+    except Exception:
+        # Serve calls this in the constructor of its proxy and of every replica: an exception there
+        # kills the actor, and a tracing typo would stop the whole service. Serve untraced instead.
+        logger.exception("tracing is off in process %d: its exporter settings are invalid", os.getpid())
+        return []
+    logger.info("tracing: %s exporter in process %d (%d span processors)", kind, os.getpid(), len(processors))
     return processors
 
 
@@ -415,8 +428,14 @@ def span(name: str, *, attributes: Mapping[str, Any] | None = None) -> Iterator[
     if active is None:
         yield None
         return
-    with active.start_as_current_span(name, attributes=dict(attributes or {})) as current:
-        yield current
+    with active.start_as_current_span(
+        name, attributes=dict(attributes or {}), record_exception=False, set_status_on_exception=False
+    ) as current:
+        try:
+            yield current
+        except BaseException as exc:
+            mark_span_outcome(current, exc)
+            raise
 
 
 def recording(span_: trace.Span | None) -> bool:
@@ -424,21 +443,67 @@ def recording(span_: trace.Span | None) -> bool:
     return span_ is not None and span_.is_recording()
 
 
-def end_span(
-    span_: trace.Span | None, *, error: BaseException | str | None = None, end_time_ns: int | None = None
-):
-    """End ``span_`` (None is ignored), marking it as an error when ``error`` is given."""
-    if span_ is None:
+#: Why a request ended early without anything failing (``end_span(error=...)`` strings): the client left
+#: or the request was aborted. Not errors of the service.
+CANCELLED_REASONS = ("the client went away", "aborted")
+
+
+class ClientError(str):
+    """An ``end_span`` error text for a request refused as invalid (a 4xx): not a failure of the service."""
+
+
+def span_outcome(error: BaseException | str | None) -> Literal["ok", "cancelled", "client_error", "error"]:
+    """How a request's span should end for ``error``.
+
+    ``cancelled``: the client left or the request was aborted (``asyncio.CancelledError``,
+    ``GeneratorExit``, :data:`CANCELLED_REASONS`); ``client_error``: refused as invalid (an exception with
+    an HTTP ``status_code`` below 500, :class:`ClientError`); ``error``: anything else. Like the metrics
+    (a client leaving counts 499, not 5xx), only ``error`` marks the span ERROR, as the OpenTelemetry HTTP
+    conventions do for server spans: span-based error rates then count failures of the service only.
+    """
+    import asyncio
+
+    if error is None:
+        return "ok"
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)) or (
+        isinstance(error, str) and error in CANCELLED_REASONS
+    ):
+        return "cancelled"
+    status = getattr(error, "status_code", None)
+    if isinstance(error, ClientError) or (isinstance(status, int) and 400 <= status < 500):
+        return "client_error"
+    return "error"
+
+
+def mark_span_outcome(span_: trace.Span | None, error: BaseException | str | None) -> None:
+    """Record ``error`` on ``span_`` as :func:`span_outcome` classifies it (attributes or ERROR status)."""
+    if span_ is None or error is None:
         return
-    if error is not None:
+    outcome = span_outcome(error)
+    description = type(error).__name__ if isinstance(error, BaseException) else str(error)
+    if outcome == "cancelled":
+        span_.set_attribute("zipvl.cancelled", True)
+    elif outcome == "client_error":
+        status = getattr(error, "status_code", None)
+        span_.set_attribute("zipvl.client_error", str(error) if isinstance(error, str) else description)
+        if isinstance(status, int):
+            span_.set_attribute("http.response.status_code", status)
+    else:
         from opentelemetry.trace import Status, StatusCode
 
         if isinstance(error, BaseException):
             span_.record_exception(error)
-            description = type(error).__name__
-        else:
-            description = error
         span_.set_status(Status(StatusCode.ERROR, description))
+
+
+def end_span(
+    span_: trace.Span | None, *, error: BaseException | str | None = None, end_time_ns: int | None = None
+):
+    """End ``span_`` (None is ignored), recording ``error`` as :func:`mark_span_outcome` does: a failure
+    of the service is an ERROR status, a cancellation or a refused request an attribute."""
+    if span_ is None:
+        return
+    mark_span_outcome(span_, error)
     span_.end(end_time=end_time_ns)
 
 
@@ -451,17 +516,22 @@ def instrument_method(
 ) -> None:
     """Replace ``obj.<method>`` (sync or async) on the instance by a version that runs in a span.
 
-    ``attributes(result)`` adds attributes from the result when the span records. Call it only when
-    tracing is active (the unwrapped method costs nothing).
+    The span carries the request id bound at its start (:func:`current_request_id`), so that a request
+    that fails in it can be found by its id too; ``attributes(result)`` adds attributes from the result
+    when the span records. Call it only when tracing is active (the unwrapped method costs nothing).
     """
     import inspect
 
     original = getattr(obj, method)
 
+    def start_attributes() -> dict[str, Any]:
+        request_id = current_request_id()
+        return {ATTR_REQUEST_ID: request_id} if request_id else {}
+
     if inspect.iscoroutinefunction(original):
 
         async def traced_async(*args, **kwargs):
-            with span(span_name) as current:
+            with span(span_name, attributes=start_attributes()) as current:
                 result = await original(*args, **kwargs)
                 if attributes is not None and recording(current):
                     current.set_attributes(dict(attributes(result)))
@@ -471,7 +541,7 @@ def instrument_method(
         return
 
     def traced(*args, **kwargs):
-        with span(span_name) as current:
+        with span(span_name, attributes=start_attributes()) as current:
             result = original(*args, **kwargs)
             if attributes is not None and recording(current):
                 current.set_attributes(dict(attributes(result)))
@@ -1224,15 +1294,39 @@ def replica_metrics_sink(stage: Stage) -> ServeMetricsSink | None:
     return ServeMetricsSink(stage)
 
 
+#: Every finish reason ``zipvl_llm_requests_total`` counts (its series exist from a replica's start).
+FINISH_REASONS = ("stop", "length", "error", "abort", "refused")
+
+
+def initial_counter_series(stage: Stage) -> list[tuple[str, dict[str, str]]]:
+    """The counter series a replica of ``stage`` creates at 0 when it starts: every counter without labels
+    and ``zipvl_llm_requests_total`` per finish reason. A series that first appears at 1 hides its first
+    event from ``rate()`` / ``increase()`` (an alert on the first error of a new replica would not fire)."""
+    series = [(m.name, {}) for m in METRICS if m.stage == stage and m.kind == "counter" and not m.tag_keys]
+    if stage == "llm":
+        series += [("zipvl_llm_requests_total", {"finish_reason": reason}) for reason in FINISH_REASONS]
+    return series
+
+
+def initialise_counters(sink: MetricsSink, stage: Stage) -> None:
+    """Create :func:`initial_counter_series` at 0 in ``sink``."""
+    for name, tags in initial_counter_series(stage):
+        sink.inc(name, 0, tags or None)
+
+
 def setup_replica(stage: Stage) -> ServeMetricsSink | None:
-    """What every deployment's constructor does: replica logging with request ids, and its metrics sink.
+    """What every deployment's constructor does: replica logging with request ids, and its metrics sink
+    (with its counters created at 0).
 
     Outside a replica (a test constructing the class) it changes nothing and returns None.
     """
     if not in_serve_replica():
         return None
     configure_replica_logging(request_id_source=serve_request_id)
-    return replica_metrics_sink(stage)
+    sink = replica_metrics_sink(stage)
+    if sink is not None:
+        initialise_counters(sink, stage)
+    return sink
 
 
 __all__ = [

@@ -201,6 +201,12 @@ def test_request_counts_and_latencies(scraped):
     finished = _total(scraped, "ray_zipvl_llm_requests_total", finish_reason="length")
     assert finished == OK_REQUESTS
     assert _total(scraped, "ray_zipvl_llm_requests_total", finish_reason="abort") == 1
+    # Every finish reason's series exists, at 0 for those that never happened (created at start).
+    for reason in ("error", "refused", "stop"):
+        assert "ray_zipvl_llm_requests_total" in scraped and any(
+            lab.get("finish_reason") == reason for lab, _ in scraped["ray_zipvl_llm_requests_total"]
+        ), reason
+        assert _total(scraped, "ray_zipvl_llm_requests_total", finish_reason=reason) == 0
     assert _total(scraped, "ray_zipvl_time_to_first_token_seconds_count") == OK_REQUESTS
     ttft_mean = _total(scraped, "ray_zipvl_time_to_first_token_seconds_sum") / OK_REQUESTS
     assert 0.005 <= ttft_mean < 10  # at least one fake token delay (10 ms)
