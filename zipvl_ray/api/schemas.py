@@ -97,13 +97,17 @@ class ChatMessage(BaseModel):
     name: UnicodeStr | None = Field(None, description="Accepted for compatibility; not shown to the model.")
     # What an OpenAI SDK's returned assistant message carries when it is replayed as history
     # (``message.model_dump()``): accepted at the values that say "none of this".
-    refusal: Any = Field(None, description="Accepted as null only (the model does not refuse).")
-    tool_calls: Any = Field(None, description="Accepted as null or [] only (no function calling).")
-    function_call: Any = Field(None, description="Legacy; accepted as null only.")
-    audio: Any = Field(None, description="Accepted as null only (no audio output).")
-    annotations: Any = Field(None, description="Accepted as null or [] only.")
+    refusal: None = Field(None, description="Accepted as null only (the model does not refuse).")
+    tool_calls: Annotated[list[Any], Field(max_length=0)] | None = Field(
+        None, description="Accepted as null or [] only (no function calling)."
+    )
+    function_call: None = Field(None, description="Legacy; accepted as null only.")
+    audio: None = Field(None, description="Accepted as null only (no audio output).")
+    annotations: Annotated[list[Any], Field(max_length=0)] | None = Field(
+        None, description="Accepted as null or [] only."
+    )
 
-    @field_validator("refusal", "tool_calls", "function_call", "audio", "annotations")
+    @field_validator("refusal", "tool_calls", "function_call", "audio", "annotations", mode="before")
     @classmethod
     def _only_none(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None or (value == [] and info.field_name in ("tool_calls", "annotations")):
@@ -302,12 +306,16 @@ class ChatCompletionRequest(BaseModel):
     prompt_cache_key: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
     safety_identifier: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
     # Options of other OpenAI models, which wrappers forward as null when unset.
-    reasoning_effort: Any = Field(None, description="Not supported (no reasoning): only null is accepted.")
-    verbosity: Any = Field(None, description="Not supported: only null is accepted.")
-    modalities: Any = Field(None, description="Output modalities: only ['text'] (or null) is accepted.")
-    audio: Any = Field(None, description="Not supported (no audio output): only null is accepted.")
-    prediction: Any = Field(None, description="Predicted outputs are not supported: only null is accepted.")
-    web_search_options: Any = Field(None, description="Not supported (no web search): only null is accepted.")
+    reasoning_effort: None = Field(None, description="Not supported (no reasoning): only null is accepted.")
+    verbosity: None = Field(None, description="Not supported: only null is accepted.")
+    modalities: Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)] | None = Field(
+        None, description="Output modalities: only ['text'] (or null) is accepted."
+    )
+    audio: None = Field(None, description="Not supported (no audio output): only null is accepted.")
+    prediction: None = Field(None, description="Predicted outputs are not supported: only null is accepted.")
+    web_search_options: None = Field(
+        None, description="Not supported (no web search): only null is accepted."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -353,12 +361,6 @@ class ChatCompletionRequest(BaseModel):
         "functions",
         "function_call",
         "store",
-        "reasoning_effort",
-        "verbosity",
-        "modalities",
-        "audio",
-        "prediction",
-        "web_search_options",
     )
     @classmethod
     def _check_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
@@ -384,6 +386,24 @@ class ChatCompletionRequest(BaseModel):
                 "must be 'none' or 'auto' (no function calling)",
             ),
             "store": (not value, "is not supported (completions are not stored); send false or leave it out"),
+        }[info.field_name]
+        if not ok:
+            raise ValueError(f"{info.field_name} {why}")
+        return value
+
+    @field_validator(
+        "reasoning_effort",
+        "verbosity",
+        "modalities",
+        "audio",
+        "prediction",
+        "web_search_options",
+        mode="before",
+    )
+    @classmethod
+    def _check_null_only(cls, value: Any, info: ValidationInfo) -> Any:
+        """Options of other OpenAI models: null (``modalities``: ``["text"]``), else a message naming them."""
+        ok, why = {
             "reasoning_effort": (value is None, "is not supported (no reasoning); send null or leave it out"),
             "verbosity": (value is None, "is not supported; send null or leave it out"),
             "modalities": (value in (None, ["text"]), "must be ['text'] (text output only)"),
