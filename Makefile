@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zipvl-installed
 CONFIG ?= configs/zipvl.yaml
+# Where torch comes from. Empty: pip's configured indexes (PyPI's Linux wheel of torch 2.13 bundles CUDA,
+# several GB); on a CPU-only machine `make serve TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 # `serve run` starts its own local Ray cluster (instead of joining one started with `ray start`),
@@ -21,7 +24,7 @@ export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH ?= zipvl_ray.api.middleware:pro
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 

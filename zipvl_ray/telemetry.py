@@ -915,8 +915,9 @@ METRICS: tuple[MetricSpec, ...] = (
         "zipvl_kv_prediction_error_ratio",
         "gauge",
         "llm",
-        "Running mean of (KV bytes held after prefill - predicted) / predicted: the error of the KV "
-        "footprint prediction the router and admission use (positive = under-predicted).",
+        "Moving average (weight 0.1 on the newest request) of (KV bytes held after prefill - predicted) "
+        "/ predicted, over requests with the server's ZipVL settings: the error of the KV footprint "
+        "prediction the router and admission use (positive = under-predicted).",
     ),
 )
 """Every metric, in documentation order."""
