@@ -70,7 +70,7 @@ def test_all_probe_scores_equal_exact_column_sums(heads, kv_heads):
     assert math.isclose(a.sum().item(), heads * 60, rel_tol=1e-5)
 
 
-def test_probe_scores_chunked_over_heads_equal_unchunked():
+def test_probe_scores_chunked_over_probes_equal_unchunked():
     q, k, _ = rand_qkv(n=200, heads=8, kv_heads=4)
     probes = select_probes(200, 16, 16)
     full = probe_attention_scores(q, k, probes, 0.25)

@@ -168,6 +168,8 @@ def enable_zipvl(model: torch.nn.Module, config: ZipVLConfig | None = None) -> t
     ValueError
         For a text model with sliding-window attention (:func:`sliding_window_of`).
     """
+    config = config or ZipVLConfig()
+    _check_dense_layers(model, config)
     window = sliding_window_of(model)
     if window is not None:
         raise ValueError(
@@ -176,7 +178,6 @@ def enable_zipvl(model: torch.nn.Module, config: ZipVLConfig | None = None) -> t
             "a window (sliding_window: null), or one whose window is at least its context length"
         )
     register_zipvl()
-    config = config or ZipVLConfig()
     sub_configs = getattr(model.config, "sub_configs", {}) or {}
     if "text_config" in sub_configs:
         implementation = {"text_config": ATTN_KEY}
@@ -196,8 +197,18 @@ def enable_zipvl(model: torch.nn.Module, config: ZipVLConfig | None = None) -> t
     return model
 
 
+def _check_dense_layers(model: torch.nn.Module, config: ZipVLConfig) -> None:
+    num_layers = len(text_attention_modules(model))
+    beyond = [i for i in config.dense_layers if i >= num_layers]
+    if beyond:
+        raise ValueError(
+            f"dense_layers {beyond} are beyond the text model's {num_layers} layers (0-{num_layers - 1})"
+        )
+
+
 def set_zipvl_config(model: torch.nn.Module, config: ZipVLConfig) -> None:
     """Replace the default ZipVL config of an enabled model."""
+    _check_dense_layers(model, config)
     for module in text_attention_modules(model):
         module._zipvl_config = config
     model.zipvl_config = config

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from zipvl_ray.config import ZipVLConfig
 
 #: Upper bound (bytes) of the fp32 probe-score block materialised at once; larger inputs are
-#: processed in chunks of key-value heads.
+#: processed in chunks of consecutive probes (every head at once).
 PROBE_SCORE_CHUNK_BYTES = 256 * 1024 * 1024
 
 #: Score rows (probes x query heads) per block on CPU. A block of about 128 rows over 16K keys (8 MiB

@@ -92,3 +92,14 @@ def test_the_engine_refuses_rope_scaling_that_depends_on_the_batch(tiny, rope, r
             LLM(model, processor=processor, engine=engine)
     else:
         LLM(model, processor=processor, engine=engine)
+
+
+def test_dense_layers_beyond_the_model_are_refused(tiny):
+    from zipvl_ray.attention import set_zipvl_config
+
+    model = copy.deepcopy(tiny[0])
+    with pytest.raises(ValueError, match=r"dense_layers \[4, 9\] are beyond the text model's 4 layers"):
+        enable_zipvl(model, ZipVLConfig(dense_layers=[0, 4, 9]))
+    enable_zipvl(model, ZipVLConfig(dense_layers=[3]))
+    with pytest.raises(ValueError, match="beyond the text model"):
+        set_zipvl_config(model, ZipVLConfig(dense_layers=[7]))
