@@ -8,7 +8,14 @@ only (taken while requests still waited for KV memory, i.e. with the largest bat
 the throughput at fixed KV memory under sustained load, free of the last round's smaller batch),
 end-to-end tokens/s, preemptions, and the ratios against dense.
 
-    python -m benchmarks.decode                             # the full run (a few minutes on 2 CPU cores)
+Every configuration first runs once untimed on a few requests (warm-up), then ``--repeats`` rounds run
+every configuration, the order rotated each round (dense first, then second, ...), so that drift of
+the machine hits them alike; each throughput figure is the median over the rounds, with its min and
+max (``*_min`` / ``*_max``), and the ratios are ratios of medians. Until 2026-12-06 the benchmark ran
+each configuration once, dense always first and cold: a review measured the same configuration 2-2.5x
+apart between two passes in one process on this VM, thread CPU time included.
+
+    python -m benchmarks.decode                             # the full run (about 5 minutes on 2 CPU cores)
     python -m benchmarks.decode --threads 1 --clock cpu     # on a machine shared with other jobs
     python -m benchmarks.decode --smoke                     # seconds, for the test suite
 """
@@ -98,6 +105,29 @@ def run(model, processor, zipvl: ZipVLConfig, prompts, args) -> dict:
     }
 
 
+#: Figures that vary between rounds: the median is reported, with the min and max beside it.
+TIMED = (
+    "decode_tokens_per_s",
+    "saturated_decode_tokens_per_s",
+    "e2e_tokens_per_s",
+    "decode_time_s",
+    "wall_s",
+)
+
+
+def summarize_rounds(results: list[dict]) -> dict:
+    """One row from the rounds of a configuration: medians of the timed figures (with ``_min`` / ``_max``),
+    the rest from the first round (the schedule is deterministic, so they are the same in every round)."""
+    row = dict(results[0])
+    for key in TIMED:
+        values = [r[key] for r in results]
+        row[key] = float(np.median(values))
+        row[f"{key}_min"], row[f"{key}_max"] = float(min(values)), float(max(values))
+    row["prefill_time_s"] = float(np.median([r["prefill_time_s"] for r in results]))
+    row["rounds"] = len(results)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,7 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
-        help="wall: perf_counter; cpu: the thread's CPU time (with --threads 1: immune to other jobs)",
+        help="wall: perf_counter; cpu: the thread's CPU time (with --threads 1: less exposed to other jobs, "
+        "not immune: shared caches and a VM's CPU time still move; the rounds' spread is reported)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds per configuration (median)"
     )
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out-dir", default=None)
@@ -146,7 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _benchmark(args: argparse.Namespace) -> dict:
     if args.smoke:
-        args.requests, args.images, args.max_tokens, args.kv_mb = 6, 2, 4, 1
+        args.requests, args.images, args.max_tokens, args.kv_mb, args.repeats = 6, 2, 4, 1, 2
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
     torch.manual_seed(0)
     model, processor = load_model(args.model)
     prompts = [long_image_prompt(i, args.images) for i in range(args.requests)]
@@ -155,10 +191,14 @@ def _benchmark(args: argparse.Namespace) -> dict:
         "zipvl r=0.35": ZipVLConfig(max_keep_ratio=0.35),
         "zipvl adaptive (tau=0.975)": ZipVLConfig(),
     }
-    rows = []
-    for name, cfg in configs.items():
-        result = run(model, processor, cfg, prompts, args)
-        rows.append({"config": name, **result})
+    names = list(configs)
+    for name in names:  # warm-up, untimed: allocator, kernels, caches
+        run(model, processor, configs[name], prompts[: min(8, len(prompts))], args)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            rounds[name].append(run(model, processor, configs[name], prompts, args))
+    rows = [{"config": name, **summarize_rounds(rounds[name])} for name in names]
     dense = rows[0]
     for row in rows:
         row["concurrency_x"] = row["max_concurrent_seqs"] / max(dense["max_concurrent_seqs"], 1)
@@ -185,7 +225,14 @@ def _benchmark(args: argparse.Namespace) -> dict:
         "kv_pool_mb": args.kv_mb,
         "torch_threads": torch.get_num_threads(),
         "clock": args.clock,
+        "rounds": args.repeats,
         "decode_throughput_x_at_r0.35": rows[1]["decode_throughput_x"],
+        # The ratio's range over the rounds (each round's r=0.35 figure against its dense figure).
+        "decode_throughput_x_at_r0.35_rounds": [
+            z["decode_tokens_per_s"] / max(d["decode_tokens_per_s"], 1e-9)
+            for z, d in zip(rounds[names[1]], rounds[names[0]], strict=True)
+        ],
+        "concurrency_x_at_r0.35": rows[1]["concurrency_x"],
         "saturated_decode_throughput_x_at_r0.35": rows[1]["saturated_decode_throughput_x"],
         "target_x": 2.8,
     }
@@ -194,6 +241,8 @@ def _benchmark(args: argparse.Namespace) -> dict:
         "max_concurrent_seqs",
         "mean_decode_batch",
         "decode_tokens_per_s",
+        "decode_tokens_per_s_min",
+        "decode_tokens_per_s_max",
         "decode_throughput_x",
         "saturated_decode_tokens_per_s",
         "saturated_decode_throughput_x",

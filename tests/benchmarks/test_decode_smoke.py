@@ -18,7 +18,11 @@ def test_decode_benchmark_smoke(tmp_path, timing):
     assert set(rows) == {"dense", "zipvl r=0.35", "zipvl adaptive (tau=0.975)"}
     for row in rows.values():
         assert row["finished"] == result["summary"]["requests"]
-        assert row["decode_tokens_per_s"] > 0
+        assert row["rounds"] == 2  # interleaved rounds: the median, between the rounds' min and max
+        assert (
+            0 < row["decode_tokens_per_s_min"] <= row["decode_tokens_per_s"] <= row["decode_tokens_per_s_max"]
+        )
+    assert len(result["summary"]["decode_throughput_x_at_r0.35_rounds"]) == 2
     # At the same pool, ZipVL r=0.35 never fits fewer sequences than dense.
     assert rows["zipvl r=0.35"]["max_concurrent_seqs"] >= rows["dense"]["max_concurrent_seqs"]
     assert rows["zipvl r=0.35"]["mean_kept_fraction"] < 0.5
