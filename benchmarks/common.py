@@ -43,7 +43,17 @@ def git_commit() -> str | None:
             check=True,
             cwd=Path(__file__).resolve().parent,
         )
-        return out.stdout.strip()
+        commit = out.stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        # Code changed since the commit (results files aside) makes the stamp say so.
+        changed = [line for line in status.stdout.splitlines() if "benchmarks/results/" not in line]
+        return f"{commit}-dirty" if changed else commit
     except Exception:
         return None
 

@@ -45,15 +45,22 @@ MAX_SERIES = 12
 
 
 def load_results(results_dir: Path) -> list[dict[str, Any]]:
-    """Every benchmark JSON under ``results_dir`` (files without ``name`` and ``rows`` are skipped), by name."""
+    """Every benchmark JSON under ``results_dir`` and its subfolders (``{"rows": [...], ...}``), by path.
+
+    Each result's ``_key`` is its path relative to ``results_dir`` without ``.json``: two files whose
+    ``name`` fields agree (``serve.json`` and ``serve_overhead.json`` are both ``serve``) keep their own
+    section and plot. A file without a ``name`` (older scripts) is named by its key.
+    """
     results = []
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(results_dir.rglob("*.json")):
         try:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(payload, dict) and "name" in payload and isinstance(payload.get("rows"), list):
-            payload["_path"] = path
+        if isinstance(payload, dict) and isinstance(payload.get("rows"), list):
+            key = path.relative_to(results_dir).with_suffix("").as_posix()
+            payload["_path"], payload["_key"] = path, key
+            payload.setdefault("name", key)
             results.append(payload)
     return results
 
@@ -172,7 +179,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> Path | None:
     """The plot of one result (its name's dedicated plotter or the generic one), or None when nothing varies."""
     name = str(result["name"])
     plotter = next((fn for prefix, fn in PLOTTERS.items() if name.startswith(prefix)), plot_generic)
-    return plotter(result, out_dir / f"report-{safe_name(name)}.png")
+    return plotter(result, out_dir / f"report-{safe_name(str(result.get('_key', name)))}.png")
 
 
 def safe_name(name: str) -> str:
@@ -202,7 +209,9 @@ def stamp(meta: dict[str, Any]) -> str:
 
 def section(result: dict[str, Any], image: Path | None, head_commit: str | None) -> str:
     meta = result.get("meta", {})
-    lines = [f"## {result['name']}", "", f"_Run {stamp(meta)}._", ""]
+    key = str(result.get("_key", result["name"]))
+    title = key if key == result["name"] else f"{key} ({result['name']})"
+    lines = [f"## {title}", "", f'<a id="{safe_name(key).lower()}"></a>', "", f"_Run {stamp(meta)}._", ""]
     if head_commit and meta.get("commit") and meta["commit"] != head_commit:
         lines += [f"> Measured at commit {meta['commit']}; the report is at {head_commit}.", ""]
     summary = result.get("summary") or {}
@@ -239,7 +248,7 @@ def build_report(results_dir: Path | str = RESULTS_DIR, out_name: str = "report.
     if results:
         parts += ["| benchmark | rows | run at | commit |", "|---|---|---|---|"]
         parts += [
-            f"| [{r['name']}](#{safe_name(str(r['name'])).lower()}) | {len(r['rows'])} | "
+            f"| [{r['_key']}](#{safe_name(str(r['_key'])).lower()}) | {len(r['rows'])} | "
             f"{r.get('meta', {}).get('timestamp', '?')} | {r.get('meta', {}).get('commit')} |"
             for r in results
         ]

@@ -12,7 +12,13 @@ second, requests per second and errors. ZipVL off is the per-request ``zipvl.ena
 
 ``--direct`` also measures the serving overhead: the same requests one at a time through HTTP
 (non-streamed) and directly in this process (the same prompt preparation, vision encoder and engine,
-no HTTP and no Ray), and reports the p50 difference.
+no HTTP and no Ray), and reports the p50 difference. The in-process engine is built from the same
+Serve config as the service (``--direct-config``: its ``zipvl`` and ``engine`` blocks) and runs with
+the LLM replica's torch threads (``--direct-threads``, default 1: Ray gives a replica with
+``num_cpus: 0`` one OpenMP thread), so that only HTTP and Ray differ.
+
+Before the sweep, each ZipVL arm gets untimed warm-up requests, and the order of the arms alternates
+from point to point, so neither arm takes the cold start or always goes first.
 
 ``--smoke`` runs a tiny sweep against an in-process server (uvicorn, real tiny engine, no Ray) so the
 test suite can check the script does not rot. Results: ``benchmarks/results/serve.{json,md}``.
@@ -164,11 +170,18 @@ async def run_point(url: str, model: str, point: Point, per_worker: int, max_tok
 
 async def sweep(args) -> list[dict[str, Any]]:
     rows, seed = [], 1_000_000
-    async with httpx.AsyncClient(base_url=args.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=args.url, timeout=600) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+        for zipvl in (True, False):  # warm-up, untimed: both arms, every image size
+            for i, side in enumerate(args.image_sizes * args.warmup_requests):
+                body = request_body(model, 900_000 + i, side, args.max_tokens, zipvl, stream=True)
+                await streamed_request(client, body)
+    points = 0
     for side in args.image_sizes:
         for concurrency in args.concurrency:
-            for zipvl in (True, False):
+            arms = (True, False) if points % 2 == 0 else (False, True)
+            points += 1
+            for zipvl in arms:
                 point = Point(side, concurrency, zipvl)
                 await run_point(args.url, model, point, args.requests_per_worker, args.max_tokens, seed)
                 seed += concurrency * args.requests_per_worker
@@ -182,6 +195,10 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
 
     The two paths alternate request by request, so background load on the machine hits both alike.
     """
+    import torch
+    import yaml
+
+    from deployments.app import AppArgs
     from deployments.ingress import load_processor
     from zipvl_ray.api.schemas import ChatCompletionRequest
     from zipvl_ray.api.server import ChatPreparer, ServingSettings
@@ -189,7 +206,16 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
     from zipvl_ray.multimodal import PromptProcessor
     from zipvl_ray.vision import VisionEncoder
 
-    engine = AsyncLLMEngine.from_pretrained(model_source, device=args.device, load_vision=False)
+    if args.direct_config == "none":  # the library's defaults (the --smoke server's)
+        app_args = AppArgs(model=model_source)
+    else:
+        with open(args.direct_config) as file:
+            app_args = AppArgs.model_validate(yaml.safe_load(file)["applications"][0]["args"])
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.direct_threads)
+    engine = AsyncLLMEngine.from_pretrained(
+        model_source, device=args.device, load_vision=False, zipvl=app_args.zipvl, engine=app_args.engine
+    )
     encoder = VisionEncoder.from_pretrained(model_source, device=args.device)
 
     async def direct(card: dict, body: dict, preparer: ChatPreparer) -> float:
@@ -207,7 +233,10 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=args.url, timeout=600) as client:
             card = (await client.get("/v1/models")).json()["data"][0]
             settings = ServingSettings(
-                served_model_name=card["id"], model_source=model_source, max_model_len=card["max_model_len"]
+                served_model_name=card["id"],
+                model_source=model_source,
+                max_model_len=card["max_model_len"],
+                zipvl=app_args.zipvl,
             )
             preparer = ChatPreparer(PromptProcessor(load_processor(model_source)), settings)
             for i in range(n + 1):  # the first pair warms both paths up and is not counted
@@ -224,9 +253,12 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
                     in_process.append(elapsed_direct)
     finally:
         engine.shutdown()
+        torch.set_num_threads(previous_threads)
     http_p50, direct_p50 = statistics.median(via_http), statistics.median(in_process)
     return {
         "overhead_requests": n,
+        "direct_config": str(args.direct_config),
+        "direct_torch_threads": args.direct_threads,
         "http_p50_ms": http_p50 * 1000,
         "direct_p50_ms": direct_p50 * 1000,
         "serving_overhead_p50_ms": (http_p50 - direct_p50) * 1000,
@@ -296,6 +328,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--direct-model", default=None, help="Model the in-process engine loads (default: /v1/models root)."
     )
     parser.add_argument("--direct-requests", type=int, default=10)
+    parser.add_argument(
+        "--direct-config",
+        default="configs/zipvl.yaml",
+        help="Serve config whose zipvl / engine blocks the in-process engine uses (the service's own; "
+        "'none': the library's defaults).",
+    )
+    parser.add_argument(
+        "--direct-threads",
+        type=int,
+        default=1,
+        help="torch threads of the in-process engine (the replica's).",
+    )
+    parser.add_argument(
+        "--warmup-requests", type=int, default=2, help="Untimed requests per arm and image size."
+    )
     parser.add_argument("--device", default=None, help="Device of the in-process engine for --direct.")
     parser.add_argument(
         "--smoke", action="store_true", help="Tiny sweep against an in-process tiny-llava server."
@@ -307,6 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.url, stop = start_local_server("tiny-llava", args.device or "cpu")
         args.concurrency, args.image_sizes, args.requests_per_worker, args.max_tokens = [1, 2], [64], 1, 4
         args.direct, args.direct_requests, args.direct_model = True, 2, "tiny-llava"
+        args.warmup_requests, args.direct_config = 1, "none"
     try:
         rows = asyncio.run(sweep(args))
         summary: dict[str, Any] = {"url": args.url, "max_tokens": args.max_tokens}

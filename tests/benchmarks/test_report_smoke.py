@@ -52,3 +52,21 @@ def test_generic_plot_picks_a_size_column_and_series(tmp_path):
     image = report.plot_generic({"name": "x", "rows": rows}, tmp_path / "x.png")
     assert image is not None and image.read_bytes()[:8] == PNG_MAGIC
     assert report.plot_generic({"name": "y", "rows": [{"mode": "a", "tps": 1.0}]}, tmp_path / "y.png") is None
+
+
+def test_results_that_share_a_name_keep_their_own_section_and_plot(tmp_path):
+    """serve.json and serve_overhead.json both say ``"name": "serve"``: the second plot overwrote the
+    first; older scripts' files without a name, and results in subfolders, were left out."""
+    rows = [{"zipvl": z, "concurrency": c, "ttft_p50_ms": float(c)} for z in ("on", "off") for c in (1, 4)]
+    write_results("serve", rows, out_dir=tmp_path)
+    payload = json.loads((tmp_path / "serve.json").read_text())
+    (tmp_path / "serve_overhead.json").write_text(json.dumps({**payload, "rows": rows[:2]}))
+    (tmp_path / "fidelity_select.json").write_text(json.dumps({"rows": [{"setting": "plain", "acc": 0.5}]}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "low.json").write_text(
+        json.dumps({"rows": [{"tau": t, "acc": t} for t in (0.5, 0.7)]})
+    )
+    text = report.main(["--results-dir", str(tmp_path)]).read_text()
+    assert "## serve\n" in text and "## serve_overhead (serve)" in text
+    assert "## fidelity_select" in text and "## sub/low" in text
+    assert (tmp_path / "report-serve.png").exists() and (tmp_path / "report-serve_overhead.png").exists()
