@@ -251,7 +251,7 @@ def evaluate(backend: Backend, split: str, samples: list[Sample], method: Method
     result = MethodResult(split, method, answers, time.perf_counter() - start)
     log(
         f"  {split:6s} {method.name:42s} acc {result.accuracy:.3f} kept {result.mean_kept_ratio:.3f} "
-        f"flops -{result.flops_reduction:.3f} ({result.seconds:.0f}s)"
+        f"attention flops saved {result.flops_reduction:.3f} ({result.seconds:.0f}s)"
     )
     return result
 
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows,
         columns=columns,
         summary=summary,
-        title="Fidelity of ZipVL on zipvl-tiny",
+        title=f"Fidelity of ZipVL on {args.model}",
         notes=notes,
         out_dir=args.out_dir,
     )
