@@ -34,25 +34,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
+    ).stdout
+
+
 def git_commit() -> str | None:
+    """The short commit, with ``-dirty`` when code (results files aside) changed since it."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        commit = out.stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        # Code changed since the commit (results files aside) makes the stamp say so.
-        changed = [line for line in status.stdout.splitlines() if "benchmarks/results/" not in line]
+        commit = _git("rev-parse", "--short", "HEAD").strip()
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        changed = [line for line in status.splitlines() if "benchmarks/results/" not in line]
         return f"{commit}-dirty" if changed else commit
     except Exception:
         return None
