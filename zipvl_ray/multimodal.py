@@ -8,6 +8,7 @@ model's own processor produces for the same text and images (tested), but keeps 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -139,11 +140,33 @@ class PromptProcessor:
             processor.image_processor.to_json_string().encode(), digest_size=8
         ).hexdigest()
 
-    @property
+    @functools.cached_property
     def control_tokens(self) -> list[str]:
-        """The tokenizer's special tokens (end of turn, image placeholder...), longest first."""
-        specials = {*self.tokenizer.all_special_tokens, self.image_token}
-        return sorted((t for t in specials if t), key=len, reverse=True)
+        """The special tokens that structure a prompt, longest first: those the chat template writes
+        (turn markers such as ``<|im_start|>`` / ``<|im_end|>``, a Llama template's ``</s>`` after an
+        answer, Qwen's vision markers) and the image / video placeholders.
+
+        Other special tokens (a BOS ``<s>`` the tokenizer adds, which is also an HTML tag; padding) stay
+        allowed in message text: they cannot end a turn or stand for an image.
+        """
+        sample = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "u"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+            {"role": "user", "content": [{"type": "text", "text": "v"}]},
+        ]
+        rendered = ""
+        for messages in ([{"role": "system", "content": [{"type": "text", "text": "s"}]}, *sample], sample):
+            try:  # some hub templates refuse a system message
+                rendered = self.render(messages)
+                break
+            except Exception:
+                continue
+        specials = {t for t in self.tokenizer.all_special_tokens if t and t in rendered}
+        specials.add(self.image_token)
+        video = getattr(self.processor, "video_token", None)
+        if isinstance(video, str) and video:
+            specials.add(video)
+        return sorted(specials, key=len, reverse=True)
 
     def check_message_text(self, texts) -> None:
         """Refuse message text that holds one of the model's control tokens.

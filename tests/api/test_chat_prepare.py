@@ -112,8 +112,11 @@ def test_text_that_contains_a_control_token_is_a_400_that_names_it(model, text, 
 
 
 def test_text_that_only_looks_like_markup_is_fine():
+    """Special tokens the template never writes (zipvl-tiny's padding token; a Llama tokenizer's BOS
+    ``<s>``, an HTML tag too) cannot end a turn or stand for an image: they stay allowed."""
     chat = preparer("zipvl-tiny")
-    prompt = asyncio.run(
-        chat.prepare(request("zipvl-tiny", [{"role": "user", "content": "a <b> and <|x|>"}]))
-    )
+    assert "<|endoftext|>" in chat.processor.tokenizer.all_special_tokens
+    assert chat.processor.control_tokens == ["<|im_end|>", "<image>"]
+    text = "a <b> and <|x|> and <|endoftext|>"
+    prompt = asyncio.run(chat.prepare(request("zipvl-tiny", [{"role": "user", "content": text}])))
     assert prompt.prompt.num_tokens > 0
