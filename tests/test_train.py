@@ -177,6 +177,8 @@ def test_set_rejects_unknown_fields():
         (["--set", "video_frames=[[0, 2, 200]]"], "video_frames must be"),
         (["--set", 'patch_mode="aligned"'], "patch_mode must be one of"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--set", 'grounding_heads="2"'], "grounding_heads must be an integer of at most"),
+        (["--set", 'val_splits=[["short"]]'], "val_splits must be a list of splits"),
     ],
 )
 def test_bad_arguments_fail_at_once_with_the_fields_name(args, message, capsys):

@@ -221,7 +221,11 @@ class TrainConfig:
         minimum |= {"seed": 0, "eval_every": 0, "val_size": 0}
         for name, low in minimum.items():
             check(name, is_int(getattr(self, name)) and getattr(self, name) >= low, f"an integer >= {low}")
-        check("grounding_heads", self.grounding_heads <= heads, f"at most the {heads} heads")
+        check(
+            "grounding_heads",
+            is_int(self.grounding_heads) and self.grounding_heads <= heads,
+            f"an integer of at most the {heads} heads",
+        )
         for name in ("lr", "grad_clip"):
             check(name, is_number(getattr(self, name)) and getattr(self, name) > 0, "a number > 0")
         for name in (
@@ -253,7 +257,8 @@ class TrainConfig:
         check("early_answer_layers", in_model(self.early_answer_layers), f"layer indices in [0, {layers})")
         check(
             "val_splits",
-            isinstance(self.val_splits, (list, tuple)) and all(s in SPLITS for s in self.val_splits),
+            isinstance(self.val_splits, (list, tuple))
+            and all(isinstance(s, str) and s in SPLITS for s in self.val_splits),
             f"a list of splits among {sorted(SPLITS)}",
         )
         stage = lambda v: (  # noqa: E731

@@ -191,16 +191,22 @@ class StepKV(Cache):
         runner.kv.truncate(seq_id, layer, new_length)
 
 
-def _rope_types(model) -> set[str]:
-    """The ``rope_type`` of every rotary embedding of the text model (``{"default"}`` for most)."""
-    types = set()
-    for module in model.modules():
+def _batch_dependent_rope(model, max_model_len: int) -> list[str]:
+    """The text model's rotary types whose frequencies would depend on the packed batch: dynamic NTK and
+    LongRoPE rescale from the longest position of the forward once it passes the original context, which
+    ``max_model_len`` allows when it is longer. Empty when there is none."""
+    from zipvl_ray.attention import language_model
+
+    found = []
+    for module in language_model(model).modules():
         rope_type = getattr(module, "rope_type", None)
-        if isinstance(rope_type, str):
-            types.add(rope_type)
-        elif isinstance(rope_type, dict):
-            types.update(t for t in rope_type.values() if isinstance(t, str))
-    return types
+        types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+        original = getattr(module, "original_max_seq_len", None)
+        for t in types:
+            scaling = isinstance(t, str) and ("dynamic" in t or t == "longrope")
+            if scaling and (original is None or max_model_len > original):
+                found.append(t)
+    return sorted(set(found))
 
 
 class ModelRunner:
@@ -214,13 +220,14 @@ class ModelRunner:
     """
 
     def __init__(self, model, config: EngineConfig):
-        rope_types = _rope_types(model)
-        if any("dynamic" in t or t == "longrope" for t in rope_types):
+        scaled = _batch_dependent_rope(model, config.max_model_len)
+        if scaled:
             raise ValueError(
-                f"RoPE scaling {sorted(rope_types)} is not supported by the paged engine: its frequencies "
-                "depend on the longest position of the forward, and the engine packs several sequences "
-                "into one, so a request's answer would depend on its batch (the reference path, "
-                "model.generate with ZipVLCache, serves it)"
+                f"RoPE scaling {scaled} past {config.max_model_len} tokens is not supported by the paged "
+                "engine: its frequencies depend on the longest position of the forward, and the engine packs "
+                "several sequences into one, so a request's answer would depend on its batch. Set "
+                "max_model_len to the model's original context or less (the reference path, "
+                "model.generate with ZipVLCache, serves it either way)"
             )
         self.model = model
         self.config = config

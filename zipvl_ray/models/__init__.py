@@ -102,7 +102,13 @@ def _image_only_qwen_processor(path: str, error: Exception | None):
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-    if AutoConfig.from_pretrained(path).model_type not in ("qwen2_vl", "qwen2_5_vl"):
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+    except Exception:
+        if error is not None:
+            raise error from None  # AutoProcessor's own error says more than the config's
+        raise
+    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
         if error is not None:
             raise error
         raise ValueError(f"{path}: transformers' AutoProcessor gave a processor without a tokenizer")
