@@ -86,6 +86,59 @@ def test_pool_roundtrip_and_gather_index(layout):
     assert table.dtype == torch.int32 and table.shape == (2, 2)
 
 
+def test_block_gather_equals_token_gather(layout):
+    """Decode reads whole blocks: the same tokens at the same offsets as the token-level gather, valid
+    marking exactly the held ones, whatever order the blocks came in (freed and reused in between)."""
+    pool = KVPool(layout, 32)
+    kv = KVCacheManager(layout, num_blocks=32, max_num_seqs=4, max_model_len=64)
+    kv.open("tmp")
+    kv.allocate_tokens("tmp", 0, 12)
+    for sid, n in [("a", 7), ("b", 2), ("c", 9)]:
+        kv.open(sid)
+        slots = kv.allocate_tokens(sid, 2, n)
+        pool.write(slots, torch.randn(n, 2, 4), torch.randn(n, 2, 4))
+    kv.free("tmp")  # its blocks come back in another order
+    kv.open("d")
+    pool.write(kv.allocate_tokens("d", 2, 11), torch.randn(11, 2, 4), torch.randn(11, 2, 4))
+    new = kv.append_slots(["a", "b", "c", "d"])  # one more token in every layer of each
+    pool.write(new[2], torch.randn(4, 2, 4), torch.randn(4, 2, 4))
+    ids = ["a", "b", "c", "d"]
+    lengths = kv.lengths(ids)[2]
+    slots, valid = kv.gather_index(ids, 2, lengths)
+    k_tok, v_tok = pool.gather(slots)
+    tables, valid_blocks = kv.gather_blocks_index(ids, 2, lengths)
+    k_blk, v_blk = pool.gather_blocks(tables)
+    assert tables.shape == (4, 3) and k_blk.shape == (4, 12, 2, 4)
+    assert valid_blocks[:, : valid.shape[1]].tolist() == valid.tolist()
+    assert not valid_blocks[:, valid.shape[1] :].any()
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(k_blk[b, :n], k_tok[b, :n])
+        torch.testing.assert_close(v_blk[b, :n], v_tok[b, :n])
+
+
+def test_append_slots_layout(layout):
+    """``append_slots`` returns ``(num_layers, B)``: the slot each layer's new token goes to, right after
+    the layer's last token (a fresh block exactly when the last one was full)."""
+    kv = KVCacheManager(layout, num_blocks=20, max_num_seqs=4, max_model_len=64)
+    for sid, kept in [("a", [4, 3, 1]), ("b", [2, 8, 5])]:
+        kv.open(sid)
+        for layer, n in enumerate(kept):
+            kv.allocate_tokens(sid, layer, n)
+    before = {sid: [list(t) for t in kv.seqs[sid].tables] for sid in ("a", "b")}
+    slots = kv.append_slots(["a", "b"])
+    assert slots.shape == (3, 2) and slots.dtype == torch.long
+    for b, (sid, kept) in enumerate([("a", [4, 3, 1]), ("b", [2, 8, 5])]):
+        for layer, n in enumerate(kept):
+            table = kv.seqs[sid].tables[layer]
+            if n % layout.block_size == 0:
+                assert len(table) == len(before[sid][layer]) + 1
+            assert (
+                slots[layer, b] == table[n // layout.block_size] * layout.block_size + n % layout.block_size
+            )
+        assert kv.seqs[sid].lengths == [n + 1 for n in kept]
+    kv.check_consistency()
+
+
 def test_truncate_frees_trailing_blocks(layout):
     kv = KVCacheManager(layout, num_blocks=10, max_num_seqs=2, max_model_len=64)
     kv.open("a")

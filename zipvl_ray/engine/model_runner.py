@@ -8,7 +8,8 @@ attention to the :class:`StepKV` of the current step (it arrives as ``past_key_v
   only the kept keys / values into freshly allocated blocks;
 * **decode**: one token per sequence (``(B, 1, hidden)``); its key / value goes into the slot the
   block manager reserved, then it attends to that layer's blocks: flash-attn's paged kernel on CUDA
-  (block_size a multiple of 256), else a gather into a padded tensor with a length mask and SDPA.
+  (block_size a multiple of 256), else a gather of its whole blocks into a padded tensor with a length
+  mask and SDPA.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ class StepKV(Cache):
                 softmax_scale=scaling,
                 causal=True,
             )
-        slots, valid = runner.kv.gather_index(self.seq_ids, layer, lengths)
-        k, v = runner.pool.gather(slots)  # (B, L, Hkv, d)
+        tables, valid = runner.kv.gather_blocks_index(self.seq_ids, layer, lengths)
+        k, v = runner.pool.gather_blocks(tables)  # (B, L, Hkv, d), L a whole number of blocks
         group = query.shape[1] // k.shape[2]
         out = F.scaled_dot_product_attention(
             query,

@@ -195,25 +195,31 @@ class KVCacheManager:
                 for length, table in zip(seq.lengths, seq.tables, strict=True)
             ):
                 raise OutOfBlocks(f"{sid!r} would exceed max_model_len in a layer")
-        slots = torch.empty(self.layout.num_layers, len(seq_ids), dtype=torch.long)
+        # Built as Python lists and converted once: one tensor element write per (sequence, layer) costs
+        # microseconds each, which made this loop the part of a decode step that grew most with the batch.
+        slots: list[list[int]] = []  # [b][layer]
         updates: list[tuple[int, int, int, int]] = []
-        for b, sid in enumerate(seq_ids):
+        for sid in seq_ids:
             seq = self.seqs[sid]
-            for layer in range(self.layout.num_layers):
-                length = seq.lengths[layer]
-                table = seq.tables[layer]
+            row_slots = []
+            for layer, (length, table) in enumerate(zip(seq.lengths, seq.tables, strict=True)):
                 if length % bs == 0:
                     (block,) = self.allocator.allocate(1)
                     table.append(block)
                     updates.append((layer, seq.row, len(table) - 1, block))
-                slots[layer, b] = table[-1] * bs + length % bs
-                seq.lengths[layer] = length + 1
+                row_slots.append(table[-1] * bs + length % bs)
+            seq.lengths[:] = [length + 1 for length in seq.lengths]
+            slots.append(row_slots)
         if updates:
             idx = torch.tensor(updates, dtype=torch.long)
             self.block_tables[idx[:, 0], idx[:, 1], idx[:, 2]] = (
                 idx[:, 3].to(torch.int32).to(self.block_tables.device)
             )
-        return slots.to(self.block_tables.device)
+        return (
+            torch.tensor(slots, dtype=torch.long)
+            .reshape(len(seq_ids), self.layout.num_layers)
+            .T.to(self.block_tables.device)
+        )
 
     def layer_slots(self, seq_id: str, layer: int, start: int, end: int) -> torch.Tensor:
         """Flat slots of tokens ``[start, end)`` of one layer of one sequence, ``(end - start,)``."""
@@ -261,6 +267,27 @@ class KVCacheManager:
         slots = (tables[:, :, None] * self.block_size + self._offsets).reshape(len(seq_ids), -1)[:, :max_len]
         valid = torch.arange(max_len, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         return slots.masked_fill(~valid, 0), valid
+
+    def gather_blocks_index(
+        self, seq_ids: list[str], layer: int, lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ids of every held token of ``layer`` (for :meth:`KVPool.gather_blocks`), padded to the longest.
+
+        Returns
+        -------
+        tables : torch.LongTensor
+            ``(B, n_max)`` with ``n_max = ceil(max(lengths) / block_size)``; entries past a sequence's own
+            blocks are stale ids (valid indices, masked by ``valid``).
+        valid : torch.BoolTensor
+            ``(B, n_max * block_size)``: token ``i`` of row ``b`` is held.
+        """
+        device = self.block_tables.device
+        n_blocks = -(-max(lengths) // self.block_size)
+        rows = torch.tensor([self.seqs[sid].row for sid in seq_ids], device=device)
+        tables = self.block_tables[layer].index_select(0, rows)[:, :n_blocks].long()
+        positions = torch.arange(n_blocks * self.block_size, device=device)
+        valid = positions[None, :] < torch.tensor(lengths, device=device)[:, None]
+        return tables, valid
 
     def block_table(self, seq_ids: list[str], layer: int, max_len: int) -> torch.Tensor:
         """``(B, ceil(max_len / block_size))`` int32 block table of ``layer`` (flash-attn's paged layout)."""

@@ -113,6 +113,24 @@ class KVPool:
         )
         return k, v
 
+    def gather_blocks(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read whole blocks: one contiguous copy of ``block_size`` tokens per index instead of one per token.
+
+        Parameters
+        ----------
+        tables : torch.LongTensor
+            ``(B, n)`` block ids.
+
+        Returns
+        -------
+        keys, values : torch.Tensor
+            ``(B, n * block_size, num_kv_heads, head_dim)``: token ``i`` of row ``b`` is at offset ``i`` of
+            its blocks in order.
+        """
+        shape = (tables.shape[0], -1, self.layout.num_kv_heads, self.layout.head_dim)
+        flat = tables.reshape(-1)
+        return self.keys.index_select(0, flat).view(shape), self.values.index_select(0, flat).view(shape)
+
 
 def pool_blocks(
     layout: KVLayout, kv_cache_bytes: int | None, gpu_memory_utilization: float, device: torch.device
