@@ -116,6 +116,27 @@ def test_block_gather_equals_token_gather(layout):
         torch.testing.assert_close(v_blk[b, :n], v_tok[b, :n])
 
 
+def test_block_gather_reuses_and_grows_its_workspace(layout):
+    """``gather_blocks`` writes into a workspace the pool keeps (no fresh buffer per decode layer): a
+    smaller gather reuses it, a larger one grows it, and every result reads the right blocks."""
+    pool = KVPool(layout, 8)
+    pool.keys.copy_(torch.randn_like(pool.keys))
+    pool.values.copy_(torch.randn_like(pool.values))
+    big = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    k, v = pool.gather_blocks(big)
+    torch.testing.assert_close(k, pool.keys[big.reshape(-1)].view(2, 3 * 4, 2, 4))
+    torch.testing.assert_close(v, pool.values[big.reshape(-1)].view(2, 3 * 4, 2, 4))
+    storage = k.untyped_storage().data_ptr()
+    small = torch.tensor([[7], [6]])
+    k2, v2 = pool.gather_blocks(small)
+    assert k2.untyped_storage().data_ptr() == storage  # reused
+    torch.testing.assert_close(k2, pool.keys[[7, 6]].view(2, 4, 2, 4))
+    torch.testing.assert_close(v2, pool.values[[7, 6]].view(2, 4, 2, 4))
+    larger = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    k3, _ = pool.gather_blocks(larger)
+    torch.testing.assert_close(k3, pool.keys.view(2, 4 * 4, 2, 4))
+
+
 def test_append_slots_layout(layout):
     """``append_slots`` returns ``(num_layers, B)``: the slot each layer's new token goes to, right after
     the layer's last token (a fresh block exactly when the last one was full)."""

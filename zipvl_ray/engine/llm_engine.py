@@ -102,6 +102,7 @@ class LLMEngine:
         self.processor = processor
         self.prompts = PromptProcessor(processor) if processor is not None else None
         self.tokenizer = processor.tokenizer if processor is not None else None
+        self._decode = getattr(self.tokenizer, "_decode", None) or getattr(self.tokenizer, "decode", None)
         if vision is None and self._has_vision_tower():
             vision = VisionEncoder(model, output_device=str(self.runner.device))
         self.vision = vision
@@ -433,14 +434,25 @@ class LLMEngine:
             cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
             if cut >= 0:
                 seq.text_limit = cut
+                seq.text = text[:cut]
                 self._finish(seq, "stop")
                 return
         if len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.config.max_model_len:
             self._finish(seq, "length")
 
     def _detokenize(self, seq: Sequence) -> str:
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        seq.text = text if seq.text_limit is None else text[: seq.text_limit]
+        """``seq.text``: its output tokens decoded (special tokens skipped), cut at ``text_limit``.
+
+        Decoded once per new token (a stop-string check and the step's output share it), with the
+        tokenizer's ``_decode``: ``decode`` itself first converts its argument element by element
+        (``to_py_obj``), which cost more than the decoding at a large batch, and output token ids are
+        already a list of ints.
+        """
+        n = len(seq.output_token_ids)
+        if seq.text_tokens != n:
+            text = self._decode(seq.output_token_ids, skip_special_tokens=True)
+            seq.text = text if seq.text_limit is None else text[: seq.text_limit]
+            seq.text_tokens = n
         return seq.text
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -67,6 +67,7 @@ class Sequence:
     # streaming bookkeeping
     text: str = ""
     text_limit: int | None = None  # the text is cut here (before a stop string)
+    text_tokens: int = 0  # how many output tokens ``text`` was decoded from
     sent_tokens: int = 0
     sent_text_len: int = 0
 

@@ -64,6 +64,12 @@ class KVPool:
         shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
         self.keys = torch.zeros(shape, dtype=layout.dtype, device=device)
         self.values = torch.zeros(shape, dtype=layout.dtype, device=device)
+        # Reused by gather_blocks: decode gathers several MiB per layer and step, and a fresh buffer each
+        # time costs page faults (on a CPU VM they made the gather up to 6x slower, depending on whether
+        # malloc served the buffer from fresh pages).
+        self._workspace: list[torch.Tensor] = [
+            torch.empty((0, *shape[1:]), dtype=layout.dtype, device=device) for _ in range(2)
+        ]
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +122,9 @@ class KVPool:
     def gather_blocks(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Read whole blocks: one contiguous copy of ``block_size`` tokens per index instead of one per token.
 
+        The result lives in a workspace the pool reuses: it is valid until the next ``gather_blocks`` call
+        (the decode step uses it for one layer's attention, then gathers the next layer).
+
         Parameters
         ----------
         tables : torch.LongTensor
@@ -129,7 +138,16 @@ class KVPool:
         """
         shape = (tables.shape[0], -1, self.layout.num_kv_heads, self.layout.head_dim)
         flat = tables.reshape(-1)
-        return self.keys.index_select(0, flat).view(shape), self.values.index_select(0, flat).view(shape)
+        n = flat.numel()
+        if self._workspace[0].shape[0] < n:  # grown with a margin, never shrunk
+            capacity = max(n, self._workspace[0].shape[0] * 5 // 4)
+            self._workspace = [
+                torch.empty((capacity, *self.keys.shape[1:]), dtype=self.keys.dtype, device=self.device)
+                for _ in range(2)
+            ]
+        k = torch.index_select(self.keys, 0, flat, out=self._workspace[0][:n])
+        v = torch.index_select(self.values, 0, flat, out=self._workspace[1][:n])
+        return k.view(shape), v.view(shape)
 
 
 def pool_blocks(
