@@ -12,7 +12,10 @@ second, requests per second and errors. ZipVL off is the per-request ``zipvl.ena
 
 ``--direct`` also measures the serving overhead: the same requests one at a time through HTTP
 (non-streamed) and directly in this process (the same prompt preparation, vision encoder and engine,
-no HTTP and no Ray), and reports the p50 difference. The in-process engine is built from the same
+no HTTP and no Ray), and reports the p50 difference. A third arm sends them to the same OpenAI app
+(FastAPI) over that in-process engine without a socket (``httpx.ASGITransport``), which splits the
+overhead into the API layer (``api_layer_p50_ms``) and what Ray Serve adds (``ray_serve_p50_ms``: the
+proxy, the hops between deployments). The arms' order rotates from request to request. The in-process engine is built from the same
 Serve config as the service (``--direct-config``: its ``zipvl`` and ``engine`` blocks) and runs with
 the LLM replica's torch threads (``--direct-threads``, default 1: Ray gives a replica with
 ``num_cpus: 0`` one OpenMP thread), so that only HTTP and Ray differ.
@@ -200,8 +203,9 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
 
     from deployments.app import AppArgs
     from deployments.ingress import load_processor
+    from zipvl_ray.api.local import LocalBackend
     from zipvl_ray.api.schemas import ChatCompletionRequest
-    from zipvl_ray.api.server import ChatPreparer, ServingSettings
+    from zipvl_ray.api.server import ChatPreparer, ServingSettings, build_openai_app
     from zipvl_ray.engine import AsyncLLMEngine, EncodedPrompt
     from zipvl_ray.multimodal import PromptProcessor
     from zipvl_ray.vision import VisionEncoder
@@ -228,7 +232,14 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
                 break
         return time.perf_counter() - start
 
-    via_http, in_process = [], []
+    async def post(client: httpx.AsyncClient, body: dict) -> float:
+        start = time.perf_counter()
+        response = await client.post("/v1/chat/completions", json=body)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        return elapsed
+
+    via_http, in_process, via_app = [], [], []
     try:
         async with httpx.AsyncClient(base_url=args.url, timeout=600) as client:
             card = (await client.get("/v1/models")).json()["data"][0]
@@ -238,23 +249,34 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
                 max_model_len=card["max_model_len"],
                 zipvl=app_args.zipvl,
             )
-            preparer = ChatPreparer(PromptProcessor(load_processor(model_source)), settings)
-            for i in range(n + 1):  # the first pair warms both paths up and is not counted
-                side, tokens = args.image_sizes[0], args.max_tokens
-                body = request_body(card["id"], 2_000_000 + i, side, tokens, True, stream=False)
-                start = time.perf_counter()
-                response = await client.post("/v1/chat/completions", json=body)
-                elapsed = time.perf_counter() - start
-                response.raise_for_status()
-                other = request_body(card["id"], 3_000_000 + i, side, tokens, True, stream=False)
-                elapsed_direct = await direct(card, other, preparer)
-                if i > 0:
-                    via_http.append(elapsed)
-                    in_process.append(elapsed_direct)
+            processor = PromptProcessor(load_processor(model_source))
+            preparer = ChatPreparer(processor, settings)
+            # The third arm: the same OpenAI app (FastAPI, validation, JSON) over the same in-process engine
+            # and encoder, called without a socket: what the HTTP API layer costs without Ray.
+            app = build_openai_app(LocalBackend(engine, encoder), processor, settings)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=600) as local:
+                for i in range(n + 1):  # the first round warms every path up and is not counted
+                    side, tokens = args.image_sizes[0], args.max_tokens
+                    bodies = [
+                        request_body(card["id"], seed + i, side, tokens, True, stream=False)
+                        for seed in (2_000_000, 3_000_000, 4_000_000)
+                    ]
+                    arms = [
+                        (via_http, lambda b: post(client, b)),
+                        (in_process, lambda b: direct(card, b, preparer)),
+                        (via_app, lambda b: post(local, b)),
+                    ]
+                    shift = i % len(arms)  # the order rotates: no arm always runs first
+                    for (samples, call), body in zip(arms[shift:] + arms[:shift], bodies, strict=True):
+                        elapsed = await call(body)
+                        if i > 0:
+                            samples.append(elapsed)
     finally:
         engine.shutdown()
         torch.set_num_threads(previous_threads)
     http_p50, direct_p50 = statistics.median(via_http), statistics.median(in_process)
+    app_p50 = statistics.median(via_app)
     return {
         "overhead_requests": n,
         "direct_config": str(args.direct_config),
@@ -262,6 +284,10 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         "http_p50_ms": http_p50 * 1000,
         "direct_p50_ms": direct_p50 * 1000,
         "serving_overhead_p50_ms": (http_p50 - direct_p50) * 1000,
+        # The split of that overhead: the OpenAI app in this process, and everything Ray Serve adds.
+        "in_process_app_p50_ms": app_p50 * 1000,
+        "api_layer_p50_ms": (app_p50 - direct_p50) * 1000,
+        "ray_serve_p50_ms": (http_p50 - app_p50) * 1000,
     }
 
 

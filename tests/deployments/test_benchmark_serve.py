@@ -16,5 +16,9 @@ def test_serve_benchmark_smoke(tmp_path):
     summary = result["summary"]
     assert summary["http_p50_ms"] > 0 and summary["direct_p50_ms"] > 0
     assert summary["direct_torch_threads"] == 1 and summary["direct_config"] == "none"
+    # the in-process app arm splits the overhead: its two parts add up to it
+    assert summary["in_process_app_p50_ms"] > 0
+    parts = summary["api_layer_p50_ms"] + summary["ray_serve_p50_ms"]
+    assert abs(parts - summary["serving_overhead_p50_ms"]) < 1e-6
     payload = json.loads((tmp_path / "serve-smoke.json").read_text())
     assert payload["rows"] == json.loads(json.dumps(rows)) and (tmp_path / "serve-smoke.md").exists()
