@@ -55,6 +55,27 @@ class EncodedPrompt:
 PromptLike = EncodedPrompt | PreparedPrompt | str | dict | list
 
 
+def fast_decode(tokenizer):
+    """``tokenizer.decode`` for a flat list of ints, without its per-element argument conversion.
+
+    transformers' ``decode`` converts its argument element by element (``to_py_obj``), then calls
+    ``_decode``; for a list of ints that conversion changes nothing and cost more than the decoding at a
+    large decode batch. ``_decode`` is called directly only when the class keeps transformers' own
+    ``decode`` (so ``decode`` is exactly that conversion plus ``_decode``) and implements ``_decode``;
+    any other tokenizer's ``decode`` is used as it is.
+    """
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    cls = type(tokenizer)
+    if (
+        isinstance(tokenizer, PreTrainedTokenizerBase)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is not PreTrainedTokenizerBase._decode
+    ):
+        return tokenizer._decode
+    return tokenizer.decode
+
+
 def partial_stop_length(text: str, stops: list[str]) -> int:
     """Length of the longest ending of ``text`` that begins one of ``stops`` (without being all of it).
 
@@ -102,7 +123,7 @@ class LLMEngine:
         self.processor = processor
         self.prompts = PromptProcessor(processor) if processor is not None else None
         self.tokenizer = processor.tokenizer if processor is not None else None
-        self._decode = getattr(self.tokenizer, "_decode", None) or getattr(self.tokenizer, "decode", None)
+        self._decode = fast_decode(self.tokenizer) if self.tokenizer is not None else None
         if vision is None and self._has_vision_tower():
             vision = VisionEncoder(model, output_device=str(self.runner.device))
         self.vision = vision
