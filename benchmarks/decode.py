@@ -9,13 +9,18 @@ the throughput at fixed KV memory under sustained load, free of the last round's
 end-to-end tokens/s, preemptions, and the ratios against dense.
 
 Every configuration first runs once untimed on a few requests (warm-up), then ``--repeats`` rounds run
-every configuration, the order rotated each round (dense first, then second, ...), so that drift of
-the machine hits them alike; each throughput figure is the median over the rounds, with its min and
-max (``*_min`` / ``*_max``), and the ratios are ratios of medians. Until 2026-12-06 the benchmark ran
-each configuration once, dense always first and cold: a review measured the same configuration 2-2.5x
-apart between two passes in one process on this VM, thread CPU time included.
+every configuration. Within a round the configurations advance in lockstep, one engine step of each in
+turn (each with its own engine and pool), and every step is timed on its own, so that drift of the
+machine during the round hits them alike; the order of the turn rotates from round to round. Each
+throughput figure is the median over the rounds, with its min and max (``*_min`` / ``*_max``), and the
+ratios are ratios of medians. ``wall_s`` and the end-to-end figure count a configuration's own steps.
 
-    python -m benchmarks.decode                             # the full run (about 5 minutes on 2 CPU cores)
+Until 2026-12-06 the benchmark ran each configuration once, dense always first and cold: a review
+measured the same configuration 2-2.5x apart between two passes in one process on this VM, thread CPU
+time included. Then, until the lockstep rounds, each round ran the configurations one after another,
+and the per-round ratio still scattered from 2.5x to 3.1x.
+
+    python -m benchmarks.decode                             # the full run (5-8 minutes on 2 CPU cores)
     python -m benchmarks.decode --threads 1 --clock cpu     # on a machine shared with other jobs
     python -m benchmarks.decode --smoke                     # seconds, for the test suite
 """
@@ -44,65 +49,98 @@ def long_image_prompt(i: int, n_images: int) -> dict:
     return {"messages": [{"role": "user", "content": content}], "images": images}
 
 
-def run(model, processor, zipvl: ZipVLConfig, prompts, args) -> dict:
-    engine = LLMEngine(
-        model,
-        processor,
-        zipvl=zipvl,
-        engine=EngineConfig(
-            kv_cache_bytes=args.kv_mb * 1024 * 1024,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=8192,
-            max_num_batched_tokens=16384,
-            decode_headroom_tokens=args.headroom,
-        ),
-    )
-    sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, sampling)
-    decode_time = prefill_time = 0.0
-    decode_tokens = 0
-    saturated_time = 0.0
-    saturated_tokens = 0
-    batch_sizes = []
-    finished = 0
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    start = clock()
-    while engine.has_unfinished():
+class Run:
+    """One configuration's pass over the requests, advanced one engine step at a time.
+
+    The configurations of a round step in turn (one step of each, then the next), so that the machine's
+    drift during the round hits all of them alike; each step is timed on its own.
+    """
+
+    def __init__(self, model, processor, zipvl: ZipVLConfig, prompts, args):
+        self.engine = LLMEngine(
+            model,
+            processor,
+            zipvl=zipvl,
+            engine=EngineConfig(
+                kv_cache_bytes=args.kv_mb * 1024 * 1024,
+                max_num_seqs=args.max_num_seqs,
+                max_model_len=8192,
+                max_num_batched_tokens=16384,
+                decode_headroom_tokens=args.headroom,
+            ),
+        )
+        sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+        for i, prompt in enumerate(prompts):
+            self.engine.add_request(f"r{i}", prompt, sampling)
+        self.generated = len(prompts) * args.max_tokens
+        self.clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        self.decode_time = self.prefill_time = self.saturated_time = 0.0
+        self.decode_tokens = self.saturated_tokens = self.finished = 0
+        self.batch_sizes: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return not self.engine.has_unfinished()
+
+    def step(self) -> None:
+        engine = self.engine
         # Saturated: requests are still waiting for KV memory, so the batch is as large as the pool allows.
         saturated = len(engine.scheduler.waiting) > 0
-        step_start = clock()
+        step_start = self.clock()
         outs = engine.step()
-        seconds = clock() - step_start
-        finished += sum(o.finished for o in outs)
+        seconds = self.clock() - step_start
+        self.finished += sum(o.finished for o in outs)
         kind, n, _ = engine.last_step
         if kind == "decode":
-            decode_time += seconds
-            decode_tokens += n
-            batch_sizes.append(n)
+            self.decode_time += seconds
+            self.decode_tokens += n
+            self.batch_sizes.append(n)
             if saturated:
-                saturated_time += seconds
-                saturated_tokens += n
+                self.saturated_time += seconds
+                self.saturated_tokens += n
         else:
-            prefill_time += seconds
-    wall = clock() - start
-    stats = engine.stats()
-    generated = len(prompts) * args.max_tokens
-    return {
-        "max_concurrent_seqs": stats.max_concurrent_seqs,
-        "mean_decode_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0,
-        "decode_tokens_per_s": decode_tokens / decode_time if decode_time else 0.0,
-        "saturated_decode_tokens_per_s": saturated_tokens / saturated_time if saturated_time else 0.0,
-        "saturated_decode_steps_share": saturated_time / decode_time if decode_time else 0.0,
-        "e2e_tokens_per_s": generated / wall,
-        "decode_time_s": decode_time,
-        "prefill_time_s": prefill_time,
-        "wall_s": wall,
-        "preemptions": stats.num_preemptions,
-        "mean_kept_fraction": stats.mean_kept_fraction,
-        "kv_pool_mb": stats.kv_bytes_capacity / 2**20,
-        "finished": finished,
-    }
+            self.prefill_time += seconds
+
+    def result(self) -> dict:
+        stats = self.engine.stats()
+        busy = self.decode_time + self.prefill_time  # the steps' own time (the others' steps excluded)
+        return {
+            "max_concurrent_seqs": stats.max_concurrent_seqs,
+            "mean_decode_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_time if self.decode_time else 0.0,
+            "saturated_decode_tokens_per_s": (
+                self.saturated_tokens / self.saturated_time if self.saturated_time else 0.0
+            ),
+            "saturated_decode_steps_share": self.saturated_time / self.decode_time
+            if self.decode_time
+            else 0.0,
+            "e2e_tokens_per_s": self.generated / busy if busy else 0.0,
+            "decode_time_s": self.decode_time,
+            "prefill_time_s": self.prefill_time,
+            "wall_s": busy,
+            "preemptions": stats.num_preemptions,
+            "mean_kept_fraction": stats.mean_kept_fraction,
+            "kv_pool_mb": stats.kv_bytes_capacity / 2**20,
+            "finished": self.finished,
+        }
+
+
+def run_round(model, processor, configs: list[ZipVLConfig], prompts, args) -> list[dict]:
+    """Every configuration over ``prompts``, stepping in turn in the order given; one result each."""
+    runs = [Run(model, processor, zipvl, prompts, args) for zipvl in configs]
+    while not all(r.done for r in runs):
+        for r in runs:
+            if not r.done:
+                r.step()
+    results = [r.result() for r in runs]
+    for r in runs:  # free the pools before the next round allocates its own
+        del r.engine
+    return results
+
+
+def run(model, processor, zipvl: ZipVLConfig, prompts, args) -> dict:
+    """One configuration alone (the warm-up)."""
+    return run_round(model, processor, [zipvl], prompts, args)[0]
 
 
 #: Figures that vary between rounds: the median is reported, with the min and max beside it.
@@ -196,8 +234,11 @@ def _benchmark(args: argparse.Namespace) -> dict:
         run(model, processor, configs[name], prompts[: min(8, len(prompts))], args)
     rounds: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(args.repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            rounds[name].append(run(model, processor, configs[name], prompts, args))
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name, result in zip(
+            order, run_round(model, processor, [configs[n] for n in order], prompts, args), strict=True
+        ):
+            rounds[name].append(result)
     rows = [{"config": name, **summarize_rounds(rounds[name])} for name in names]
     dense = rows[0]
     for row in rows:
