@@ -9,16 +9,19 @@ the throughput at fixed KV memory under sustained load, free of the last round's
 end-to-end tokens/s, preemptions, and the ratios against dense.
 
 Every configuration first runs once untimed on a few requests (warm-up), then ``--repeats`` rounds run
-every configuration. Within a round the configurations advance in lockstep, one engine step of each in
-turn (each with its own engine and pool), and every step is timed on its own, so that drift of the
-machine during the round hits them alike; the order of the turn rotates from round to round. Each
+every configuration. Within a round the configurations advance in lockstep (each with its own engine
+and pool): the one that has generated the smallest share of its tokens takes the next step, so they
+progress and finish together, and every step is timed on its own; drift of the machine during the
+round hits them alike. The order that breaks ties rotates from round to round. Each
 throughput figure is the median over the rounds, with its min and max (``*_min`` / ``*_max``), and the
 ratios are ratios of medians. ``wall_s`` and the end-to-end figure count a configuration's own steps.
 
 Until 2026-12-06 the benchmark ran each configuration once, dense always first and cold: a review
 measured the same configuration 2-2.5x apart between two passes in one process on this VM, thread CPU
 time included. Then, until the lockstep rounds, each round ran the configurations one after another,
-and the per-round ratio still scattered from 2.5x to 3.1x.
+and the per-round ratio still scattered from 2.5x to 3.1x. The first lockstep rounds (2026-12-07 00:11
+and 00:20) took one step of each configuration in turn, so dense, which needs more steps, ran the last
+~40% of its decode time alone: those runs read 2.90x and 2.72x.
 
     python -m benchmarks.decode                             # the full run (5-8 minutes on 2 CPU cores)
     python -m benchmarks.decode --threads 1 --clock cpu     # on a machine shared with other jobs
@@ -75,12 +78,17 @@ class Run:
         self.generated = len(prompts) * args.max_tokens
         self.clock = time.thread_time if args.clock == "cpu" else time.perf_counter
         self.decode_time = self.prefill_time = self.saturated_time = 0.0
-        self.decode_tokens = self.saturated_tokens = self.finished = 0
+        self.decode_tokens = self.saturated_tokens = self.finished = self.tokens_out = 0
         self.batch_sizes: list[int] = []
 
     @property
     def done(self) -> bool:
         return not self.engine.has_unfinished()
+
+    @property
+    def progress(self) -> float:
+        """Share of the round's tokens generated so far."""
+        return self.tokens_out / self.generated
 
     def step(self) -> None:
         engine = self.engine
@@ -90,6 +98,7 @@ class Run:
         outs = engine.step()
         seconds = self.clock() - step_start
         self.finished += sum(o.finished for o in outs)
+        self.tokens_out += sum(len(o.delta_token_ids) for o in outs)
         kind, n, _ = engine.last_step
         if kind == "decode":
             self.decode_time += seconds
@@ -126,12 +135,15 @@ class Run:
 
 
 def run_round(model, processor, configs: list[ZipVLConfig], prompts, args) -> list[dict]:
-    """Every configuration over ``prompts``, stepping in turn in the order given; one result each."""
+    """Every configuration over ``prompts`` in lockstep; one result each.
+
+    The run with the least progress (share of its tokens generated; the first in the order given on a tie)
+    takes the next step, so the runs advance together and finish together: a configuration that needs
+    fewer, larger steps steps less often, and none runs alone at the end of the round.
+    """
     runs = [Run(model, processor, zipvl, prompts, args) for zipvl in configs]
     while not all(r.done for r in runs):
-        for r in runs:
-            if not r.done:
-                r.step()
+        min((r for r in runs if not r.done), key=lambda r: r.progress).step()
     results = [r.result() for r in runs]
     for r in runs:  # free the pools before the next round allocates its own
         del r.engine

@@ -38,6 +38,12 @@ def test_a_tokenizer_with_its_own_decode_keeps_it():
     assert fast_decode(tokenizer)([1, 2], skip_special_tokens=True) == "custom"
 
 
+def test_a_decode_replaced_on_the_instance_is_kept():
+    tokenizer = load_processor("tiny-llava").tokenizer
+    tokenizer.decode = lambda ids, **kwargs: "patched"
+    assert fast_decode(tokenizer)([1, 2], skip_special_tokens=True) == "patched"
+
+
 def test_anything_else_uses_its_decode():
     class Plain:
         def decode(self, ids, skip_special_tokens=False):

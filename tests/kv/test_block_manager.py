@@ -137,6 +137,18 @@ def test_block_gather_reuses_and_grows_its_workspace(layout):
     torch.testing.assert_close(k3, pool.keys.view(2, 4 * 4, 2, 4))
 
 
+def test_block_gather_zeroes_what_no_token_holds(layout):
+    """With ``valid``, positions past a sequence's length read zeros, whatever the pool held there."""
+    pool = KVPool(layout, 8)
+    pool.keys.fill_(float("nan"))
+    pool.values.fill_(float("inf"))
+    tables = torch.tensor([[0, 1], [2, 3]])
+    valid = torch.arange(8)[None, :] < torch.tensor([[5], [8]])
+    k, v = pool.gather_blocks(tables, valid)
+    assert k[0, 5:].eq(0).all() and v[0, 5:].eq(0).all()
+    assert k[0, :5].isnan().all() and v[1].isinf().all()  # held positions are read as they are
+
+
 def test_append_slots_layout(layout):
     """``append_slots`` returns ``(num_layers, B)``: the slot each layer's new token goes to, right after
     the layer's last token (a fresh block exactly when the last one was full)."""

@@ -69,6 +69,7 @@ def fast_decode(tokenizer):
     cls = type(tokenizer)
     if (
         isinstance(tokenizer, PreTrainedTokenizerBase)
+        and "decode" not in vars(tokenizer)  # not replaced on the instance either
         and cls.decode is PreTrainedTokenizerBase.decode
         and cls._decode is not PreTrainedTokenizerBase._decode
     ):

@@ -149,7 +149,7 @@ class StepKV(Cache):
                 causal=True,
             )
         tables, valid = runner.kv.gather_blocks_index(self.seq_ids, layer, lengths)
-        k, v = runner.pool.gather_blocks(tables)  # (B, L, Hkv, d), L a whole number of blocks
+        k, v = runner.pool.gather_blocks(tables, valid)  # (B, L, Hkv, d), L a whole number of blocks
         group = query.shape[1] // k.shape[2]
         out = F.scaled_dot_product_attention(
             query,

@@ -119,16 +119,25 @@ class KVPool:
         )
         return k, v
 
-    def gather_blocks(self, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_blocks(
+        self, tables: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Read whole blocks: one contiguous copy of ``block_size`` tokens per index instead of one per token.
 
-        The result lives in a workspace the pool reuses: it is valid until the next ``gather_blocks`` call
-        (the decode step uses it for one layer's attention, then gathers the next layer).
+        On the CPU the result lives in a workspace the pool reuses (valid until the next ``gather_blocks``
+        call: the decode step uses it for one layer's attention, then gathers the next layer); it grows to
+        1.25x the largest gather and stays, outside ``kv_cache_bytes``. On a GPU the caching allocator
+        already reuses memory, so each call returns new tensors and nothing is kept.
 
         Parameters
         ----------
         tables : torch.LongTensor
             ``(B, n)`` block ids.
+        valid : torch.BoolTensor, optional
+            ``(B, n * block_size)``: the positions that hold a token. The others (the unused tail of a
+            sequence's last block, padding blocks) are zeroed, so that whatever a freed block last held
+            (even a non-finite value) cannot reach the attention: a boolean mask does not stop
+            ``0 x inf = nan``.
 
         Returns
         -------
@@ -139,15 +148,25 @@ class KVPool:
         shape = (tables.shape[0], -1, self.layout.num_kv_heads, self.layout.head_dim)
         flat = tables.reshape(-1)
         n = flat.numel()
-        if self._workspace[0].shape[0] < n:  # grown with a margin, never shrunk
-            capacity = max(n, self._workspace[0].shape[0] * 5 // 4)
-            self._workspace = [
-                torch.empty((capacity, *self.keys.shape[1:]), dtype=self.keys.dtype, device=self.device)
-                for _ in range(2)
-            ]
-        k = torch.index_select(self.keys, 0, flat, out=self._workspace[0][:n])
-        v = torch.index_select(self.values, 0, flat, out=self._workspace[1][:n])
-        return k.view(shape), v.view(shape)
+        if self.device.type == "cpu":
+            if self._workspace[0].shape[0] < n:  # grown with a margin, never shrunk
+                capacity = max(n, self._workspace[0].shape[0] * 5 // 4)
+                self._workspace = [
+                    torch.empty((capacity, *self.keys.shape[1:]), dtype=self.keys.dtype, device=self.device)
+                    for _ in range(2)
+                ]
+            k = torch.index_select(self.keys, 0, flat, out=self._workspace[0][:n])
+            v = torch.index_select(self.values, 0, flat, out=self._workspace[1][:n])
+        else:
+            k, v = self.keys.index_select(0, flat), self.values.index_select(0, flat)
+        k, v = k.view(shape), v.view(shape)
+        if valid is not None:
+            empty = (~valid).reshape(-1).nonzero().squeeze(1)
+            if empty.numel():
+                tokens = (-1, self.layout.num_kv_heads, self.layout.head_dim)
+                k.view(tokens).index_fill_(0, empty, 0)
+                v.view(tokens).index_fill_(0, empty, 0)
+        return k, v
 
 
 def pool_blocks(
