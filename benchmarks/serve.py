@@ -14,8 +14,10 @@ second, requests per second and errors. ZipVL off is the per-request ``zipvl.ena
 (non-streamed) and directly in this process (the same prompt preparation, vision encoder and engine,
 no HTTP and no Ray), and reports the p50 difference. A third arm sends them to the same OpenAI app
 (FastAPI) over that in-process engine without a socket (``httpx.ASGITransport``), which splits the
-overhead into the API layer (``api_layer_p50_ms``) and what Ray Serve adds (``ray_serve_p50_ms``: the
-proxy, the hops between deployments). The arms' order rotates from request to request. The in-process engine is built from the same
+overhead into the API layer (``api_layer_p50_ms``) and the rest (``ray_serve_p50_ms``: the client's
+socket and Serve's HTTP server, the proxy, the hops between deployments, and whatever differs between
+the replicas' engine and this process's, which ``--direct-config`` and ``--direct-threads`` keep to a
+minimum). The arms' order rotates from request to request. The in-process engine is built from the same
 Serve config as the service (``--direct-config``: its ``zipvl`` and ``engine`` blocks) and runs with
 the LLM replica's torch threads (``--direct-threads``, default 1: Ray gives a replica with
 ``num_cpus: 0`` one OpenMP thread), so that only HTTP and Ray differ.
@@ -196,7 +198,8 @@ async def sweep(args) -> list[dict[str, Any]]:
 async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
     """p50 latency of one request at a time through HTTP vs directly on an in-process engine.
 
-    The two paths alternate request by request, so background load on the machine hits both alike.
+    The three paths (HTTP, in-process engine, in-process app) take turns request by request, the order
+    rotating, so background load on the machine hits them alike.
     """
     import torch
     import yaml
@@ -284,7 +287,7 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         "http_p50_ms": http_p50 * 1000,
         "direct_p50_ms": direct_p50 * 1000,
         "serving_overhead_p50_ms": (http_p50 - direct_p50) * 1000,
-        # The split of that overhead: the OpenAI app in this process, and everything Ray Serve adds.
+        # The split of that overhead: the OpenAI app in this process, and the rest (socket, proxy, Ray hops).
         "in_process_app_p50_ms": app_p50 * 1000,
         "api_layer_p50_ms": (app_p50 - direct_p50) * 1000,
         "ray_serve_p50_ms": (http_p50 - app_p50) * 1000,
