@@ -175,7 +175,7 @@ def test_stop_strings_cut_the_text(tiny_llava):
 
 
 def test_partial_stop_length():
-    from zipvl_ray.engine.llm_engine import partial_stop_length
+    from zipvl_ray.engine.detokenizer import partial_stop_length
 
     assert partial_stop_length("hello wo", ["world"]) == 2
     assert partial_stop_length("hello w", ["xy", "world", "w"]) == 1  # a whole stop is cut, not held

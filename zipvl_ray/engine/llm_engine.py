@@ -17,6 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine.detokenizer import Detokenizer, first_stop, partial_stop_length
 from zipvl_ray.engine.model_runner import ModelRunner
 from zipvl_ray.engine.sampler import make_generator, sample
 from zipvl_ray.engine.scheduler import Scheduler
@@ -55,43 +56,6 @@ class EncodedPrompt:
 PromptLike = EncodedPrompt | PreparedPrompt | str | dict | list
 
 
-def fast_decode(tokenizer):
-    """``tokenizer.decode`` for a flat list of ints, without its per-element argument conversion.
-
-    transformers' ``decode`` converts its argument element by element (``to_py_obj``), then calls
-    ``_decode``; for a list of ints that conversion changes nothing and cost more than the decoding at a
-    large decode batch. ``_decode`` is called directly only when the class keeps transformers' own
-    ``decode`` (so ``decode`` is exactly that conversion plus ``_decode``) and implements ``_decode``;
-    any other tokenizer's ``decode`` is used as it is.
-    """
-    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-    cls = type(tokenizer)
-    if (
-        isinstance(tokenizer, PreTrainedTokenizerBase)
-        and "decode" not in vars(tokenizer)  # not replaced on the instance either
-        and cls.decode is PreTrainedTokenizerBase.decode
-        and cls._decode is not PreTrainedTokenizerBase._decode
-    ):
-        return tokenizer._decode
-    return tokenizer.decode
-
-
-def partial_stop_length(text: str, stops: list[str]) -> int:
-    """Length of the longest ending of ``text`` that begins one of ``stops`` (without being all of it).
-
-    A streamed delta must not show it yet: if the next tokens complete the stop string, the text is cut
-    before it (as vLLM and OpenAI do).
-    """
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:k]):
-                longest = k
-                break
-    return longest
-
-
 class LLMEngine:
     """Paged, continuously batching ZipVL engine over one model.
 
@@ -124,7 +88,7 @@ class LLMEngine:
         self.processor = processor
         self.prompts = PromptProcessor(processor) if processor is not None else None
         self.tokenizer = processor.tokenizer if processor is not None else None
-        self._decode = fast_decode(self.tokenizer) if self.tokenizer is not None else None
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         if vision is None and self._has_vision_tower():
             vision = VisionEncoder(model, output_device=str(self.runner.device))
         self.vision = vision
@@ -451,9 +415,9 @@ class LLMEngine:
         seq.metrics.last_token_ns = time.time_ns()
         if logprob is not None:
             seq.output_logprobs.append(logprob)
-        if sp.stop and self.tokenizer is not None:
-            text = self._detokenize(seq)
-            cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
+        if sp.stop and self.detokenizer is not None:
+            text = self.detokenizer.text(seq)
+            cut = first_stop(text, sp.stop)
             if cut >= 0:
                 seq.text_limit = cut
                 seq.text = text[:cut]
@@ -461,21 +425,6 @@ class LLMEngine:
                 return
         if len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.config.max_model_len:
             self._finish(seq, "length")
-
-    def _detokenize(self, seq: Sequence) -> str:
-        """``seq.text``: its output tokens decoded (special tokens skipped), cut at ``text_limit``.
-
-        Decoded once per new token (a stop-string check and the step's output share it), with the
-        tokenizer's ``_decode``: ``decode`` itself first converts its argument element by element
-        (``to_py_obj``), which cost more than the decoding at a large batch, and output token ids are
-        already a list of ints.
-        """
-        n = len(seq.output_token_ids)
-        if seq.text_tokens != n:
-            text = self._decode(seq.output_token_ids, skip_special_tokens=True)
-            seq.text = text if seq.text_limit is None else text[: seq.text_limit]
-            seq.text_tokens = n
-        return seq.text
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         kv = self.runner.kv
@@ -498,8 +447,8 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """The cumulative output of ``seq`` plus the delta since the previous call (streaming)."""
-        if self.tokenizer is not None:
-            self._detokenize(seq)
+        if self.detokenizer is not None:
+            self.detokenizer.text(seq)
         text = seq.text
         if seq.is_finished:
             visible = len(text)

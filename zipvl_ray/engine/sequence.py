@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -68,6 +69,9 @@ class Sequence:
     text: str = ""
     text_limit: int | None = None  # the text is cut here (before a stop string)
     text_tokens: int = 0  # how many output tokens ``text`` was decoded from
+    text_exact: bool = False  # ``text`` is ``decode`` of all of them (not the incremental stream's)
+    text_stream: Any = None  # tokenizers' DecodeStream (None: not started, False: given up, decode whole)
+    streamed_text: str = ""  # what the stream produced (uncut)
     sent_tokens: int = 0
     sent_text_len: int = 0
 
