@@ -69,3 +69,37 @@ def test_admission_counts_the_replay_backlog():
         scheduler.add(make_seq("a", 8, max_tokens=40, generated=generated))
         batch = scheduler._admit()
         assert [s.request_id for s in batch] == (["a"] if admitted else [])
+
+
+def _saturated_scheduler(num_blocks: int, running_tokens: int, waiting_prompt: int) -> Scheduler:
+    """One running sequence holding ``running_tokens`` per layer, one waiting prompt."""
+    scheduler = make_scheduler(num_blocks, headroom=4)
+    scheduler.kv.open("running")
+    for layer in range(LAYERS):
+        scheduler.kv.allocate_tokens("running", layer, running_tokens)
+    scheduler.running.append(make_seq("running", running_tokens, max_tokens=40, generated=1))
+    scheduler.add(make_seq("a", waiting_prompt, max_tokens=40))
+    return scheduler
+
+
+def test_admission_skips_the_reservation_sum_only_when_nothing_could_fit(monkeypatch):
+    """The shortcut decides as the full rule: with the pool too full for the waiting prompt even without
+    any headroom, nothing is admitted and the per-sequence reservation sum is not computed; otherwise it
+    is, and admission follows it."""
+    calls = []
+    original = Scheduler.reserved_bytes
+    monkeypatch.setattr(Scheduler, "reserved_bytes", lambda self: calls.append(1) or original(self))
+    # 16 blocks = 8 per layer; 24 running tokens hold 6; a 12-token prompt needs 3 more: never fits
+    full = _saturated_scheduler(16, running_tokens=24, waiting_prompt=12)
+    assert full._admit() == [] and calls == []
+    # an 8-token prompt needs 2 (fits without headroom) but 3 with it, beside the running one's growth
+    # into a 7th block per layer (6 + 3 > 8): the sum is computed and says no
+    tight = _saturated_scheduler(16, running_tokens=24, waiting_prompt=8)
+    assert tight._admit() == [] and calls == [1]
+    # with room to spare it is admitted
+    roomy = _saturated_scheduler(32, running_tokens=24, waiting_prompt=8)
+    assert [s.request_id for s in roomy._admit()] == ["a"] and calls == [1, 1]
+    # nothing waiting: nothing to compute
+    idle = _saturated_scheduler(32, running_tokens=24, waiting_prompt=8)
+    idle.waiting.clear()
+    assert idle._admit() == [] and calls == [1, 1]

@@ -89,9 +89,17 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         batch: list[Sequence] = []
+        if not self.waiting:
+            self.prefill_cap = None
+            return batch
         tokens = 0
-        committed = self.kv.used_bytes + self.reserved_bytes()
         capacity = self.kv.capacity_bytes
+        if self.running and self.kv.used_bytes + self.predict_bytes(self.waiting[0], 0) > capacity:
+            # Cannot fit even with no headroom reserved for anyone: skip the reservation sum (a loop over
+            # every running sequence and layer), which a saturated engine would pay at every step.
+            self.prefill_cap = None
+            return batch
+        committed = self.kv.used_bytes + self.reserved_bytes()
         cap = self.prefill_cap or self.config.max_num_seqs
         while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs and len(batch) < cap:
             seq = self.waiting[0]
