@@ -230,3 +230,105 @@ def test_engine_outputs_are_the_same_with_and_without_the_stream(tiny_llava):
                     assert deltas == text
         finals = [[o for o in outs if o[3]] for outs in (run(True, stopped), run(False, stopped))]
         assert finals[0] == finals[1] and any(reason == "stop" for *_, reason in finals[0])
+
+
+# -- the engine with scripted tokens ---------------------------------------------------------------------
+
+PIECES = ["a", "b", " ", "ab", "é", "日本", "ü", "x", "\n", "ba", " a"]
+STOPS = ["é", "ab", "日本", "a é", " b", "ba", "ü", "x\n", "\ufffd", "b\ufffd"]
+
+
+def scripted_engine(tiny_llava, monkeypatch, incremental: bool):
+    """An engine whose sampled tokens are replaced by each request's script (the model still runs), with a
+    small pool (preemption and replay) and aggressive ZipVL."""
+    import zipvl_ray.engine.llm_engine as llm_engine
+    from zipvl_ray.config import EngineConfig
+
+    model, processor = tiny_llava
+    scripts = {}
+
+    def scripted_sample(logits, params, generators):
+        return [next(scripts[id(p)]) for p in params], [None] * len(params)
+
+    monkeypatch.setattr(llm_engine, "sample", scripted_sample)
+    eng = LLMEngine(
+        model,
+        processor,
+        zipvl=ZipVLConfig(tau=0.9, probe_recent=8, probe_random=8),
+        engine=EngineConfig(kv_cache_bytes=100 * 4096, decode_headroom_tokens=0),
+    )
+    eng.detokenizer = Detokenizer(processor.tokenizer, incremental=incremental)
+    return eng, scripts
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_scripted_outputs_keep_text_and_deltas_exact(tiny_llava, monkeypatch, incremental):
+    """Scripted outputs with multi-byte characters split across tokens, lone invalid bytes, special tokens,
+    stop strings (with U+FFFD too), stop token ids, aborts and preemptions: every finished text is
+    ``decode`` cut before the first stop string, and the streamed deltas add up to it. (Found by a review:
+    a U+FFFD stop string the stream never showed, and a stop prefix sent before a trailing U+FFFD.)"""
+    _, processor = tiny_llava
+    tokenizer = processor.tokenizer
+    rng = random.Random(2)
+
+    def script(n):
+        ids = []
+        while len(ids) < n:
+            if rng.random() < 0.15:
+                ids.append(rng.randrange(len(tokenizer)))  # any token: specials, lone bytes
+            else:
+                ids += tokenizer.encode(rng.choice(PIECES), add_special_tokens=False)
+        return iter(ids[:n])
+
+    checked = preempted = 0
+    for rnd in range(6):
+        eng, scripts = scripted_engine(tiny_llava, monkeypatch, incremental)
+        params, deltas, finals, abort_at = {}, {}, {}, {}
+        for i, prompt in enumerate(mixed_prompts(n_images=(3, 3, 1, 0, 2, 3), seed=rnd)):
+            rid, n = f"r{i}", rng.randrange(1, 30)
+            sampling = SamplingParams(
+                max_tokens=n,
+                ignore_eos=True,
+                stop=[rng.choice(STOPS) for _ in range(rng.randrange(0, 3))],
+                stop_token_ids=[rng.randrange(len(tokenizer))] if rng.random() < 0.2 else [],
+            )
+            scripts[id(sampling)] = script(n)
+            params[rid], deltas[rid] = sampling, []
+            eng.add_request(rid, prompt, sampling)
+            if rng.random() < 0.3:
+                abort_at[rid] = rng.randrange(1, 40)
+        steps = 0
+        while eng.has_unfinished():
+            outs = eng.step()
+            steps += 1
+            outs += [o for rid, at in abort_at.items() if at == steps and (o := eng.abort_request(rid))]
+            for o in outs:
+                deltas[o.request_id].append(o.delta_text)
+                finals.update({o.request_id: o} if o.finished else {})
+        preempted += eng.stats().num_preemptions
+        for rid, out in finals.items():
+            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            cut = first_stop(text, params[rid].stop)
+            assert out.text == (text[:cut] if cut >= 0 else text), (rid, out.token_ids, params[rid].stop)
+            assert "".join(deltas[rid]) == out.text, (rid, deltas[rid])
+            checked += 1
+    assert checked == 36 and preempted > 0
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_a_stop_prefix_before_an_incomplete_character_is_held_back(tiny_llava, monkeypatch, incremental):
+    """ "x", "a", then the two bytes of "é" with the stop string "aé": while "é" is incomplete the whole
+    decode ends in U+FFFD, and the "a" before it may begin the stop string, so it is not sent."""
+    _, processor = tiny_llava
+    tokenizer = processor.tokenizer
+    eng, scripts = scripted_engine(tiny_llava, monkeypatch, incremental)
+    ids = tokenizer.encode("xa", add_special_tokens=False) + tokenizer.convert_tokens_to_ids(["Ã", "©"])
+    assert tokenizer.decode(ids) == "xaé"
+    sampling = SamplingParams(max_tokens=4, ignore_eos=True, stop=["aé"])
+    scripts[id(sampling)] = iter(ids)
+    eng.add_request("r", "hello", sampling)
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert [o.delta_text for o in outs] == ["x", "", "", ""]
+    assert outs[-1].text == "x" and outs[-1].finish_reason == "stop"

@@ -14,10 +14,13 @@ the first stop string, exactly as if it had been decoded once at the end.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from zipvl_ray.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 
 def fast_decode(tokenizer):
@@ -120,9 +123,10 @@ class Detokenizer:
             text, exact = self._stream(seq), False
         if text is None:
             text, exact = self.decode(seq.output_token_ids, skip_special_tokens=True), True
-            if finished and seq.text_limit is not None and seq.sampling.stop:
+            if finished and seq.sampling.stop:
                 cut = first_stop(text, seq.sampling.stop)
-                seq.text_limit = cut if cut >= 0 else seq.text_limit
+                if cut >= 0 and (seq.text_limit is None or cut < seq.text_limit):
+                    seq.text_limit = cut
         seq.text = text if seq.text_limit is None else text[: seq.text_limit]
         seq.text_tokens, seq.text_exact = n, exact
         return seq.text
@@ -132,6 +136,11 @@ class Detokenizer:
         stream gives up: tokenizers raises when its decoder rewrote text it already returned, which byte
         fallback does to a run of byte tokens that turns out to hold an invalid byte."""
         if seq.text_stream is None:
+            if any("\ufffd" in stop for stop in seq.sampling.stop):
+                # The whole decode shows an incomplete character as U+FFFD, the stream never does: such a
+                # stop string would match at other tokens (or never), so this request decodes whole.
+                seq.text_stream = False
+                return None
             from tokenizers.decoders import DecodeStream
 
             seq.text_stream = DecodeStream(skip_special_tokens=True)
@@ -141,7 +150,10 @@ class Detokenizer:
                 chunk = seq.text_stream.step(self.backend, token)
                 if chunk:
                     seq.streamed_text += chunk
-        except Exception:
+        except Exception as exc:  # tokenizers raises on a prefix its decoder rewrote
+            logger.debug(
+                "request %s: text decoded whole from now on (%s: %s)", seq.request_id, type(exc).__name__, exc
+            )
             seq.text_stream = False
             return None
         return seq.streamed_text

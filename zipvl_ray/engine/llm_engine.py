@@ -453,9 +453,8 @@ class LLMEngine:
         if seq.is_finished:
             visible = len(text)
         else:  # hold back a trailing partial UTF-8 character, and what may be the start of a stop string
-            visible = len(text.rstrip("\ufffd"))
-            if seq.sampling.stop:
-                visible = min(visible, len(text) - partial_stop_length(text, seq.sampling.stop))
+            shown = text.rstrip("\ufffd")
+            visible = len(shown) - (partial_stop_length(shown, seq.sampling.stop) if seq.sampling.stop else 0)
         delta_text = text[seq.sent_text_len : visible] if visible > seq.sent_text_len else ""
         seq.sent_text_len = max(seq.sent_text_len, visible)
         delta_tokens = seq.output_token_ids[seq.sent_tokens :]
