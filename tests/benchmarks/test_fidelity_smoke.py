@@ -257,3 +257,32 @@ def test_layer_sensitivity_smoke_prunes_only_the_named_layer(tmp_path):
     saved = json.loads((tmp_path / "fidelity_layer_sensitivity.json").read_text())
     assert saved["rows"] == rows
     assert "| layer 1 only |" in (tmp_path / "fidelity_layer_sensitivity.md").read_text()
+
+
+def test_attention_mass_smoke_splits_every_layers_mass(tmp_path):
+    from benchmarks import fidelity_attention_mass as mass
+
+    rows = mass.main(["--smoke", "--model", "tiny-llava", "--out-dir", str(tmp_path)])
+    assert [r["layer"] for r in rows] == list(range(len(rows))) and rows[0]["samples"] == 2
+    for r in rows:
+        assert abs(r["sink"] + r["image"] + r["text"] - 1) < 1e-5
+        assert (
+            0 < r["count_all"] <= 1 and 0 < r["count_image_only"] <= 1 and 0 <= r["image_in_count_all"] <= 1
+        )
+    assert (tmp_path / "fidelity_attention_mass-smoke.md").exists()
+
+
+def test_fewest_covering_takes_the_largest_first():
+    import numpy as np
+
+    from benchmarks.fidelity_attention_mass import fewest_covering, layer_figures
+
+    mass = np.array([0.05, 0.6, 0.1, 0.25])
+    assert list(fewest_covering(mass, 0.8)) == [1, 3] and list(fewest_covering(mass, 0.9)) == [1, 3, 2]
+    assert list(fewest_covering(mass * 10, 0.6)) == [1]  # any total
+    image = np.array([False, True, True, False])
+    f = layer_figures(mass, image, evidence=[2], tau=0.8)
+    assert f["sink"] == 0.05 and abs(f["image"] - 0.7) < 1e-9 and abs(f["text"] - 0.25) < 1e-9
+    assert f["count_all"] == 0.5 and f["image_in_count_all"] == 0.5  # keys 1 and 3: one of two image tokens
+    assert f["count_image_only"] == 0.5  # 0.6 of the image tokens' 0.7 is 0.86 >= 0.8: one of two
+    assert f["evidence"] == 0.1 and abs(f["evidence_rank"] - 2 / 3) < 1e-9  # third of four keys
