@@ -18,6 +18,12 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Serve's HTTP proxy answers some errors itself (404 while the app deploys, 503 backpressure, 408
 # timeouts) in plain text; this callback makes them OpenAI JSON errors (docs/reliability.md).
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH ?= zipvl_ray.api.middleware:proxy_middlewares
+# `make serve` only: Serve's direct ingress. Port 8000 stays Serve's proxy; the ingress replica also serves
+# the same API on its own port (8001, the next free one up to 8099 for more replicas), one Ray hop fewer
+# (about 10 ms less per request on loopback, docs/performance.md "Direct ingress"). The 2 s drain lets
+# Ctrl-C stop it quickly (Serve's default, 30 s, is for load balancers to deregister a replica).
+SERVE_ENV ?= RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8001 \
+	RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=8099 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2
 
 .PHONY: install serve demo test test-fast lint format k8s gpu-wheels clean
 
@@ -31,7 +37,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: install
-	$(VENV)/bin/serve run $(CONFIG)
+	env $(SERVE_ENV) $(VENV)/bin/serve run $(CONFIG)
 
 demo: install
 	$(PY) -m zipvl_ray.demo

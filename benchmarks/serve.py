@@ -17,7 +17,10 @@ no HTTP and no Ray), and reports the p50 difference. A third arm sends them to t
 overhead into the API layer (``api_layer_p50_ms``) and the rest (``ray_serve_p50_ms``: the client's
 socket and Serve's HTTP server, the proxy, the hops between deployments, and whatever differs between
 the replicas' engine and this process's, which ``--direct-config`` and ``--direct-threads`` keep to a
-minimum). The arms' order rotates from request to request. The in-process engine is built from the same
+minimum). ``--compare-url`` adds a fourth arm: the same service through a second address (for
+instance Serve's proxy on port 8000 while ``--url`` is the ingress replica's own port under direct ingress,
+docs/performance.md), reported as ``compare_http_p50_ms`` and ``compare_serving_overhead_p50_ms``. The
+arms' order rotates from request to request. The in-process engine is built from the same
 Serve config as the service (``--direct-config``: its ``zipvl`` and ``engine`` blocks) and runs with
 the LLM replica's torch threads (``--direct-threads``, default 1: Ray gives a replica with
 ``num_cpus: 0`` one OpenMP thread), so that only HTTP and Ray differ.
@@ -242,9 +245,12 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         response.raise_for_status()
         return elapsed
 
-    via_http, in_process, via_app = [], [], []
+    via_http, in_process, via_app, via_compare = [], [], [], []
     try:
-        async with httpx.AsyncClient(base_url=args.url, timeout=600) as client:
+        async with (
+            httpx.AsyncClient(base_url=args.url, timeout=600) as client,
+            httpx.AsyncClient(base_url=args.compare_url or args.url, timeout=600) as other,
+        ):
             card = (await client.get("/v1/models")).json()["data"][0]
             settings = ServingSettings(
                 served_model_name=card["id"],
@@ -261,14 +267,16 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
             async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=600) as local:
                 for i in range(n + 1):  # the first round warms every path up and is not counted
                     side, tokens = args.image_sizes[0], args.max_tokens
-                    bodies = [
-                        request_body(card["id"], seed + i, side, tokens, True, stream=False)
-                        for seed in (2_000_000, 3_000_000, 4_000_000)
-                    ]
                     arms = [
                         (via_http, lambda b: post(client, b)),
                         (in_process, lambda b: direct(card, b, preparer)),
                         (via_app, lambda b: post(local, b)),
+                    ]
+                    if args.compare_url:
+                        arms.append((via_compare, lambda b: post(other, b)))
+                    bodies = [
+                        request_body(card["id"], seed + i, side, tokens, True, stream=False)
+                        for seed in (2_000_000, 3_000_000, 4_000_000, 5_000_000)[: len(arms)]
                     ]
                     shift = i % len(arms)  # the order rotates: no arm always runs first
                     for (samples, call), body in zip(arms[shift:] + arms[:shift], bodies, strict=True):
@@ -280,6 +288,18 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         torch.set_num_threads(previous_threads)
     http_p50, direct_p50 = statistics.median(via_http), statistics.median(in_process)
     app_p50 = statistics.median(via_app)
+    compare: dict[str, Any] = {}
+    if via_compare:
+        compare_p50 = statistics.median(via_compare)
+        compare = {
+            "compare_url": args.compare_url,
+            "compare_http_p50_ms": compare_p50 * 1000,
+            "compare_serving_overhead_p50_ms": (compare_p50 - direct_p50) * 1000,
+            # Per round, this address minus --url: the two HTTP paths compared pairwise (drift cancels).
+            "compare_minus_url_paired_p50_ms": statistics.median(
+                (b - a) * 1000 for a, b in zip(via_http, via_compare, strict=True)
+            ),
+        }
     return {
         "overhead_requests": n,
         "direct_config": str(args.direct_config),
@@ -287,10 +307,15 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         "http_p50_ms": http_p50 * 1000,
         "direct_p50_ms": direct_p50 * 1000,
         "serving_overhead_p50_ms": (http_p50 - direct_p50) * 1000,
+        # The median over rounds of (HTTP - in-process) within each round: slow drift of the machine cancels.
+        "serving_overhead_paired_p50_ms": statistics.median(
+            (h - d) * 1000 for h, d in zip(via_http, in_process, strict=True)
+        ),
         # The split of that overhead: the OpenAI app in this process, and the rest (socket, proxy, Ray hops).
         "in_process_app_p50_ms": app_p50 * 1000,
         "api_layer_p50_ms": (app_p50 - direct_p50) * 1000,
         "ray_serve_p50_ms": (http_p50 - app_p50) * 1000,
+        **compare,
     }
 
 
@@ -357,6 +382,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--direct-model", default=None, help="Model the in-process engine loads (default: /v1/models root)."
     )
     parser.add_argument("--direct-requests", type=int, default=10)
+    parser.add_argument(
+        "--compare-url",
+        default=None,
+        help="With --direct: also time the same requests through this second base URL of the service "
+        "(e.g. the proxy, http://127.0.0.1:8000, when --url is the ingress replica's direct port).",
+    )
     parser.add_argument(
         "--direct-config",
         default="configs/zipvl.yaml",

@@ -1,13 +1,17 @@
 """End to end: ``serve run configs/zipvl.yaml`` in a subprocess, the real engine and encoder, real HTTP.
 
-This is the command ``make serve`` runs and the README documents. The config is copied with only the
-HTTP port changed (a free one: other clusters may hold 8000), and ``RAY_ADDRESS=local`` makes
-``serve run`` start its own cluster instead of joining one another process started.
+This is the command ``make serve`` runs and the README documents, in the environment the Makefile gives
+it (the proxy callback, and ``SERVE_ENV``: Serve's direct ingress, so the ingress replica also serves the
+API on its own port). The config is copied with only the HTTP port changed (a free one: other clusters
+may hold 8000), the direct-ingress port range is moved to free ports as well, and ``RAY_ADDRESS=local``
+makes ``serve run`` start its own cluster instead of joining one another process started.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,13 +24,15 @@ import yaml
 
 from tests.api import service_checks as checks
 from tests.api.helpers import image_data_url
-from tests.deployments.conftest import REPO_ROOT, free_port, ray_test_env
+from tests.deployments.conftest import REPO_ROOT, free_port, free_ports, ray_test_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 STARTUP_TIMEOUT_S = 240
 #: ``(status, content type)`` of each non-200 answer to ``/health`` while the application deployed.
 STARTUP_ERRORS: list[tuple[int, str]] = []
+#: The ingress replica's own HTTP port (direct ingress), found in the log once the service is up.
+DIRECT_PORT: list[int] = []
 
 
 def makefile_export(name: str) -> str:
@@ -40,6 +46,23 @@ def makefile_export(name: str) -> str:
         env={k: v for k, v in os.environ.items() if k != name},
     )
     return out.stdout.strip()
+
+
+def makefile_variable(name: str) -> str:
+    """The value of the Makefile variable ``name`` (exported or not)."""
+    out = subprocess.run(
+        ["make", "--no-print-directory", "--eval", f"_print-var: ; @echo $({name})", "_print-var"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def serve_env() -> dict[str, str]:
+    """``SERVE_ENV``, the variables the Makefile sets for ``make serve`` alone, as a dict."""
+    return dict(item.split("=", 1) for item in makefile_variable("SERVE_ENV").split())
 
 
 def _require_real_stack() -> None:
@@ -66,6 +89,11 @@ def served(tmp_path_factory):
     # As `make serve` runs it: with the proxy callback that answers the proxy's own errors in JSON.
     callback = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
     env[callback] = makefile_export(callback)
+    env.update(serve_env())
+    if env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":  # its ports: free ones, not 8001-8099
+        direct = free_ports(4)
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(min(direct))
+        env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(max(direct))
     serve_bin = Path(sys.executable).parent / "serve"
     process = subprocess.Popen(
         [str(serve_bin), "run", str(path)],
@@ -93,6 +121,8 @@ def served(tmp_path_factory):
                 f"not healthy in time:\n{(path.parent / 'serve.log').read_text()[-4000:]}"
             )
             time.sleep(1)
+        found = re.findall(r"Started HTTP server on port (\d+)", (path.parent / "serve.log").read_text())
+        DIRECT_PORT[:] = [int(port) for port in found[-1:]]
         args = config["applications"][0]["args"]
         from zipvl_ray.api.images import ImageLimits
 
@@ -114,8 +144,33 @@ def served(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def direct(served):
+    """The same service through the ingress replica's own port (Serve's direct ingress, no proxy hop)."""
+    if serve_env().get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        pytest.skip("the Makefile does not turn on direct ingress for make serve")
+    assert DIRECT_PORT, "the ingress replica did not log its direct-ingress HTTP port"
+    return dataclasses.replace(served, base_url=f"http://127.0.0.1:{DIRECT_PORT[0]}")
+
+
 def test_health_and_models(served):
     checks.check_models_and_health(served)
+
+
+def test_direct_ingress_port_serves_the_same_api(served, direct):
+    """``make serve``'s second port: health, models, a chat with an image, the bad-request matrix (the same
+    OpenAI errors: the replica's server runs the proxy callback's middlewares too), and the same greedy
+    answer as through the proxy."""
+    checks.check_models_and_health(direct)
+    checks.check_chat_with_image(direct)
+    checks.check_bad_requests(direct)
+    body = served.body("What is in the picture?", [image_data_url(77)], max_tokens=6)
+    assert checks.content(checks.chat(direct, body)) == checks.content(checks.chat(served, body))
+
+
+def test_direct_ingress_streams_and_frees_kv_on_disconnect(direct):
+    checks.check_stream_matches_non_stream(direct)
+    checks.check_disconnect_frees_kv(direct, max_tokens=3000, stream=True)
 
 
 def test_the_proxy_answers_in_openai_json_while_the_application_deploys(served):
