@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.concurrency, args.image_sizes, args.requests_per_worker, args.max_tokens = [1, 2], [64], 1, 4
         args.direct, args.direct_requests, args.direct_model = True, 2, "tiny-llava"
         args.warmup_requests, args.direct_config = 1, "none"
+        args.compare_url = args.compare_url or args.url  # the fourth arm runs too (same server)
     try:
         rows = asyncio.run(sweep(args))
         summary: dict[str, Any] = {"url": args.url, "max_tokens": args.max_tokens}

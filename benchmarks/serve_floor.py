@@ -25,6 +25,11 @@ with; the script also reports each arm and the cost of each step on top of the p
 
 Run it when nothing else holds the cores (stop ``serve run`` first: this script starts its own cluster),
 ideally right before or after ``benchmarks/serve.py --direct`` on the same machine.
+``--direct-ingress`` starts the cluster with Serve's direct ingress (as ``make serve`` does): the ingress
+replica then also listens on its own port (``--direct-port``), and every arm is timed through both
+addresses on the same cluster, rotated, so the proxy hop and the body fetch it saves show side by side
+(summary keys ``direct_*``; ``make serve`` serves the API on such a port, 8001).
+
 ``--smoke`` is the test suite's short run. Results: ``benchmarks/results/serve_floor.{json,md}``.
 """
 
@@ -101,24 +106,56 @@ def percentile(values: list[float], q: float) -> float:
 
 async def measure(url: str, requests: int, warmup: int, side: int) -> dict[str, list[float]]:
     """``requests`` timed requests per arm, one at a time, the arms rotating; milliseconds."""
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    return (await measure_paths({"proxy": url}, requests, warmup, side))["proxy"]
+
+
+async def measure_paths(
+    urls: dict[str, str], requests: int, warmup: int, side: int
+) -> dict[str, dict[str, list[float]]]:
+    """Every arm through every address (``{path name: base URL}``), one request at a time, the
+    (path, arm) pairs rotating; milliseconds per path and arm."""
+    pairs = [(path, arm) for path in urls for arm in ARMS]
+    times: dict[str, dict[str, list[float]]] = {path: {arm: [] for arm in ARMS} for path in urls}
+    clients = {path: httpx.AsyncClient(base_url=url, timeout=60) for path, url in urls.items()}
+    try:
         for i in range(warmup + requests):
-            for k in range(len(ARMS)):
-                arm = ARMS[(i + k) % len(ARMS)]
+            for k in range(len(pairs)):
+                path, arm = pairs[(i + k) % len(pairs)]
                 body = request_body("floor", 10_000 + i, side, 32, True, stream=False)
                 start = time.perf_counter()
-                response = await client.post("/", params={"arm": arm}, content=json.dumps(body))
+                response = await clients[path].post("/", params={"arm": arm}, content=json.dumps(body))
                 elapsed = (time.perf_counter() - start) * 1e3
                 response.raise_for_status()
                 if i >= warmup:
-                    times[arm].append(elapsed)
+                    times[path][arm].append(elapsed)
+    finally:
+        for client in clients.values():
+            await client.aclose()
     return times
 
 
-def summarize(times: dict[str, list[float]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def find_direct_port(first: int, last: int, timeout_s: float = 30.0) -> int:
+    """The port in ``[first, last]`` where the ingress replica answers Serve's ``/-/routes`` (direct ingress)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for port in range(first, last + 1):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/routes", timeout=2).status_code == 200:
+                    return port
+            except httpx.HTTPError:
+                continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no direct-ingress HTTP server answered on ports {first}-{last}")
+        time.sleep(0.5)
+
+
+def summarize(
+    times: dict[str, list[float]], prefix: str = "", path: str | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows per arm and the floor's split; ``prefix`` names the summary keys of a second path."""
     rows = [
         {
+            **({"path": path} if path else {}),
             "arm": arm,
             "requests": len(values),
             "p50_ms": statistics.median(values),
@@ -136,7 +173,7 @@ def summarize(times: dict[str, list[float]]) -> tuple[list[dict[str, Any]], dict
         "vision_hop_p50_ms": p50["proxy+vision"] - p50["proxy"],
         "llm_hops_p50_ms": p50["full"] - p50["proxy+vision"],
     }
-    return rows, summary
+    return rows, {f"{prefix}{key}": value for key, value in summary.items()}
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -157,11 +194,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--features", default="64x128", help="Shape of the tensor the vision replica returns."
     )
     parser.add_argument("--port", type=int, default=8011, help="HTTP port of the floor cluster's proxy.")
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Turn on Serve's direct ingress and time every arm through the ingress replica's own port too.",
+    )
+    parser.add_argument(
+        "--direct-port",
+        type=int,
+        default=8012,
+        help="First port of the direct-ingress range (ten ports) for the ingress replica's HTTP server.",
+    )
     parser.add_argument("--smoke", action="store_true", help="A few requests (the test suite's run).")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     if args.smoke:
         args.requests, args.warmup = 3, 1
+
+    import os
+
+    if args.direct_ingress:  # read by Serve's controller and replicas at start: before the cluster exists
+        os.environ.update(
+            {
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(args.direct_port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(args.direct_port + 9),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+            }
+        )
 
     import ray
     from ray import serve
@@ -174,12 +234,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name="floor",
             route_prefix="/",
         )
-        url = f"http://127.0.0.1:{args.port}"
-        times = asyncio.run(measure(url, args.requests, args.warmup, args.image_size))
+        urls = {"proxy": f"http://127.0.0.1:{args.port}"}
+        if args.direct_ingress:
+            port = find_direct_port(args.direct_port, args.direct_port + 9)
+            urls["direct ingress"] = f"http://127.0.0.1:{port}"
+        times = asyncio.run(measure_paths(urls, args.requests, args.warmup, args.image_size))
     finally:
         serve.shutdown()
         ray.shutdown()
-    rows, summary = summarize(times)
+    rows, summary = summarize(times["proxy"], path="proxy" if args.direct_ingress else None)
+    if args.direct_ingress:
+        direct_rows, direct_summary = summarize(times["direct ingress"], "direct_", path="direct ingress")
+        rows += direct_rows
+        summary.update(direct_summary)
+        summary["direct_ingress_saves_p50_ms"] = summary["floor_p50_ms"] - summary["direct_floor_p50_ms"]
+        summary["direct_port"] = int(urls["direct ingress"].rsplit(":", 1)[1])
     summary.update(
         {
             "requests_per_arm": args.requests,
@@ -198,7 +267,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "One request at a time over HTTP to a no-work application with the service's topology "
             "(proxy -> ingress -> vision -> LLM, chained and streamed, num_cpus 0). `full` p50 is the "
             "least serving overhead any code could reach on this machine; compare with "
-            "`serving_overhead_p50_ms` of benchmarks/results/serve.md."
+            "`serving_overhead_p50_ms` of benchmarks/results/serve.md. With --direct-ingress every arm also "
+            "goes to the ingress replica's own port (path `direct ingress`: no proxy hop, no body fetch "
+            "back from the proxy); the `direct_*` summary keys split that path's floor the same way."
         ),
         out_dir=args.out_dir,
     )

@@ -1,5 +1,6 @@
 """benchmarks/serve_floor.py: the summary's arithmetic without a cluster, and the ``--smoke`` run on a
-real local Ray cluster (the no-work application answers every arm over HTTP)."""
+real local Ray cluster with direct ingress (the no-work application answers every arm over HTTP, through
+Serve's proxy and through the ingress replica's own port)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from benchmarks.serve_floor import ARMS, parse_shape, summarize
-from tests.deployments.conftest import REPO_ROOT, free_port, ray_test_env
+from tests.deployments.conftest import REPO_ROOT, free_ports, ray_test_env
 
 
 def test_summary_splits_the_floor_into_its_hops():
@@ -30,6 +31,9 @@ def test_summary_splits_the_floor_into_its_hops():
     parts = ("proxy_unread_p50_ms", "body_read_p50_ms", "vision_hop_p50_ms", "llm_hops_p50_ms")
     assert sum(summary[key] for key in parts) == pytest.approx(summary["floor_p50_ms"])
     assert parse_shape("1x3x112X112") == (1, 3, 112, 112)
+    # a second path's keys carry its prefix, its rows its name
+    rows, direct = summarize(times, "direct_", path="direct ingress")
+    assert direct["direct_floor_p50_ms"] == 39.0 and {row["path"] for row in rows} == {"direct ingress"}
 
 
 @pytest.mark.ray
@@ -37,12 +41,17 @@ def test_summary_splits_the_floor_into_its_hops():
 def test_serve_floor_smoke_on_a_local_cluster(tmp_path):
     env = {**os.environ, **ray_test_env()}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "benchmarks.serve_floor", "--smoke", "--port", str(free_port())]
+    proxy_port, direct_port = free_ports(2)
+    command = [sys.executable, "-m", "benchmarks.serve_floor", "--smoke", "--port", str(proxy_port)]
+    command += ["--direct-ingress", "--direct-port", str(direct_port)]
     subprocess.run([*command, "--out-dir", str(tmp_path)], cwd=REPO_ROOT, env=env, check=True, timeout=300)
     payload = json.loads((tmp_path / "serve_floor-smoke.json").read_text())
-    rows = {row["arm"]: row for row in payload["rows"]}
-    assert set(rows) == set(ARMS)
+    rows = {(row["path"], row["arm"]): row for row in payload["rows"]}
+    assert set(rows) == {(path, arm) for path in ("proxy", "direct ingress") for arm in ARMS}
     assert all(row["requests"] == 3 and row["p50_ms"] > 0 for row in rows.values())
-    # every hop costs something: the full chain is slower than the proxy alone
-    assert payload["summary"]["floor_p50_ms"] > payload["summary"]["proxy_unread_p50_ms"]
+    summary = payload["summary"]
+    # every hop costs something: the full chain is slower than the proxy alone, on either path
+    assert summary["floor_p50_ms"] > summary["proxy_unread_p50_ms"]
+    assert summary["direct_floor_p50_ms"] > summary["direct_proxy_unread_p50_ms"]
+    assert direct_port <= summary["direct_port"] <= direct_port + 9
     assert (tmp_path / "serve_floor-smoke.md").exists()

@@ -20,5 +20,15 @@ def test_serve_benchmark_smoke(tmp_path):
     assert summary["in_process_app_p50_ms"] > 0
     parts = summary["api_layer_p50_ms"] + summary["ray_serve_p50_ms"]
     assert abs(parts - summary["serving_overhead_p50_ms"]) < 1e-6
+    # the paired overhead (median of per-round differences) and the --compare-url arm (the same server here)
+    assert summary["serving_overhead_paired_p50_ms"] is not None
+    assert summary["compare_url"] == summary["url"] and summary["compare_http_p50_ms"] > 0
+    assert (
+        abs(
+            summary["compare_serving_overhead_p50_ms"]
+            - (summary["compare_http_p50_ms"] - summary["direct_p50_ms"])
+        )
+        < 1e-6
+    )
     payload = json.loads((tmp_path / "serve-smoke.json").read_text())
     assert payload["rows"] == json.loads(json.dumps(rows)) and (tmp_path / "serve-smoke.md").exists()
