@@ -168,14 +168,7 @@ def _build_app(mode: str, model: str, max_model_len: int):
     processor = PromptProcessor(hf_processor)
     if mode == "baseline":
         return build_openai_app(LocalBackend(engine, encoder), processor, args.serving_settings()), engine
-    vision = VisionEncoderServer.func_or_class(_Loaded(encoder), model)
-    batch_body = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
-
-    async def unbatched(images):  # @serve.batch needs a replica: a batch of one request instead
-        (features,) = await batch_body(vision, [images])
-        return features
-
-    vision._encode_batch = unbatched
+    vision = VisionEncoderServer.func_or_class(_Loaded(encoder), model)  # its batcher runs without Serve
     llm = LLMServer.func_or_class(_Loaded(engine), model)
     backend = RayServeBackend(_Handle(vision), _Handle(llm))
     app = build_ingress_app(backend, processor, args.serving_settings(), behind_serve_proxy=False)

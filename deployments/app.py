@@ -150,7 +150,12 @@ class VisionStageOptions(StageOptions):
 
     max_batch_size: int = Field(8, ge=1, le=512, description="Most requests batched into one vision forward.")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, le=1, description="How long the first request of a batch waits for more."
+        0.0,
+        ge=0,
+        le=1,
+        description="How long a vision batch that is not full waits for more requests before its forward "
+        "starts. 0 (the default): an idle encoder starts at once, and the requests that arrive while a "
+        "forward runs form the next batch anyway.",
     )
     cache_size: int = Field(
         256, ge=0, description="Entries of the encoder's LRU cache per replica (0 disables it)."

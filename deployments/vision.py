@@ -2,8 +2,11 @@
 
 The encoder class is injected (``zipvl_ray.vision.VisionEncoder`` by default, a fake in tests). It
 loads only the vision tower + projector and keeps an LRU cache keyed by image content hash.
-``@serve.batch`` gathers the images of concurrent requests into one forward (the cache misses of
-the batch are encoded together); the forward runs in a worker thread so the replica keeps accepting
+A :class:`~deployments.batching.BusyBatcher` gathers the images of concurrent requests into one
+forward (the cache misses of the batch are encoded together): an idle encoder starts on a request at
+once, and the requests that arrive while a forward runs form the next batch (Serve's ``@serve.batch``
+batches by time window instead, so every lone request waited the whole window; see
+``deployments/batching.py``). The forward runs in a worker thread so the replica keeps accepting
 requests meanwhile. Features come back on the CPU: with ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` in
 every process (set by the app builder) the LLM replica reads them from the object store without a copy.
 
@@ -24,6 +27,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.batching import BusyBatcher
 from zipvl_ray import telemetry
 from zipvl_ray.multimodal import ImageInput
 
@@ -72,7 +76,8 @@ class VisionEncoderServer:
     max_batch_size : int
         Most requests gathered into one forward.
     batch_wait_timeout_s : float
-        How long the first request of a batch waits for others.
+        How long a batch that is not full waits for more requests before its forward starts (0: an idle
+        encoder starts at once; the requests that arrive during a forward join the next one anyway).
     unhealthy_after_failed_batches : int
         Serve's health check fails once this many encoder forwards in a row have raised (a persistent
         device fault); a successful forward resets the count.
@@ -88,7 +93,7 @@ class VisionEncoderServer:
         cache_size: int = 256,
         cache_max_bytes: int | None = None,
         max_batch_size: int = 8,
-        batch_wait_timeout_s: float = 0.005,
+        batch_wait_timeout_s: float = 0.0,
         unhealthy_after_failed_batches: int = 3,
     ):
         self.unhealthy_after_failed_batches = unhealthy_after_failed_batches
@@ -98,8 +103,7 @@ class VisionEncoderServer:
         self.encoder = encoder_cls.from_pretrained(
             model, dtype=dtype, device=device, cache_size=cache_size, **extra
         )
-        self._encode_batch.set_max_batch_size(max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batcher = BusyBatcher(self._encode_batch, max_batch_size, batch_wait_timeout_s)
         self.batches = 0
         self.requests = 0
         self.images = 0
@@ -113,7 +117,7 @@ class VisionEncoderServer:
             return []
         span = telemetry.start_span("zipvl.vision.encode", attributes={"zipvl.images": len(images)})
         try:
-            result = await self._encode_batch(images)
+            result = await self._batcher.submit(images)
             if isinstance(result, Exception):  # this request's own images failed, not its batch's
                 raise result
         except BaseException as exc:
@@ -153,7 +157,6 @@ class VisionEncoderServer:
         after = self.encoder.cache_stats()
         return features, after["hits"] - before["hits"], after["misses"] - before["misses"], elapsed
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _encode_batch(
         self, requests: list[list[ImageInput]]
     ) -> list[tuple[list[Any], BatchReport] | Exception]:

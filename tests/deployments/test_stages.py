@@ -186,8 +186,8 @@ def test_vision_batch_encodes_all_requests_at_once_and_splits_in_order():
         FakeVisionEncoder, "tiny-llava", cache_size=8, max_batch_size=8
     )
     requests = [[_image(i), _image(i + 10)] for i in range(3)] + [[_image(1)]]
-    # The batch body as @serve.batch calls it (the decorator itself needs a running replica).
-    batch = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
+    # The batch body as the batcher calls it.
+    batch = VisionEncoderServer.func_or_class._encode_batch
     results = asyncio.run(batch(server, requests))
     for images, (features, report) in zip(requests, results, strict=True):
         assert (report.requests, report.images) == (4, 7)
@@ -233,7 +233,7 @@ def test_vision_health_check_fails_while_every_batch_fails():
     server = VisionEncoderServer.func_or_class(
         Broken, "tiny-llava", cache_size=8, max_batch_size=8, unhealthy_after_failed_batches=2
     )
-    batch = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
+    batch = VisionEncoderServer.func_or_class._encode_batch
     for _ in range(2):
         server.check_health()
         with pytest.raises(RuntimeError, match="illegal memory access"):
@@ -259,7 +259,7 @@ def test_one_requests_failing_images_fail_only_that_request_of_its_batch():
     server = VisionEncoderServer.func_or_class(
         Picky, "tiny-llava", cache_size=8, max_batch_size=8, unhealthy_after_failed_batches=1
     )
-    batch = VisionEncoderServer.func_or_class._encode_batch.__wrapped__
+    batch = VisionEncoderServer.func_or_class._encode_batch
     poison = dataclasses.replace(_image(5), content_hash="poison")
     good, bad, also_good = asyncio.run(batch(server, [[_image(1)], [_image(2), poison], [_image(3)]]))
     assert isinstance(bad, RuntimeError) and "announced as 3" in str(bad)
@@ -278,7 +278,6 @@ def test_one_requests_failing_images_fail_only_that_request_of_its_batch():
     async def call_alone():
         return await VisionEncoderServer.func_or_class.encode(server, [poison])
 
-    server._encode_batch = lambda images: batch(server, [images])  # the batch of one, as Serve would call it
     with pytest.raises(RuntimeError, match="announced as 3"):
         asyncio.run(call_alone())
     with pytest.raises(RuntimeError, match="last 1 encoder batches failed"):
