@@ -18,12 +18,16 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 # Serve's HTTP proxy answers some errors itself (404 while the app deploys, 503 backpressure, 408
 # timeouts) in plain text; this callback makes them OpenAI JSON errors (docs/reliability.md).
 export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH ?= zipvl_ray.api.middleware:proxy_middlewares
-# `make serve` only: Serve's direct ingress. Port 8000 stays Serve's proxy; the ingress replica also serves
-# the same API on its own port (8001, the next free one up to 8099 for more replicas), one Ray hop fewer
-# (about 10 ms less per request on loopback, docs/performance.md "Direct ingress"). The 2 s drain lets
-# Ctrl-C stop it quickly (Serve's default, 30 s, is for load balancers to deregister a replica).
+# `make serve` only: Serve's direct ingress. Port 8000 stays Serve's proxy (on the head node only, which
+# direct ingress implies); the ingress replica also serves the same API on its own port (8001, or the
+# next free one up to 8099: the log says "Started HTTP server on port N"), one Ray hop fewer (about
+# 10 ms less per request on loopback, docs/performance.md "Direct ingress"). The range's maximum is
+# exclusive. The 2 s drain lets Ctrl-C stop it quickly (Serve's 30 s is for load balancers to deregister
+# a replica) and no port quarantine lets a restarted replica take 8001 again (the quarantine is for
+# HAProxy mode). `make serve SERVE_ENV=` runs without it.
 SERVE_ENV ?= RAY_SERVE_ENABLE_DIRECT_INGRESS=1 RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8001 \
-	RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=8099 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2
+	RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=8100 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
+	RAY_SERVE_PORT_QUARANTINE_S=0
 
 .PHONY: install serve demo test test-fast lint format k8s gpu-wheels clean
 

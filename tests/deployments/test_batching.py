@@ -117,3 +117,88 @@ def test_a_wrong_number_of_results_is_an_error_and_event_loops_can_change():
     assert asyncio.run(batcher.submit(7)) == 7  # a second asyncio.run: a fresh worker on the new loop
     with pytest.raises(ValueError, match="max_batch_size"):
         BusyBatcher(short, max_batch_size=0)
+
+
+def test_a_caller_cancelled_during_its_batch_leaves_the_others_their_results():
+    async def scenario():
+        gate = Gate()
+        batcher = BusyBatcher(gate, max_batch_size=8)
+        first = asyncio.create_task(batcher.submit("a"))
+        await asyncio.wait_for(gate.started.wait(), 5)
+        gate.started.clear()
+        b, c = asyncio.create_task(batcher.submit("b")), asyncio.create_task(batcher.submit("c"))
+        await _settle()
+        first_release, gate.release = gate.release, asyncio.Event()  # the next batch waits for its own
+        first_release.set()
+        assert await first == "A"
+        await asyncio.wait_for(gate.started.wait(), 5)  # the batch ["b", "c"] is running
+        b.cancel()
+        gate.release.set()
+        assert await c == "C"
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        assert gate.batches == [["a"], ["b", "c"]]
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_function_raising_cancelled_error_fails_its_batch_only():
+    """``fn``'s own CancelledError (not the worker's) must not end the worker and strand queued callers."""
+
+    async def scenario():
+        calls: list[list[str]] = []
+
+        async def flaky(items: list[str]) -> list[str]:
+            calls.append(list(items))
+            await asyncio.sleep(0.01)
+            if len(calls) == 1:
+                raise asyncio.CancelledError()
+            return [item.upper() for item in items]
+
+        batcher = BusyBatcher(flaky, max_batch_size=8)
+        first = asyncio.create_task(batcher.submit("a"))
+        await _settle()
+        later = asyncio.create_task(batcher.submit("b"))
+        with pytest.raises(RuntimeError, match="batch function was cancelled"):
+            await first
+        assert await asyncio.wait_for(later, 5) == "B"
+
+    asyncio.run(scenario())
+
+
+def test_when_the_worker_stops_every_waiting_caller_is_cancelled():
+    async def scenario():
+        gate = Gate()
+        batcher = BusyBatcher(gate, max_batch_size=8)
+        running = asyncio.create_task(batcher.submit("a"))
+        await asyncio.wait_for(gate.started.wait(), 5)
+        queued = [asyncio.create_task(batcher.submit(x)) for x in "bc"]
+        await _settle()
+        batcher._worker.cancel()  # what the loop's shutdown does
+        outcomes = await asyncio.wait_for(asyncio.gather(running, *queued, return_exceptions=True), 5)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_worker_holds_no_reference_to_the_last_batch():
+    import gc
+    import weakref
+
+    class Item:
+        pass
+
+    async def scenario():
+        async def echo(items):
+            return [object() for _ in items]
+
+        batcher = BusyBatcher(echo, max_batch_size=4)
+        item = Item()
+        ref = weakref.ref(item)
+        await batcher.submit(item)
+        del item
+        await _settle()  # the worker is back to waiting for the next batch
+        gc.collect()
+        assert ref() is None
+
+    asyncio.run(scenario())
