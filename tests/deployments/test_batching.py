@@ -34,12 +34,18 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _busy(gate: Gate, max_batch_size: int = 8) -> tuple[BusyBatcher, asyncio.Task]:
+    """A batcher over ``gate`` whose first batch, ``["a"]``, is running (held by the gate)."""
+    batcher = BusyBatcher(gate, max_batch_size=max_batch_size)
+    first = asyncio.create_task(batcher.submit("a"))
+    await asyncio.wait_for(gate.started.wait(), 5)
+    return batcher, first
+
+
 def test_a_lone_item_starts_at_once_and_what_queues_meanwhile_forms_the_next_batch():
     async def scenario():
         gate = Gate()
-        batcher = BusyBatcher(gate, max_batch_size=2)
-        first = asyncio.create_task(batcher.submit("a"))
-        await asyncio.wait_for(gate.started.wait(), 5)
+        batcher, first = await _busy(gate, max_batch_size=2)
         assert gate.batches == [["a"]]  # no waiting for company
         rest = [asyncio.create_task(batcher.submit(x)) for x in "bcd"]
         await _settle()
@@ -55,9 +61,7 @@ def test_a_lone_item_starts_at_once_and_what_queues_meanwhile_forms_the_next_bat
 def test_a_caller_cancelled_while_queued_is_left_out_of_the_batch():
     async def scenario():
         gate = Gate()
-        batcher = BusyBatcher(gate, max_batch_size=8)
-        first = asyncio.create_task(batcher.submit("a"))
-        await asyncio.wait_for(gate.started.wait(), 5)
+        batcher, first = await _busy(gate)
         gone, kept = asyncio.create_task(batcher.submit("b")), asyncio.create_task(batcher.submit("c"))
         await _settle()
         gone.cancel()
@@ -73,9 +77,7 @@ def test_a_caller_cancelled_while_queued_is_left_out_of_the_batch():
 def test_an_error_fails_every_caller_of_its_batch_and_the_next_batch_runs():
     async def scenario():
         gate = Gate()
-        batcher = BusyBatcher(gate, max_batch_size=8)
-        first = asyncio.create_task(batcher.submit("a"))
-        await asyncio.wait_for(gate.started.wait(), 5)
+        batcher, first = await _busy(gate)
         doomed = [asyncio.create_task(batcher.submit(x)) for x in "bc"]
         await _settle()
         gate.fail_with = RuntimeError("device fault")  # the running batch ["a"] fails
@@ -122,9 +124,7 @@ def test_a_wrong_number_of_results_is_an_error_and_event_loops_can_change():
 def test_a_caller_cancelled_during_its_batch_leaves_the_others_their_results():
     async def scenario():
         gate = Gate()
-        batcher = BusyBatcher(gate, max_batch_size=8)
-        first = asyncio.create_task(batcher.submit("a"))
-        await asyncio.wait_for(gate.started.wait(), 5)
+        batcher, first = await _busy(gate)
         gate.started.clear()
         b, c = asyncio.create_task(batcher.submit("b")), asyncio.create_task(batcher.submit("c"))
         await _settle()
@@ -169,9 +169,7 @@ def test_a_batch_function_raising_cancelled_error_fails_its_batch_only():
 def test_when_the_worker_stops_every_waiting_caller_is_cancelled():
     async def scenario():
         gate = Gate()
-        batcher = BusyBatcher(gate, max_batch_size=8)
-        running = asyncio.create_task(batcher.submit("a"))
-        await asyncio.wait_for(gate.started.wait(), 5)
+        batcher, running = await _busy(gate)
         queued = [asyncio.create_task(batcher.submit(x)) for x in "bc"]
         await _settle()
         batcher._worker.cancel()  # what the loop's shutdown does

@@ -35,29 +35,27 @@ STARTUP_ERRORS: list[tuple[int, str]] = []
 DIRECT_PORT: list[int] = []
 
 
-def makefile_export(name: str) -> str:
-    """The value the Makefile exports to ``make serve`` for the environment variable ``name``."""
+def _make_echo(expression: str, env: dict[str, str] | None = None) -> str:
+    """What ``make`` prints for ``echo <expression>`` in this repository's Makefile."""
     out = subprocess.run(
-        ["make", "--no-print-directory", "--eval", f"_print-env: ; @echo $${name}", "_print-env"],
+        ["make", "--no-print-directory", "--eval", f"_print: ; @echo {expression}", "_print"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         check=True,
-        env={k: v for k, v in os.environ.items() if k != name},
+        env=env,
     )
     return out.stdout.strip()
+
+
+def makefile_export(name: str) -> str:
+    """The value the Makefile exports to ``make serve`` for the environment variable ``name``."""
+    return _make_echo(f"$${name}", env={k: v for k, v in os.environ.items() if k != name})
 
 
 def makefile_variable(name: str) -> str:
     """The value of the Makefile variable ``name`` (exported or not)."""
-    out = subprocess.run(
-        ["make", "--no-print-directory", "--eval", f"_print-var: ; @echo $({name})", "_print-var"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
+    return _make_echo(f"$({name})")
 
 
 def serve_env() -> dict[str, str]:
