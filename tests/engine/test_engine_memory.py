@@ -131,6 +131,20 @@ def test_abort_frees_blocks_at_once(tiny_llava):
     assert eng.runner.kv.used_bytes == 0
 
 
+def test_aborts_of_waiting_requests_are_counted_apart(tiny_llava):
+    eng = engine(tiny_llava)
+    prompts = mixed_prompts()
+    eng.add_request("running", prompts[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    eng.step()  # prefilled: running, holds KV
+    eng.add_request("waiting", prompts[1], SamplingParams(max_tokens=20, ignore_eos=True))
+    assert [s.request_id for s in eng.scheduler.waiting] == ["waiting"]
+    assert eng.abort_request("waiting").finish_reason == "abort"
+    assert (eng.stats().num_aborted, eng.stats().num_aborted_waiting) == (1, 1)
+    assert eng.abort_request("running").finish_reason == "abort"
+    assert (eng.stats().num_aborted, eng.stats().num_aborted_waiting) == (2, 1)
+    assert eng.runner.kv.used_bytes == 0 and not eng.has_unfinished()
+
+
 @pytest.mark.parametrize("max_tokens", [1, 5])
 def test_max_tokens_and_stop_conditions(tiny_llava, max_tokens):
     eng = engine(tiny_llava)

@@ -120,6 +120,7 @@ class Service:
             "num_running",
             "num_waiting",
             "num_aborted",
+            "num_aborted_waiting",
             "num_finished",
             "reserved_bytes",
         )

@@ -97,7 +97,14 @@ class LLMEngine:
         self.keep_fractions = [self.config.default_keep_fraction] * layers
         self.scheduler = Scheduler(self.config, self.runner.kv, self._predict_seq_bytes)
         self.sequences: dict[str, Sequence] = {}
-        self._totals = {"finished": 0, "aborted": 0, "prefill_tokens": 0, "decode_tokens": 0, "max_batch": 0}
+        self._totals = {
+            "finished": 0,
+            "aborted": 0,
+            "aborted_waiting": 0,
+            "prefill_tokens": 0,
+            "decode_tokens": 0,
+            "max_batch": 0,
+        }
         self._prediction_error = 0.0
         self._seen_prefills = 0
         self.last_step: tuple[str, int, float] | None = None  # (kind, sequences, seconds) of the latest step
@@ -279,9 +286,11 @@ class LLMEngine:
         seq = self.sequences.get(request_id)
         if seq is None or seq.is_finished:
             return None
+        was_waiting = seq in self.scheduler.waiting
         self.scheduler.remove(seq)
         self._finish(seq, "abort")
         self._totals["aborted"] += 1
+        self._totals["aborted_waiting"] += was_waiting
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
@@ -513,6 +522,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_finished=self._totals["finished"],
             num_aborted=self._totals["aborted"],
+            num_aborted_waiting=self._totals["aborted_waiting"],
             prefill_tokens=self._totals["prefill_tokens"],
             decode_tokens=self._totals["decode_tokens"],
             kv_bytes_saved=max(0, saved),

@@ -215,6 +215,9 @@ class EngineStats:
         Bytes admission has promised to running sequences for their decode growth, not yet used.
     num_preemptions, num_finished, num_aborted : int
         Totals since start.
+    num_aborted_waiting : int
+        Of ``num_aborted``, the requests aborted while in the waiting queue (never scheduled, or
+        preempted and not yet resumed): their clients left before the engine had room for them.
     prefill_tokens, decode_tokens : int
         Totals since start.
     kv_bytes_saved : int
@@ -250,6 +253,7 @@ class EngineStats:
     num_preemptions: int = 0
     num_finished: int = 0
     num_aborted: int = 0
+    num_aborted_waiting: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
     kv_bytes_saved: int = 0
