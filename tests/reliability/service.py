@@ -133,7 +133,8 @@ class Service:
         deadline = time.monotonic() + timeout_s
         while True:
             totals = self.llm_totals()
-            if totals["kv_bytes_used"] == 0 and totals["num_running"] == 0 and totals["num_waiting"] == 0:
+            idle = totals["kv_bytes_used"] == 0 and totals["num_running"] == 0 and totals["num_waiting"] == 0
+            if idle and totals["replicas"]:  # zeros from no answering replica are no answer
                 return totals
             assert time.monotonic() < deadline, f"the LLM replicas are not idle after {timeout_s} s: {totals}"
             time.sleep(0.2)
