@@ -261,6 +261,9 @@ class ReplicaStatsSampler(_Poller):
                 or ray.get_actor(name, namespace="serve")
                 for name in names
             }
+        # One time for the whole poll, taken as it is sent: the replicas answer it at about the same moment,
+        # and stamping each on arrival would order the replicas of one poll by how they were read.
+        sent = time.monotonic()
         refs = {replica: actor.record_routing_stats.remote() for replica, actor in self._actors.items()}
         for replica, ref in refs.items():
             try:
@@ -272,7 +275,7 @@ class ReplicaStatsSampler(_Poller):
                 continue
             self.samples.append(
                 StatsSample(
-                    t=time.monotonic(),
+                    t=sent,
                     replica=replica,
                     used_bytes=int(data.get("kv_bytes_used", 0)),
                     reserved_bytes=int(data.get("reserved_bytes", 0)),

@@ -68,11 +68,25 @@ def stream_events(target: Target, body: dict) -> list[Any]:
         return list(parse_sse(r.read().decode()))
 
 
+def answered_stats(target: Target, stage: str, *, timeout_s: float = 60.0) -> list[dict]:
+    """``GET /v1/stats``'s entries for ``stage`` (``llm`` or ``vision``) once every replica answered.
+
+    A busy replica can miss the ingress's deadline; its entry is then ``{"replica", "error"}``, whose
+    figures would read as zeros. Such an answer is asked again, not summed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with target.client() as client:
+            replicas = client.get("/v1/stats").json()[stage]
+        if replicas and not any("error" in r for r in replicas):
+            return replicas
+        assert time.monotonic() < deadline, f"/v1/stats: not every {stage} replica answered: {replicas}"
+        time.sleep(0.2)
+
+
 def llm_stats(target: Target) -> dict[str, float]:
     """KV bytes used, running and aborted requests, summed over the LLM replicas."""
-    with target.client() as client:
-        stats = client.get("/v1/stats").json()
-    replicas = stats["llm"]
+    replicas = answered_stats(target, "llm")
     return {
         key: sum(float(r.get(key, 0)) for r in replicas)
         for key in ("kv_bytes_used", "num_running", "num_aborted", "num_finished")
@@ -80,9 +94,8 @@ def llm_stats(target: Target) -> dict[str, float]:
 
 
 def encoder_stats(target: Target) -> dict[str, float]:
-    with target.client() as client:
-        stats = client.get("/v1/stats").json()
-    return {key: sum(float(r.get(key, 0)) for r in stats["vision"]) for key in ("hits", "misses")}
+    replicas = answered_stats(target, "vision")
+    return {key: sum(float(r.get(key, 0)) for r in replicas) for key in ("hits", "misses")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +205,10 @@ def check_disconnect_frees_kv(target: Target, *, max_tokens: int = 200, stream: 
             lines = r.iter_lines()
             received = [line for line, _ in zip(lines, range(6), strict=False) if line]
             assert len(received) >= 2
-            assert running()
+            deadline = time.monotonic() + 30  # the stream is open, so the request runs; the stats may lag
+            while not running():
+                assert time.monotonic() < deadline, "the streaming request never showed as running"
+                time.sleep(0.05)
     else:  # a raw connection, closed without reading the answer
         url = httpx.URL(target.base_url)
         payload = json.dumps(body).encode()

@@ -167,6 +167,10 @@ class FakeEngine:
         config = self.zipvl.with_overrides(**(zipvl or {}))
         self.received.append({"request_id": request_id, "prompt_tokens": len(token_ids), "zipvl": zipvl})
         full = self.answer(token_ids, features, sampling, config)
+        if sampling.ignore_eos:  # no end of answer: it goes on (repeated) until max_tokens, as a model would
+            once = full
+            while len(full.encode()) < sampling.max_tokens:
+                full += " " + once
         kept = self.kept_tokens(len(token_ids), config)
         metrics = RequestMetrics(
             prompt_tokens=len(token_ids), image_tokens=placeholders, kept_tokens_per_layer=kept

@@ -100,6 +100,9 @@ def served(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # A shell's background job inherits SIGINT ignored, and Python keeps it so: the SIGINT that stops
+        # `serve run` below would go unheard and cost the teardown its whole 60 s wait.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -119,16 +119,6 @@ async def drop_after_events(client: httpx.AsyncClient, body: dict[str, Any], eve
     return read
 
 
-async def drop_after_seconds(client: httpx.AsyncClient, body: dict[str, Any], seconds: float) -> str:
-    """Send ``body`` and hang up after ``seconds`` whatever arrived; returns how it ended."""
-    try:
-        async with asyncio.timeout(seconds):
-            response = await client.post("/v1/chat/completions", json=body)
-            return f"answered {response.status_code}"
-    except TimeoutError:
-        return "dropped"
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0-1) of ``values``, nearest rank."""
     ordered = sorted(values)

@@ -114,7 +114,8 @@ class Service:
 
     def llm_totals(self) -> dict[str, float]:
         """KV bytes held and request counts, summed over the LLM replicas that answered."""
-        replicas = [r for r in self.stats()["llm"] if "error" not in r]
+        entries = self.stats()["llm"]
+        replicas = [r for r in entries if "error" not in r]
         keys = (
             "kv_bytes_used",
             "num_running",
@@ -125,7 +126,8 @@ class Service:
             "reserved_bytes",
         )
         return {key: sum(float(r.get(key, 0) or 0) for r in replicas) for key in keys} | {
-            "replicas": len(replicas)
+            "replicas": len(replicas),
+            "unanswered": len(entries) - len(replicas),
         }
 
     def wait_llm_idle(self, *, timeout_s: float = 30.0) -> dict[str, float]:
@@ -134,7 +136,7 @@ class Service:
         while True:
             totals = self.llm_totals()
             idle = totals["kv_bytes_used"] == 0 and totals["num_running"] == 0 and totals["num_waiting"] == 0
-            if idle and totals["replicas"]:  # zeros from no answering replica are no answer
+            if idle and totals["replicas"] and not totals["unanswered"]:  # a silent replica is no answer
                 return totals
             assert time.monotonic() < deadline, f"the LLM replicas are not idle after {timeout_s} s: {totals}"
             time.sleep(0.2)

@@ -31,7 +31,7 @@ from tests.api.helpers import encode, random_image
 from tests.deployments.fakes import TOKEN_DELAY_ENV
 from tests.reliability import matrix
 from tests.reliability.image_server import image_host
-from tests.reliability.load import drop_after_events, drop_after_seconds, percentile, run_streams
+from tests.reliability.load import drop_after_events, percentile, run_streams
 from tests.reliability.service import (
     API_KEYS,
     Service,
@@ -162,7 +162,7 @@ def tight(deployed) -> Service:
 
 def test_validation_matrix_answers_4xx_in_openai_format(deployed, main, tight, record_figures):
     host = deployed["host"]
-    before = {name: s.llm_totals() for name, s in (("main", main), ("tight", tight))}
+    before = {name: s.wait_llm_idle() for name, s in (("main", main), ("tight", tight))}
     started = time.perf_counter()
     sent = matrix.run_matrix(
         main, matrix.cases(main, host, max_request_bytes=MAX_REQUEST_BYTES), matrix.Needs.SSRF_GUARD
@@ -340,7 +340,7 @@ def test_many_clients_dropping_mid_stream_free_their_kv(main, record_figures):
     assert after["num_aborted"] - before["num_aborted"] == clients
     assert after["num_finished"] == before["num_finished"]
     time.sleep(2 * MAIN_TOKEN_DELAY_S)
-    assert main.llm_totals()["num_finished"] == before["num_finished"]
+    assert main.wait_llm_idle()["num_finished"] == before["num_finished"]
     record_figures("disconnect_mid_stream_fake", {"clients": clients, "kv_freed_within_s": round(freed_s, 2)})
 
 
@@ -352,9 +352,23 @@ def test_many_clients_dropping_non_streamed_requests_free_their_kv(main):
     async def drop_all():
         limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
         async with main.async_client(limits=limits) as client:
-            return await asyncio.gather(*(drop_after_seconds(client, body, 1.5) for body in bodies))
+            tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for body in bodies]
+            # Hang up once every request runs in the engine (an answer takes about 5 s), not after a fixed
+            # time: a request still on its way to the engine would be cancelled before it counts.
+            deadline = time.monotonic() + 20
+            while (await asyncio.to_thread(main.llm_totals))["num_running"] < clients:
+                assert time.monotonic() < deadline and not any(t.done() for t in tasks), (
+                    "requests did not all run"
+                )
+                await asyncio.sleep(0.1)
+            for task in tasks:
+                task.cancel()
+            return [
+                isinstance(r, asyncio.CancelledError)
+                for r in await asyncio.gather(*tasks, return_exceptions=True)
+            ]
 
-    assert set(asyncio.run(drop_all())) == {"dropped"}
+    assert all(asyncio.run(drop_all()))
     after = main.wait_llm_idle(timeout_s=20)
     assert after["num_aborted"] - before["num_aborted"] == clients
     assert after["num_finished"] == before["num_finished"]

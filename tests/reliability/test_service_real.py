@@ -193,19 +193,25 @@ def test_clients_dropping_before_and_after_their_first_token_free_everything(ser
     replicas_before = set(replica_actors("zipvl", "LLMServer"))
     before = service.wait_llm_idle()
 
-    async def one(client: httpx.AsyncClient, body: dict) -> str:
-        """Hang up after 3 events, or after 2 s without an answer (still queued or prefilling)."""
+    async def one(client: httpx.AsyncClient, body: dict, streaming: asyncio.Event) -> str:
+        """Hang up after 3 events, or, without an answer after 2 s (still queued or prefilling), once some
+        other client is streaming (so the engine runs requests and the rest queue behind them)."""
         request = client.build_request("POST", "/v1/chat/completions", json=body)
-        try:
-            async with asyncio.timeout(2.0):
-                response = await client.send(request, stream=True)
-        except TimeoutError:
-            return "before first token"
+        send = asyncio.ensure_future(client.send(request, stream=True))
+        if not (await asyncio.wait({send}, timeout=2.0))[0]:
+            async with asyncio.timeout(60):
+                await streaming.wait()
+            if not send.done():
+                send.cancel()
+                await asyncio.gather(send, return_exceptions=True)
+                return "before first token"
+        response = send.result()
         try:
             events = 0
             async for line in response.aiter_lines():
                 events += line.startswith("data: ")
                 if events >= 3:
+                    streaming.set()
                     return "mid-stream"
             return "finished"
         finally:
@@ -213,8 +219,9 @@ def test_clients_dropping_before_and_after_their_first_token_free_everything(ser
 
     async def drop_all() -> list[str]:
         limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
+        streaming = asyncio.Event()
         async with service.async_client(limits=limits) as client:
-            return await asyncio.gather(*(one(client, body) for body in bodies))
+            return await asyncio.gather(*(one(client, body, streaming) for body in bodies))
 
     with StatsSampler(service) as sampler:
         outcomes = Counter(asyncio.run(drop_all()))
@@ -229,7 +236,7 @@ def test_clients_dropping_before_and_after_their_first_token_free_everything(ser
     assert after["num_finished"] == before["num_finished"]
     assert after["num_aborted"] - before["num_aborted"] >= outcomes["mid-stream"]
     time.sleep(2.0)  # nothing finishes later in the background
-    later = service.llm_totals()
+    later = service.wait_llm_idle()
     assert later["num_finished"] == before["num_finished"] and later["kv_bytes_used"] == 0
     assert later["num_running"] == later["num_waiting"] == 0
     assert set(replica_actors("zipvl", "LLMServer")) == replicas_before

@@ -156,7 +156,7 @@ def packed_burst(service, scaled_up):
         time.sleep(4 * STATS_PERIOD_S)
         start = time.monotonic()
         results = asyncio.run(burst(service["url"]))
-        time.sleep(0.3)  # a last sample of the finished state
+    sampler.poll()  # a last sample of the finished state, taken after the sampler thread stopped
     by_replica = sampler.by_replica(since=start)
     print(f"phase burst: {time.monotonic() - start:.1f} s")
     for replica, samples in by_replica.items():
