@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import re
 from pathlib import Path
@@ -198,6 +199,19 @@ def test_file_exporter_writes_one_json_span_per_line(clean_env, tmp_path):
     assert read[0]["attributes"] == {"zipvl.images": 2}
     assert read[1]["resource"]["attributes"]["service.name"] == "zipvl-ray"
     provider.shutdown()
+
+
+def test_a_span_line_still_being_written_is_left_for_the_next_read(tmp_path):
+    # A process writes a long span in more than one write: a reader can see a line without its end.
+    whole = json.dumps({"name": "done", "attributes": {}})
+    partial = json.dumps({"name": "writing", "attributes": {"x": "y" * 100}})[:40]
+    path = tmp_path / "spans-1.jsonl"
+    path.write_text(whole + "\n" + partial)
+    assert [s["name"] for s in telemetry.read_span_files(tmp_path)] == ["done"]
+    path.write_text(partial)
+    assert telemetry.read_span_files(tmp_path) == []
+    path.write_text(whole + "\n" + json.dumps({"name": "writing", "attributes": {}}) + "\n")
+    assert [s["name"] for s in telemetry.read_span_files(tmp_path)] == ["done", "writing"]
 
 
 def test_settings_become_replica_environment():

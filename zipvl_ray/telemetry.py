@@ -310,12 +310,18 @@ def span_processors() -> list[SpanProcessor]:
 
 
 def read_span_files(directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every span written by the ``file`` exporter under ``directory`` (all processes), as dicts."""
+    """Every span written by the ``file`` exporter under ``directory`` (all processes), as dicts.
+
+    The files may be read while their processes write them: a last line without its newline is a
+    span still being written and is left for the next read.
+    """
     import json
 
     spans = []
     for path in sorted(Path(directory).glob("spans-*.jsonl")):
-        for line in path.read_text().splitlines():
+        text = path.read_text()
+        complete = text[: text.rfind("\n") + 1]  # up to the last newline ("" when there is none)
+        for line in complete.splitlines():
             if line.strip():
                 spans.append(json.loads(line))
     return spans
