@@ -772,8 +772,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scaling = Scaling()
     trace = make_real_trace(trace_model, args.seed)
 
-    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ray_env()})
+    port = free_port()  # after the cluster took its own ports
     arms: list[ArmResult] = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 import uvicorn
 
+from tests.deployments.conftest import free_port
 from tests.deployments.fakes import FakeEngine, FakeVisionEncoder
 from zipvl_ray.api.images import ImageLimits
 from zipvl_ray.api.local import LocalBackend
@@ -19,12 +19,6 @@ from zipvl_ray.config import EngineConfig
 from zipvl_ray.multimodal import PromptProcessor
 
 MAX_MODEL_LEN = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

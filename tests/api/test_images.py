@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from contextlib import asynccontextmanager
 
 import pytest
@@ -11,6 +10,7 @@ from aiohttp import web
 from PIL import Image
 
 from tests.api.helpers import MIME, animated, data_url, encode, image_data_url, png_header_only, random_image
+from tests.deployments.conftest import free_port
 from zipvl_ray.api.errors import APIError
 from zipvl_ray.api.images import (
     ImageLimits,
@@ -187,12 +187,6 @@ def test_allowlist_entries_are_validated():
 # Fetching from a real local HTTP server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @asynccontextmanager
 async def image_server():
     """A local server: /ok.png, /big.png, /slow.png, /html, /missing, /redirect-out, /redirect-in."""
@@ -238,7 +232,7 @@ async def image_server():
         app.router.add_get(path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     try:
@@ -251,7 +245,7 @@ TRUSTED = ImageLimits(
     allowed_url_hosts=["localhost"],
     allow_private_networks=True,
     max_image_bytes=200_000,
-    url_fetch_timeout_s=1.0,
+    url_fetch_timeout_s=3.0,  # room for a stalled machine; /slow.png takes 5 s
 )
 
 
@@ -263,7 +257,7 @@ TRUSTED = ImageLimits(
         ("/ok.png", TRUSTED.model_copy(update={"allow_private_networks": False}), "SSRF"),
         ("/big.png", TRUSTED, "over the limit of 200000"),
         ("/chunked.png", TRUSTED, "over the limit of 200000"),
-        ("/slow.png", TRUSTED, "longer than 1.0 s"),
+        ("/slow.png", TRUSTED, "longer than 3.0 s"),
         ("/html", TRUSTED, "text/html"),
         ("/missing", TRUSTED, "HTTP 404"),
         ("/redirect-out", TRUSTED, "not in the URL allowlist"),

@@ -114,6 +114,10 @@ def served(tmp_path_factory):
             try:
                 answer = httpx.get(f"{base}/health", timeout=5)
                 if answer.status_code == 200:
+                    # Ours, not another server that took the port (Ray's Prometheus servers answer any GET).
+                    assert answer.headers.get("content-type", "").startswith("application/json") and (
+                        answer.json().get("status") == "ok"
+                    ), f"port {port} is answered by another server: {answer.text[:200]!r}"
                     break
                 STARTUP_ERRORS.append((answer.status_code, answer.headers.get("content-type", "")))
             except httpx.HTTPError:

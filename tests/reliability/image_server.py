@@ -6,7 +6,6 @@ Serve replicas of the same machine. Nothing here talks to any other address.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -96,12 +95,6 @@ def _handler(hits: dict[str, int], oversized_bytes: int):
                 pass
 
     return Handler
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

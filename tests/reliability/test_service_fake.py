@@ -113,7 +113,7 @@ def deployed():
         tight_args = AppArgs.model_validate(
             _app_args(
                 _limits(
-                    allowed_url_hosts=["127.0.0.1"], allow_private_networks=True, url_fetch_timeout_s=1.0
+                    allowed_url_hosts=["127.0.0.1"], allow_private_networks=True, url_fetch_timeout_s=3.0
                 ),
                 {"max_ongoing_requests": 8, "max_queued_requests": 4},
                 {"num_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 2},
