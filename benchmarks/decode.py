@@ -72,7 +72,7 @@ class Run:
                 decode_headroom_tokens=args.headroom,
             ),
         )
-        sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+        sampling = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, output_kind=args.output_kind)
         for i, prompt in enumerate(prompts):
             self.engine.add_request(f"r{i}", prompt, sampling)
         self.generated = len(prompts) * args.max_tokens
@@ -87,8 +87,9 @@ class Run:
 
     @property
     def progress(self) -> float:
-        """Share of the round's tokens generated so far."""
-        return self.tokens_out / self.generated
+        """Share of the round's tokens generated so far (finished requests' and running ones')."""
+        running = sum(len(seq.output_token_ids) for seq in self.engine.sequences.values())
+        return (self.tokens_out + running) / self.generated
 
     def step(self) -> None:
         engine = self.engine
@@ -98,7 +99,7 @@ class Run:
         outs = engine.step()
         seconds = self.clock() - step_start
         self.finished += sum(o.finished for o in outs)
-        self.tokens_out += sum(len(o.delta_token_ids) for o in outs)
+        self.tokens_out += sum(len(o.token_ids) for o in outs if o.finished)
         kind, n, _ = engine.last_step
         if kind == "decode":
             self.decode_time += seconds
@@ -193,6 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--images", type=int, default=32, help="images per request (64 tokens each on tiny-llava)"
     )
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--output-kind",
+        choices=["final_only", "stream"],
+        default="final_only",
+        help="final_only: the engine builds only each request's finished output (what LLM.generate and "
+        "non-streamed API requests ask for); stream: an output per token, as a streamed request gets",
+    )
     parser.add_argument("--kv-mb", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument(
@@ -278,6 +286,7 @@ def _benchmark(args: argparse.Namespace) -> dict:
         "kv_pool_mb": args.kv_mb,
         "torch_threads": torch.get_num_threads(),
         "clock": args.clock,
+        "output_kind": args.output_kind,
         "rounds": args.repeats,
         "decode_throughput_x_at_r0.35": rows[1]["decode_throughput_x"],
         # The ratio's range over the rounds (each round's r=0.35 figure against its dense figure).

@@ -294,6 +294,21 @@ def test_engine_spans_from_timestamps(spans):
     assert queue.attributes["zipvl.queue_time_s"] == pytest.approx(0.010)
 
 
+def test_the_prefill_span_takes_the_engines_kv_after_prefill(spans):
+    """A non-streamed request's first output is its final one (``output_kind="final_only"``): the KV
+    after prefill comes from the engine's metrics, not from what the deployment saw first."""
+    output = finished_output()
+    output.metrics.kv_bytes_after_prefill, output.metrics.kv_bytes_dense_after_prefill = 1024, 3072
+    timing = telemetry.RequestTiming(  # the final output arrived first: its bytes are the end's
+        received_ns=1, first_output_ns=2, kv_bytes_after_prefill=9999, kv_bytes_dense_after_prefill=9999
+    )
+    parent = telemetry.start_span("zipvl.llm.generate")
+    telemetry.record_engine_spans(parent, output, timing)
+    parent.end()
+    prefill = next(s for s in spans.get_finished_spans() if s.name == "zipvl.llm.prefill")
+    assert (prefill.attributes["zipvl.kv_bytes"], prefill.attributes["zipvl.kv_bytes_dense"]) == (1024, 3072)
+
+
 def test_engine_spans_fall_back_to_observed_times(spans):
     output = finished_output(engine_timestamps=False)
     timing = telemetry.RequestTiming(

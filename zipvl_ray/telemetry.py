@@ -651,7 +651,10 @@ def prefill_attributes(output: RequestOutput, timing: RequestTiming | None = Non
     }
     if m.kept_tokens_per_layer:
         attributes["zipvl.kept_tokens.per_layer"] = [int(k) for k in m.kept_tokens_per_layer]
-    if timing is not None and timing.first_output_ns:
+    if m.kv_bytes_after_prefill:  # the engine's own figure (a non-streamed request has no earlier output)
+        attributes["zipvl.kv_bytes"] = int(m.kv_bytes_after_prefill)
+        attributes["zipvl.kv_bytes_dense"] = int(m.kv_bytes_dense_after_prefill)
+    elif timing is not None and timing.first_output_ns:
         attributes["zipvl.kv_bytes"] = timing.kv_bytes_after_prefill
         attributes["zipvl.kv_bytes_dense"] = timing.kv_bytes_dense_after_prefill
     return attributes

@@ -120,3 +120,14 @@ def test_text_that_only_looks_like_markup_is_fine():
     text = "a <b> and <|x|> and <|endoftext|>"
     prompt = asyncio.run(chat.prepare(request("zipvl-tiny", [{"role": "user", "content": text}])))
     assert prompt.prompt.num_tokens > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_non_streamed_request_asks_the_engine_for_its_final_output_only(stream):
+    """A non-streamed answer is sent whole, so the engine is asked for no output before the last (no
+    per-token output objects or detokenization); a streamed one gets an output per token."""
+    chat = preparer("tiny-llava")
+    body = request("tiny-llava", [{"role": "user", "content": "hello"}]).model_dump(exclude_unset=True)
+    prepared = asyncio.run(chat.prepare(ChatCompletionRequest.model_validate({**body, "stream": stream})))
+    assert prepared.sampling.output_kind == ("stream" if stream else "final_only")
+    assert prepared.sampling.max_tokens == 4

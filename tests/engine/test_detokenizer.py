@@ -332,3 +332,65 @@ def test_a_stop_prefix_before_an_incomplete_character_is_held_back(tiny_llava, m
         outs += eng.step()
     assert [o.delta_text for o in outs] == ["x", "", "", ""]
     assert outs[-1].text == "x" and outs[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_final_only_outputs_are_the_streamed_finals_and_nothing_before(tiny_llava, monkeypatch, incremental):
+    """``output_kind="final_only"`` (non-streamed API requests, ``LLM.generate``): one output per request,
+    the finished one, equal to the last output of the same request streamed (tokens, text cut at stop
+    strings, finish reason, KV after prefill), through stop token ids, aborts and preemptions."""
+    _, processor = tiny_llava
+    tokenizer = processor.tokenizer
+
+    def run(kind: str, seed: int) -> tuple[dict, dict, int]:
+        rng = random.Random(seed)
+        eng, scripts = scripted_engine(tiny_llava, monkeypatch, incremental)
+        abort_at, outputs = {}, {}
+        for i, prompt in enumerate(mixed_prompts(n_images=(3, 3, 1, 0, 2, 3), seed=seed)):
+            rid, n = f"r{i}", rng.randrange(1, 30)
+            sampling = SamplingParams(
+                max_tokens=n,
+                ignore_eos=True,
+                stop=[rng.choice(STOPS) for _ in range(rng.randrange(0, 3))],
+                stop_token_ids=[rng.randrange(len(tokenizer))] if rng.random() < 0.2 else [],
+                output_kind=kind,
+            )
+            ids = []
+            while len(ids) < n:
+                ids += tokenizer.encode(rng.choice(PIECES), add_special_tokens=False)
+            scripts[id(sampling)] = iter(ids[:n])
+            outputs[rid] = []
+            eng.add_request(rid, prompt, sampling)
+            if rng.random() < 0.3:
+                abort_at[rid] = rng.randrange(1, 40)
+        steps = 0
+        while eng.has_unfinished():
+            outs = eng.step()
+            steps += 1
+            outs += [o for rid, at in abort_at.items() if at == steps and (o := eng.abort_request(rid))]
+            for o in outs:
+                outputs[o.request_id].append(o)
+        return outputs, steps, eng.stats().num_preemptions
+
+    def final(o):
+        m = o.metrics
+        return (
+            o.token_ids,
+            o.text,
+            o.finish_reason,
+            m.kv_bytes_after_prefill,
+            m.kv_bytes_dense_after_prefill,
+        )
+
+    preempted = 0
+    for seed in range(4):
+        streamed, steps, preemptions = run("stream", seed)
+        finals_only, steps_final, _ = run("final_only", seed)
+        assert steps_final == steps
+        preempted += preemptions
+        for rid, outs in finals_only.items():
+            assert len(outs) == 1 and outs[0].finished, rid
+            assert final(outs[0]) == final(streamed[rid][-1]), rid
+            if outs[0].token_ids:  # prefilled: the tracing span's figure is there without a first output
+                assert outs[0].metrics.kv_bytes_after_prefill > 0
+    assert preempted > 0

@@ -277,6 +277,8 @@ class ChatPreparer:
                 seed=request.seed,
                 stop=list(request.stop or []),
                 ignore_eos=request.ignore_eos,
+                # A non-streamed answer is sent whole: the engine builds no output before the last.
+                output_kind="stream" if request.stream else "final_only",
             )
         except RequestError as exc:
             raise APIError(str(exc), code="invalid_value") from None

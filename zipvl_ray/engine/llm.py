@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as SequenceABC
 
@@ -80,6 +81,8 @@ class LLM:
             params = list(sampling_params)
         if len(params) != len(batch):
             raise ValueError(f"{len(params)} sampling params for {len(batch)} prompts")
+        # Only the finished outputs are returned, so the engine builds no others (as vLLM's LLM does).
+        params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         ids = [f"offline-{next(self._ids)}" for _ in batch]
         added: list[str] = []
         try:

@@ -298,7 +298,8 @@ class LLMEngine:
 
     # -- stepping ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step. Returns outputs of the requests that advanced or finished."""
+        """Run one prefill or decode step. Returns outputs of the requests that advanced (those whose
+        ``output_kind`` is ``"stream"``) or finished."""
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             return []
@@ -354,6 +355,7 @@ class LLMEngine:
         m.kv_bytes_dense = self.runner.dense_bytes(n)
         if m.num_preemptions == 0:  # the admission prediction; a recomputation is sized by what was kept
             m.predicted_kv_bytes = predicted
+            m.kv_bytes_after_prefill, m.kv_bytes_dense_after_prefill = m.kv_bytes, m.kv_bytes_dense
         if seq.uses_default_zipvl and m.num_preemptions == 0:
             alpha = self.config.keep_fraction_ema if self._seen_prefills else 1.0
             self.keep_fractions = [
@@ -412,7 +414,8 @@ class LLMEngine:
                 seq.metrics.ttft_s = now - seq.arrival_time
                 seq.metrics.first_token_ns = time.time_ns()
             self._append_token(seq, token, lp)
-            outputs.append(self._output(seq))
+            if seq.is_finished or seq.sampling.output_kind == "stream":
+                outputs.append(self._output(seq))
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> None:

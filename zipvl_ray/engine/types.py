@@ -41,6 +41,11 @@ class SamplingParams:
         Keep generating past EOS (benchmarks).
     logprobs : int or None
         Return the log-probability of each chosen token and the ``logprobs`` most likely ones (0-20).
+    output_kind : {"stream", "final_only"}
+        ``"stream"``: an output after every new token (cumulative, plus the delta since the previous
+        one). ``"final_only"``: only the finished output (vLLM's ``RequestOutputKind.FINAL_ONLY``), for
+        non-streamed requests: the engine then builds no per-token output and, without stop strings,
+        detokenizes once at the end. Tokens and text are the same either way.
     """
 
     max_tokens: int = 16
@@ -52,6 +57,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    output_kind: Literal["stream", "final_only"] = "stream"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +75,7 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
             (len(self.stop) <= 16, "stop may hold at most 16 strings"),
+            (self.output_kind in ("stream", "final_only"), "output_kind must be 'stream' or 'final_only'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,6 +102,9 @@ class RequestMetrics:
         KV bytes the request holds (block-rounded, all layers) after prefill / now / at finish.
     kv_bytes_dense : int
         Bytes the same tokens would hold without ZipVL (block-rounded likewise).
+    kv_bytes_after_prefill, kv_bytes_dense_after_prefill : int
+        ``kv_bytes`` and ``kv_bytes_dense`` right after the request's first prefill (0 before it), kept
+        when the two above move on.
     predicted_kv_bytes : int
         The admission prediction of the post-prefill footprint (to measure prediction error).
     queue_time_s, ttft_s, decode_time_s : float
@@ -119,6 +129,8 @@ class RequestMetrics:
     kept_tokens_per_layer: list[int] = field(default_factory=list)
     kv_bytes: int = 0
     kv_bytes_dense: int = 0
+    kv_bytes_after_prefill: int = 0
+    kv_bytes_dense_after_prefill: int = 0
     predicted_kv_bytes: int = 0
     queue_time_s: float = 0.0
     ttft_s: float | None = None
