@@ -261,6 +261,37 @@ def scripted_engine(tiny_llava, monkeypatch, incremental: bool):
     return eng, scripts
 
 
+def run_scripted(tiny_llava, monkeypatch, incremental, rng, seed, script, output_kind="stream"):
+    """Six scripted requests (``script(n)``: the tokens of a request of ``n``) with random stop strings,
+    stop token ids and aborts, through :func:`scripted_engine`'s small pool. Returns the sampling
+    parameters and every output of each request in order, the steps taken and the preemptions."""
+    tokenizer = tiny_llava[1].tokenizer
+    eng, scripts = scripted_engine(tiny_llava, monkeypatch, incremental)
+    params, outputs, abort_at = {}, {}, {}
+    for i, prompt in enumerate(mixed_prompts(n_images=(3, 3, 1, 0, 2, 3), seed=seed)):
+        rid, n = f"r{i}", rng.randrange(1, 30)
+        sampling = SamplingParams(
+            max_tokens=n,
+            ignore_eos=True,
+            stop=[rng.choice(STOPS) for _ in range(rng.randrange(0, 3))],
+            stop_token_ids=[rng.randrange(len(tokenizer))] if rng.random() < 0.2 else [],
+            output_kind=output_kind,
+        )
+        scripts[id(sampling)] = script(n)
+        params[rid], outputs[rid] = sampling, []
+        eng.add_request(rid, prompt, sampling)
+        if rng.random() < 0.3:
+            abort_at[rid] = rng.randrange(1, 40)
+    steps = 0
+    while eng.has_unfinished():
+        outs = eng.step()
+        steps += 1
+        outs += [o for rid, at in abort_at.items() if at == steps and (o := eng.abort_request(rid))]
+        for o in outs:
+            outputs[o.request_id].append(o)
+    return params, outputs, steps, eng.stats().num_preemptions
+
+
 @pytest.mark.parametrize("incremental", [True, False])
 def test_scripted_outputs_keep_text_and_deltas_exact(tiny_llava, monkeypatch, incremental):
     """Scripted outputs with multi-byte characters split across tokens, lone invalid bytes, special tokens,
@@ -282,35 +313,17 @@ def test_scripted_outputs_keep_text_and_deltas_exact(tiny_llava, monkeypatch, in
 
     checked = preempted = 0
     for rnd in range(6):
-        eng, scripts = scripted_engine(tiny_llava, monkeypatch, incremental)
-        params, deltas, finals, abort_at = {}, {}, {}, {}
-        for i, prompt in enumerate(mixed_prompts(n_images=(3, 3, 1, 0, 2, 3), seed=rnd)):
-            rid, n = f"r{i}", rng.randrange(1, 30)
-            sampling = SamplingParams(
-                max_tokens=n,
-                ignore_eos=True,
-                stop=[rng.choice(STOPS) for _ in range(rng.randrange(0, 3))],
-                stop_token_ids=[rng.randrange(len(tokenizer))] if rng.random() < 0.2 else [],
-            )
-            scripts[id(sampling)] = script(n)
-            params[rid], deltas[rid] = sampling, []
-            eng.add_request(rid, prompt, sampling)
-            if rng.random() < 0.3:
-                abort_at[rid] = rng.randrange(1, 40)
-        steps = 0
-        while eng.has_unfinished():
-            outs = eng.step()
-            steps += 1
-            outs += [o for rid, at in abort_at.items() if at == steps and (o := eng.abort_request(rid))]
-            for o in outs:
-                deltas[o.request_id].append(o.delta_text)
-                finals.update({o.request_id: o} if o.finished else {})
-        preempted += eng.stats().num_preemptions
-        for rid, out in finals.items():
+        params, outputs, _, preemptions = run_scripted(tiny_llava, monkeypatch, incremental, rng, rnd, script)
+        preempted += preemptions
+        for rid, outs in outputs.items():
+            if not outs or not outs[-1].finished:
+                continue
+            out = outs[-1]
             text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
             cut = first_stop(text, params[rid].stop)
             assert out.text == (text[:cut] if cut >= 0 else text), (rid, out.token_ids, params[rid].stop)
-            assert "".join(deltas[rid]) == out.text, (rid, deltas[rid])
+            deltas = [o.delta_text for o in outs]
+            assert "".join(deltas) == out.text, (rid, deltas)
             checked += 1
     assert checked == 36 and preempted > 0
 
@@ -342,35 +355,19 @@ def test_final_only_outputs_are_the_streamed_finals_and_nothing_before(tiny_llav
     _, processor = tiny_llava
     tokenizer = processor.tokenizer
 
-    def run(kind: str, seed: int) -> tuple[dict, dict, int]:
+    def run(kind: str, seed: int) -> tuple[dict, int, int]:
         rng = random.Random(seed)
-        eng, scripts = scripted_engine(tiny_llava, monkeypatch, incremental)
-        abort_at, outputs = {}, {}
-        for i, prompt in enumerate(mixed_prompts(n_images=(3, 3, 1, 0, 2, 3), seed=seed)):
-            rid, n = f"r{i}", rng.randrange(1, 30)
-            sampling = SamplingParams(
-                max_tokens=n,
-                ignore_eos=True,
-                stop=[rng.choice(STOPS) for _ in range(rng.randrange(0, 3))],
-                stop_token_ids=[rng.randrange(len(tokenizer))] if rng.random() < 0.2 else [],
-                output_kind=kind,
-            )
+
+        def script(n):
             ids = []
             while len(ids) < n:
                 ids += tokenizer.encode(rng.choice(PIECES), add_special_tokens=False)
-            scripts[id(sampling)] = iter(ids[:n])
-            outputs[rid] = []
-            eng.add_request(rid, prompt, sampling)
-            if rng.random() < 0.3:
-                abort_at[rid] = rng.randrange(1, 40)
-        steps = 0
-        while eng.has_unfinished():
-            outs = eng.step()
-            steps += 1
-            outs += [o for rid, at in abort_at.items() if at == steps and (o := eng.abort_request(rid))]
-            for o in outs:
-                outputs[o.request_id].append(o)
-        return outputs, steps, eng.stats().num_preemptions
+            return iter(ids[:n])
+
+        _, outputs, steps, preemptions = run_scripted(
+            tiny_llava, monkeypatch, incremental, rng, seed, script, output_kind=kind
+        )
+        return outputs, steps, preemptions
 
     def final(o):
         m = o.metrics
