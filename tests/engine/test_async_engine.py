@@ -53,6 +53,43 @@ def test_concurrent_requests_each_get_their_own_answer(engine):
     assert engine.stats().kv_bytes_used == 0
 
 
+def test_one_step_wakes_a_loop_once_however_many_streams_it_advances(engine, monkeypatch):
+    """The engine thread hands a step's outputs to an event loop in one thread-safe callback, not one per
+    request; every stream still gets its deltas in order."""
+    import zipvl_ray.engine.async_engine as async_engine
+
+    prompts = mixed_prompts(n_images=(1, 2, 0, 3, 1, 2))
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    steps, batches = [], []
+    step = engine.engine.step
+
+    def counted_step():
+        outputs = step()
+        steps.append(len(outputs))
+        return outputs
+
+    monkeypatch.setattr(engine.engine, "step", counted_step)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            if callback is async_engine._put_all:
+                batches.append(len(args[0]))
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+        return await asyncio.gather(*(collect(engine, f"w{i}", p, sampling) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(main())
+    for outs in results:
+        assert outs[-1].finished and sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
+    assert sum(batches) == sum(len(outs) for outs in results)  # every output came in a batch
+    assert len(batches) <= len([n for n in steps if n]) < sum(batches)  # at most one wake-up per step
+    assert max(batches) > 1
+
+
 def test_closing_the_stream_aborts_and_frees_kv(engine):
     async def main():
         stream = engine.generate(

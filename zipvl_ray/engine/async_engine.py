@@ -258,16 +258,25 @@ class AsyncLLMEngine:
         return outputs
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand ``outputs`` to their streams: one thread-safe callback per event loop, not per output (a
+        step over many streamed requests would otherwise wake the serving loop once per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)
-            if target is None:
-                continue
-            loop, queue = target
+            if target is not None:
+                loop, queue = target
+                by_loop.setdefault(loop, []).append((queue, out))
+        for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                loop.call_soon_threadsafe(_put_all, items)
 
     def shutdown(self) -> None:
         """Stop the engine thread (in-flight requests are abandoned)."""
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:  # in step order: a stream's outputs keep their order
+        queue.put_nowait(out)
