@@ -585,7 +585,9 @@ class RequestTiming:
     first_output_ns, final_output_ns : int
         When the first / final output reached the deployment (0 until then).
     kv_bytes_after_prefill, kv_bytes_dense_after_prefill : int
-        The request's KV bytes when its first output arrived (right after prefill), with and without ZipVL.
+        The request's KV bytes when its first output arrived, with and without ZipVL: right after prefill
+        for a streamed request; a non-streamed one (``output_kind="final_only"``) has only its final
+        output, so spans and metrics take the engine's ``RequestMetrics`` figures first.
     """
 
     received_ns: int = field(default_factory=time.time_ns)

@@ -264,10 +264,11 @@ def scripted_engine(tiny_llava, monkeypatch, incremental: bool):
 def run_scripted(tiny_llava, monkeypatch, incremental, rng, seed, script, output_kind="stream"):
     """Six scripted requests (``script(n)``: the tokens of a request of ``n``) with random stop strings,
     stop token ids and aborts, through :func:`scripted_engine`'s small pool. Returns the sampling
-    parameters and every output of each request in order, the steps taken and the preemptions."""
+    parameters and every output of each request in order, the steps taken, the preemptions and the KV
+    bytes (with ZipVL, dense) each request's first output reported when it arrived."""
     tokenizer = tiny_llava[1].tokenizer
     eng, scripts = scripted_engine(tiny_llava, monkeypatch, incremental)
-    params, outputs, abort_at = {}, {}, {}
+    params, outputs, abort_at, first_kv = {}, {}, {}, {}
     for i, prompt in enumerate(mixed_prompts(n_images=(3, 3, 1, 0, 2, 3), seed=seed)):
         rid, n = f"r{i}", rng.randrange(1, 30)
         sampling = SamplingParams(
@@ -289,7 +290,9 @@ def run_scripted(tiny_llava, monkeypatch, incremental, rng, seed, script, output
         outs += [o for rid, at in abort_at.items() if at == steps and (o := eng.abort_request(rid))]
         for o in outs:
             outputs[o.request_id].append(o)
-    return params, outputs, steps, eng.stats().num_preemptions
+            # Read now: every output of a request shares its live metrics object.
+            first_kv.setdefault(o.request_id, (o.metrics.kv_bytes, o.metrics.kv_bytes_dense))
+    return params, outputs, steps, eng.stats().num_preemptions, first_kv
 
 
 @pytest.mark.parametrize("incremental", [True, False])
@@ -313,7 +316,9 @@ def test_scripted_outputs_keep_text_and_deltas_exact(tiny_llava, monkeypatch, in
 
     checked = preempted = 0
     for rnd in range(6):
-        params, outputs, _, preemptions = run_scripted(tiny_llava, monkeypatch, incremental, rng, rnd, script)
+        params, outputs, _, preemptions, _ = run_scripted(
+            tiny_llava, monkeypatch, incremental, rng, rnd, script
+        )
         preempted += preemptions
         for rid, outs in outputs.items():
             if not outs or not outs[-1].finished:
@@ -364,10 +369,10 @@ def test_final_only_outputs_are_the_streamed_finals_and_nothing_before(tiny_llav
                 ids += tokenizer.encode(rng.choice(PIECES), add_special_tokens=False)
             return iter(ids[:n])
 
-        _, outputs, steps, preemptions = run_scripted(
+        _, outputs, steps, preemptions, first_kv = run_scripted(
             tiny_llava, monkeypatch, incremental, rng, seed, script, output_kind=kind
         )
-        return outputs, steps, preemptions
+        return outputs, steps, preemptions, first_kv
 
     def final(o):
         m = o.metrics
@@ -379,15 +384,21 @@ def test_final_only_outputs_are_the_streamed_finals_and_nothing_before(tiny_llav
             m.kv_bytes_dense_after_prefill,
         )
 
-    preempted = 0
+    preempted = checked_kv = 0
     for seed in range(4):
-        streamed, steps, preemptions = run("stream", seed)
-        finals_only, steps_final, _ = run("final_only", seed)
+        streamed, steps, preemptions, streamed_first_kv = run("stream", seed)
+        finals_only, steps_final, _, _ = run("final_only", seed)
         assert steps_final == steps
         preempted += preemptions
         for rid, outs in finals_only.items():
             assert len(outs) == 1 and outs[0].finished, rid
             assert final(outs[0]) == final(streamed[rid][-1]), rid
-            if outs[0].token_ids:  # prefilled: the tracing span's figure is there without a first output
-                assert outs[0].metrics.kv_bytes_after_prefill > 0
-    assert preempted > 0
+            assert outs[0].delta_text == outs[0].text and outs[0].delta_token_ids == outs[0].token_ids
+            if outs[0].token_ids and not streamed[rid][0].finished:
+                # The KV bytes the streamed request's first output showed right after its prefill, which
+                # the tracing span reports; the final-only request has them without that output.
+                m = outs[0].metrics
+                assert (m.kv_bytes_after_prefill, m.kv_bytes_dense_after_prefill) == streamed_first_kv[rid]
+                assert m.kv_bytes_after_prefill > 0
+                checked_kv += 1
+    assert preempted > 0 and checked_kv > 10

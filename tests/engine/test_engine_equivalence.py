@@ -85,3 +85,30 @@ def test_decode_compression_matches_reference(arch):
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == reference_tokens(model, processor, prompt, config, 14)
     llm.engine.runner.kv.check_consistency()
+
+
+def test_offline_generate_asks_for_final_outputs_only(tiny_llava):
+    """``LLM.generate`` returns finished outputs only, so its requests are ``final_only`` (the engine builds
+    nothing per token); the caller's parameters are left as they were, and a ``None`` in the list is the
+    default parameters."""
+    model, processor = tiny_llava
+    llm = LLM(model, processor=processor, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    seen, add = [], llm.engine.add_request
+
+    def spy(request_id, prompt, sampling=None, *args, **kwargs):
+        seen.append(sampling.output_kind)
+        return add(request_id, prompt, sampling, *args, **kwargs)
+
+    llm.engine.add_request = spy
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    prompts = mixed_prompts(n_images=(0, 1))
+    outs = llm.generate(prompts, [params, None])
+    assert seen == ["final_only", "final_only"] and params.output_kind == "stream"
+    assert len(outs[0].token_ids) == 3 and all(o.finished for o in outs)
+    streamed = llm.engine
+    streamed.add_request = add
+    streamed.add_request("s", prompts[0], params)
+    per_step = []
+    while streamed.has_unfinished():
+        per_step += streamed.step()
+    assert [o.token_ids for o in per_step][-1] == outs[0].token_ids and len(per_step) == 3

@@ -82,7 +82,7 @@ class LLM:
         if len(params) != len(batch):
             raise ValueError(f"{len(params)} sampling params for {len(batch)} prompts")
         # Only the finished outputs are returned, so the engine builds no others (as vLLM's LLM does).
-        params = [dataclasses.replace(p, output_kind="final_only") for p in params]
+        params = [dataclasses.replace(p or SamplingParams(), output_kind="final_only") for p in params]
         ids = [f"offline-{next(self._ids)}" for _ in batch]
         added: list[str] = []
         try:

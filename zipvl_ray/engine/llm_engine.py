@@ -414,7 +414,8 @@ class LLMEngine:
                 seq.metrics.ttft_s = now - seq.arrival_time
                 seq.metrics.first_token_ns = time.time_ns()
             self._append_token(seq, token, lp)
-            if seq.is_finished or seq.sampling.output_kind == "stream":
+            # getattr: parameters pickled by an older ingress during a rolling update lack the field
+            if seq.is_finished or getattr(seq.sampling, "output_kind", "stream") == "stream":
                 outputs.append(self._output(seq))
         return outputs
 
