@@ -204,3 +204,14 @@ def test_invalid_lengths_are_refused_and_a_full_row_cannot_grow(layout):
         kv.append_slots(["a"])
     assert kv.num_used_blocks == used and kv.seqs["a"].lengths == [12, 12, 12]  # nothing changed
     kv.check_consistency()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_layout_bytes_follow_the_dtype(dtype):
+    """Token and block bytes from the dtype's item size (read without allocating a tensor), as a tensor of
+    that dtype in the pool holds them."""
+    layout = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, block_size=4, dtype=dtype)
+    assert layout.element_size == torch.empty((), dtype=dtype).element_size()
+    pool = KVPool(layout, num_blocks=2)
+    assert pool.keys.element_size() == layout.element_size
+    assert pool.nbytes == 2 * layout.block_bytes == 2 * 4 * layout.token_bytes

@@ -30,7 +30,8 @@ class KVLayout:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        # No tensor allocation: the engine reads this for every sequence in every stats snapshot.
+        return self.dtype.itemsize
 
     @property
     def token_bytes(self) -> int:

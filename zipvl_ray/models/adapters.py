@@ -39,7 +39,7 @@ class TextGeometry:
     @property
     def token_bytes_per_layer(self) -> int:
         """Bytes of one token's key + value in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
 
 class VLMAdapter:
