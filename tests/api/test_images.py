@@ -167,6 +167,13 @@ def test_ssrf_guard_address_classes(address, public):
         ("http://127.0.0.1/a.png", ImageLimits(allowed_url_hosts=["127.0.0.1"]), "SSRF"),
         ("http://[::1]/a.png", ImageLimits(allowed_url_hosts=["::1"]), "SSRF"),
         ("http://169.254.169.254/latest", ImageLimits(allowed_url_hosts=["169.254.169.254"]), "SSRF"),
+        ("http://[::1/a.png", ImageLimits(allowed_url_hosts=["::1"]), "malformed (Invalid IPv6 URL)"),
+        ("http://cdn.example.com:abc/a.png", ImageLimits(allowed_url_hosts=["cdn.example.com"]), "malformed"),
+        (
+            "http://cdn.example.com:99999/a.png",
+            ImageLimits(allowed_url_hosts=["cdn.example.com"]),
+            "malformed",
+        ),
     ],
 )
 def test_remote_urls_refused_before_any_network_access(url, limits, fragment):
@@ -219,6 +226,9 @@ async def image_server():
     async def redirect_in(request):
         raise web.HTTPFound(f"http://localhost:{request.url.port}/ok.png")
 
+    async def redirect_malformed(_):
+        return web.Response(status=302, headers={"Location": "http://[::1/x.png"})
+
     app = web.Application()
     for path, handler in [
         ("/ok.png", ok),
@@ -228,6 +238,7 @@ async def image_server():
         ("/html", html),
         ("/redirect-out", redirect_out),
         ("/redirect-in", redirect_in),
+        ("/redirect-malformed", redirect_malformed),
     ]:
         app.router.add_get(path, handler)
     runner = web.AppRunner(app)
@@ -262,6 +273,7 @@ TRUSTED = ImageLimits(
         ("/missing", TRUSTED, "HTTP 404"),
         ("/redirect-out", TRUSTED, "not in the URL allowlist"),
         ("/redirect-in", TRUSTED.model_copy(update={"max_redirects": 0}), "too many redirects"),
+        ("/redirect-malformed", TRUSTED, "redirected to a malformed URL"),
     ],
 )
 def test_remote_fetch(path, limits, outcome):
@@ -325,6 +337,22 @@ def test_exif_orientation_is_applied_and_multi_picture_jpegs_read_as_their_first
     first.save(buffer, "MPO", save_all=True, append_images=[second])
     image = decode_image(buffer.getvalue(), LIMITS, claimed_mime="image/jpeg")
     assert image.size == (48, 32)
+
+
+def test_an_unreadable_exif_block_leaves_the_pixels_as_stored():
+    """A tag stored with the wrong type (here ASCII text under 0x0118, a SHORT tag) makes PIL's EXIF
+    parser raise ``struct.error`` while transposing: the image is still read, as stored."""
+    import io
+
+    image = random_image(8, size=(32, 24))
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: would rotate
+    exif[0x010F] = "Cam"  # Make (ASCII); its id is rewritten below
+    raw = exif.tobytes()
+    assert raw.count(b"\x01\x0f\x00\x02") == 1  # big-endian entry: tag 0x010F, type 2 (ASCII)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=raw.replace(b"\x01\x0f\x00\x02", b"\x01\x18\x00\x02"))
+    assert decode_image(buffer.getvalue(), LIMITS, claimed_mime="image/jpeg").size == (32, 24)
 
 
 def test_the_images_of_one_request_are_limited_in_pixels_together(prompt_processor):

@@ -349,7 +349,7 @@ def load_pixels(image: Image.Image, *, where: str = "image") -> Image.Image:
         try:
             if image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
                 return ImageOps.exif_transpose(image)
-        except (OSError, ValueError, SyntaxError, EOFError, KeyError, TypeError):
+        except Exception:  # noqa: BLE001 - PIL's EXIF parser raises struct.error, IndexError, ... on bad tags
             pass  # an unreadable EXIF block: the pixels as stored
     return image
 
@@ -404,7 +404,13 @@ def check_remote_url(url: str, limits: ImageLimits, *, where: str = "image") -> 
             param=where,
             code="url_not_allowed",
         )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed lazily: an out-of-range or non-numeric port raises here
+    except ValueError as exc:  # "Invalid IPv6 URL", a bad port
+        raise APIError(
+            f"{where}: the image URL is malformed ({exc})", param=where, code="invalid_image_url"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise APIError(
             f"{where}: only data: and http(s) URLs are accepted", param=where, code="invalid_image_url"
@@ -448,7 +454,14 @@ async def fetch_image_bytes(
                     check_remote_url(current, limits, where=where)
                     async with session.get(current, allow_redirects=False) as response:
                         if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                            current = urljoin(current, response.headers["Location"])
+                            try:
+                                current = urljoin(current, response.headers["Location"])
+                            except ValueError:  # a malformed Location ("Invalid IPv6 URL")
+                                raise APIError(
+                                    f"{where}: the image URL redirected to a malformed URL",
+                                    param=where,
+                                    code="invalid_image_url",
+                                ) from None
                             continue
                         if response.status != 200:
                             raise APIError(
