@@ -131,3 +131,36 @@ def test_a_non_streamed_request_asks_the_engine_for_its_final_output_only(stream
     prepared = asyncio.run(chat.prepare(ChatCompletionRequest.model_validate({**body, "stream": stream})))
     assert prepared.sampling.output_kind == ("stream" if stream else "final_only")
     assert prepared.sampling.max_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": ""}] * 4096 + [{"role": "user", "content": "hi"}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": ""}] * 4095 + [{"type": "text", "text": "hi"}],
+            }
+        ],
+    ],
+    ids=["empty-messages", "empty-parts"],
+)
+def test_more_messages_and_parts_than_max_model_len_are_refused_before_the_template(messages, monkeypatch):
+    """Empty messages and parts have no characters, so the character limit does not see them; the count
+    of what the chat template would loop over does, and nothing is templated or tokenized."""
+    chat = preparer("tiny-llava")  # max_model_len 4096
+    templated = []
+    render = chat.processor.render
+    monkeypatch.setattr(chat.processor, "render", lambda *a, **k: templated.append(1) or render(*a, **k))
+    with pytest.raises(APIError) as info:
+        asyncio.run(chat.prepare(request("tiny-llava", messages)))
+    assert info.value.code == "context_length_exceeded" and info.value.status_code == 400
+    assert "4097 messages and content parts" in info.value.message and not templated
+    # One item fewer passes this check and is templated (and then served or refused on its tokens).
+    fewer = messages[1:] if len(messages) > 1 else [{**messages[0], "content": messages[0]["content"][1:]}]
+    try:
+        asyncio.run(chat.prepare(request("tiny-llava", fewer)))
+    except APIError as exc:
+        assert "messages and content parts" not in exc.message
+    assert templated

@@ -284,6 +284,16 @@ def cases(
             code="context_length_exceeded",
         ),
         Case(
+            "more (empty) messages than max_model_len, refused before the chat template runs",
+            _with(
+                service,
+                messages=[{"role": "system", "content": ""}] * service.max_model_len + _message("user", "hi"),
+            ),
+            400,
+            "messages and content parts",
+            code="context_length_exceeded",
+        ),
+        Case(
             "max_tokens over max_model_len",
             _with(service, max_tokens=service.max_model_len + 1),
             400,

@@ -232,7 +232,22 @@ class ChatPreparer:
         return overrides
 
     def check_text_size(self, request: ChatCompletionRequest) -> None:
-        """Refuse a conversation with more text than ``max_prompt_chars`` before any tokenization (400)."""
+        """Refuse a conversation with more text than ``max_prompt_chars``, or with more messages and content
+        parts than ``max_model_len``, before any tokenization (400).
+
+        Empty messages and parts have no characters, but the chat template and the tokenizer still loop over
+        them (under the tokenizer lock that every request's preparation takes): two million of them fit in
+        a 64 MiB body and cost about a minute of CPU. Each message adds at least one token in a chat
+        template, so a conversation of more items than ``max_model_len`` tokens cannot be served anyway.
+        """
+        items = request.content_items()
+        if items > self.settings.max_model_len:
+            raise APIError(
+                f"the conversation has {items} messages and content parts; this server accepts at most "
+                f"max_model_len ({self.settings.max_model_len})",
+                param="messages",
+                code="context_length_exceeded",
+            )
         limit = self.settings.prompt_chars_limit
         total = request.text_chars()
         if total > limit:

@@ -446,6 +446,10 @@ class ChatCompletionRequest(BaseModel):
             for message in self.messages
         )
 
+    def content_items(self) -> int:
+        """Messages plus the content parts of list contents: what the chat template loops over."""
+        return sum(1 if isinstance(m.content, str) else 1 + len(m.content) for m in self.messages)
+
     def message_texts(self) -> list[str]:
         """The text of every message (string contents and text parts), in order."""
         return [
