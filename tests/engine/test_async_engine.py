@@ -442,3 +442,39 @@ def test_the_engine_lock_is_handed_to_waiting_threads():
     # Handed over, the 20 waits add up to about one step (2 ms); without the handoff they added up to
     # 0.09-7.9 s in six runs here.
     assert sum(waits) < 0.05, waits
+
+
+@pytest.mark.parametrize("fault", ["append", "output"])
+def test_a_failed_step_still_answers_what_finished_before_the_failing_row(tiny_llava, monkeypatch, fault):
+    """Row ``a`` finishes in a prefill step, then row ``b`` raises (in sampling's bookkeeping, or while its
+    output is built): ``a``'s answer was only in the step's local list, and its stream used to hang.
+    ``fail_step`` answers ``a`` as it finished, fails ``b`` (with a bare output when its output cannot be
+    built) and frees every block."""
+    model, processor = tiny_llava
+    core = LLMEngine(
+        model, processor, zipvl=ZipVLConfig(tau=0.9), engine=EngineConfig(kv_cache_bytes=8 << 20)
+    )
+    prompt = mixed_prompts(n_images=(1,))[0]
+    core.add_request("a", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    core.add_request("b", prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+    name = "_append_token" if fault == "append" else "_output"
+    real = getattr(core, name)
+
+    def faulty(seq, *args):
+        if seq.request_id == "b":
+            raise RuntimeError("a bug in one row")
+        return real(seq, *args)
+
+    monkeypatch.setattr(core, name, faulty)
+    with pytest.raises(RuntimeError, match="a bug in one row") as info:
+        core.step()
+    # One step, and it raised in row b: so both rows were in it.
+    outputs = {o.request_id: o for o in core.fail_step(info.value)}
+    assert set(outputs) == {"a", "b"}
+    assert (
+        outputs["a"].finished and outputs["a"].finish_reason == "length" and len(outputs["a"].token_ids) == 1
+    )
+    assert outputs["b"].finished and outputs["b"].finish_reason == "error"
+    assert outputs["b"].error == "internal engine error: RuntimeError"
+    assert not core.sequences and not core.has_unfinished() and core.runner.kv.used_bytes == 0
+    core.runner.kv.check_consistency()

@@ -238,7 +238,7 @@ class AsyncLLMEngine:
                         logger.exception("engine step failed; aborting in-flight requests")
                         self.consecutive_failed_steps += 1
                         self.last_step_error = f"{type(exc).__name__}: {exc}"[:200]
-                        outputs = self._fail_all(exc)
+                        outputs = self.engine.fail_step(exc)
                     self._stats = self.engine.stats()
                 if outputs:  # under the lock: an abort's final output never overtakes a step's
                     self._deliver(outputs)
@@ -246,16 +246,6 @@ class AsyncLLMEngine:
             if not busy:
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
-
-    def _fail_all(self, exc: Exception) -> list[RequestOutput]:
-        outputs = []
-        for request_id in list(self.engine.sequences):
-            out = self.engine.abort_request(request_id)
-            if out is not None:
-                out.finish_reason = "error"
-                out.error = f"internal engine error: {type(exc).__name__}"
-                outputs.append(out)
-        return outputs
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand ``outputs`` to their streams: one thread-safe callback per event loop, not per output (a

@@ -97,6 +97,9 @@ class LLMEngine:
         self.keep_fractions = [self.config.default_keep_fraction] * layers
         self.scheduler = Scheduler(self.config, self.runner.kv, self._predict_seq_bytes)
         self.sequences: dict[str, Sequence] = {}
+        # What the current step has built and finished, for fail_step when the step raises midway.
+        self._step_outputs: list[RequestOutput] = []
+        self._step_finished: list[Sequence] = []
         self._totals = {
             "finished": 0,
             "aborted": 0,
@@ -293,6 +296,54 @@ class LLMEngine:
         self._totals["aborted_waiting"] += was_waiting
         return self._output(seq)
 
+    def fail_step(self, exc: BaseException) -> list[RequestOutput]:
+        """After :meth:`step` raised: the outputs it had built and the requests it had finished (a request
+        that reached its end before the failing row is answered, not lost), then every request still in
+        flight aborted with finish reason ``"error"`` and its KV freed.
+
+        An output that cannot be built again (the failure may lie in building it) is replaced by a bare
+        final one with the tokens so far. Never raises.
+        """
+        error = f"internal engine error: {type(exc).__name__}"
+        outputs = list(self._step_outputs)
+        answered = {o.request_id for o in outputs if o.finished}
+        for seq in self._step_finished:
+            if seq.request_id not in answered:
+                outputs.append(self._output_or_bare(seq, error))
+        for request_id in list(self.sequences):
+            seq = self.sequences[request_id]
+            try:
+                out = self.abort_request(request_id)
+            except Exception:  # noqa: BLE001 - building its output failed; it is finished and freed all the same
+                logger.exception("building the aborted output of %s failed", request_id)
+                self.runner.kv.free(request_id)
+                self.scheduler.remove(seq)
+                self.sequences.pop(request_id, None)
+                out = self._bare_output(seq, error)
+            if out is not None:
+                out.finish_reason, out.error = "error", error
+                outputs.append(out)
+        self._step_outputs, self._step_finished = [], []
+        return outputs
+
+    def _output_or_bare(self, seq: Sequence, error: str) -> RequestOutput:
+        try:
+            return self._output(seq)
+        except Exception:  # noqa: BLE001
+            logger.exception("building the final output of %s failed", seq.request_id)
+            return self._bare_output(seq, error)
+
+    @staticmethod
+    def _bare_output(seq: Sequence, error: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=list(seq.output_token_ids),
+            finished=True,
+            finish_reason="error",
+            metrics=seq.metrics,
+            error=error,
+        )
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -300,6 +351,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one prefill or decode step. Returns outputs of the requests that advanced (those whose
         ``output_kind`` is ``"stream"``) or finished."""
+        self._step_outputs, self._step_finished = [], []
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             return []
@@ -457,6 +509,7 @@ class LLMEngine:
         if reason in ("stop", "length"):
             self._totals["finished"] += 1
         self.sequences.pop(seq.request_id, None)
+        self._step_finished.append(seq)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """The cumulative output of ``seq`` plus the delta since the previous call (streaming)."""
@@ -472,7 +525,7 @@ class LLMEngine:
         seq.sent_text_len = max(seq.sent_text_len, visible)
         delta_tokens = seq.output_token_ids[seq.sent_tokens :]
         seq.sent_tokens = len(seq.output_token_ids)
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id,
             token_ids=list(seq.output_token_ids),
             text=text[:visible],
@@ -484,6 +537,8 @@ class LLMEngine:
             metrics=seq.metrics,
             error=seq.error,
         )
+        self._step_outputs.append(out)
+        return out
 
     # -- stats ------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
