@@ -96,6 +96,28 @@ def test_the_engine_refuses_rope_scaling_that_depends_on_the_batch(tiny, rope, r
     LLM(model, processor=processor, engine=EngineConfig(kv_cache_bytes=4 << 20, max_model_len=64))
 
 
+def test_a_max_model_len_beyond_the_models_context_is_refused(tiny, monkeypatch):
+    """Positions past ``max_position_embeddings`` (times a RoPE scaling factor) were never trained: the
+    engine refuses to start rather than degrade answers silently, unless the user opts in."""
+    from zipvl_ray.engine.model_runner import ALLOW_LONG_MAX_MODEL_LEN_ENV, model_context_length
+
+    base, processor = tiny
+    config = copy.deepcopy(base.config)
+    config.text_config.max_position_embeddings = 64
+    model = type(base)._from_config(config).eval()
+    enable_zipvl(model, ZipVLConfig(tau=1.0))
+    assert model_context_length(model) == 64
+    with pytest.raises(ValueError, match="max_model_len 65 is longer than the model's context of 64 tokens"):
+        LLM(model, processor=processor, engine=EngineConfig(kv_cache_bytes=4 << 20, max_model_len=65))
+    LLM(model, processor=processor, engine=EngineConfig(kv_cache_bytes=4 << 20, max_model_len=64))
+    monkeypatch.setenv(ALLOW_LONG_MAX_MODEL_LEN_ENV, "1")
+    LLM(model, processor=processor, engine=EngineConfig(kv_cache_bytes=4 << 20, max_model_len=65))
+
+    config.text_config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config.text_config.rope_parameters["original_max_position_embeddings"] = 32
+    assert model_context_length(type(base)._from_config(config)) == 128  # 32 x 4 over 64
+
+
 def test_dense_layers_beyond_the_model_are_refused(tiny):
     from zipvl_ray.attention import set_zipvl_config
 

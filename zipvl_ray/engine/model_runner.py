@@ -14,6 +14,8 @@ attention to the :class:`StepKV` of the current step (it arrives as ``past_key_v
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,8 @@ from zipvl_ray.sparsity import (
     sparse_causal_attention,
     zipvl_select,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -192,6 +196,45 @@ class StepKV(Cache):
         runner.kv.truncate(seq_id, layer, new_length)
 
 
+#: Set to 1 to serve a ``max_model_len`` beyond the model's context (a warning instead of an error), as
+#: vLLM's ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``: for a model known to extrapolate, at the user's risk.
+ALLOW_LONG_MAX_MODEL_LEN_ENV = "ZIPVL_ALLOW_LONG_MAX_MODEL_LEN"
+
+
+def model_context_length(model) -> int | None:
+    """The longest context the text model was built for: ``max_position_embeddings``, times the RoPE
+    scaling factor when one extends it (linear, YaRN, ...: from ``original_max_position_embeddings``
+    when the config gives it). None when the config says nothing."""
+    text = model.config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default", "mrope"):
+        factor = rope.get("factor")
+        if isinstance(factor, int | float) and factor > 1:
+            base = rope.get("original_max_position_embeddings") or getattr(
+                text, "original_max_position_embeddings", None
+            )
+            limit = max(limit, int((base or limit) * factor))
+    return limit
+
+
+def _check_max_model_len(model, max_model_len: int) -> None:
+    limit = model_context_length(model)
+    if limit is None or max_model_len <= limit:
+        return
+    message = (
+        f"max_model_len {max_model_len} is longer than the model's context of {limit} tokens "
+        "(max_position_embeddings, with its RoPE scaling): positions past it were never trained and the "
+        f"answers would degrade silently. Set the engine's max_model_len to {limit} or less"
+    )
+    if os.environ.get(ALLOW_LONG_MAX_MODEL_LEN_ENV) == "1":
+        logger.warning("%s (allowed by %s=1)", message, ALLOW_LONG_MAX_MODEL_LEN_ENV)
+        return
+    raise ValueError(f"{message}, or set {ALLOW_LONG_MAX_MODEL_LEN_ENV}=1 to serve it anyway.")
+
+
 def _batch_dependent_rope(model, max_model_len: int) -> list[str]:
     """The text model's rotary types whose frequencies would depend on the packed batch: dynamic NTK and
     LongRoPE rescale from the longest position of the forward once it passes the original context, which
@@ -230,6 +273,7 @@ class ModelRunner:
                 "max_model_len to the model's original context or less (the reference path, "
                 "model.generate with ZipVLCache, serves it either way)"
             )
+        _check_max_model_len(model, config.max_model_len)
         self.model = model
         self.config = config
         self.adapter = VLMAdapter(model)
