@@ -222,6 +222,28 @@ def test_retry_replaces_the_hold_instead_of_adding_one():
     assert (router.counters.reservations, router.counters.retries, router.counters.decisions) == (1, 1, 2)
 
 
+def test_a_re_asked_request_does_not_count_its_own_hold():
+    """Serve asks again for the same request after a back-off or a rejection. Its earlier hold is replaced,
+    not counted: the first choice stays the same on every try (it used to flip between the replicas when
+    its own hold tipped the best fit over), and the queue guard does not hold it back on its own account."""
+
+    async def scenario():
+        router = make_router(Clock())
+        a, b = StatsReplica("a", stats(100, 85)), StatsReplica("b", stats(100, 50))
+        request = pending("r1", 10)
+        orders = [names(await router.choose_replicas([a, b], request)) for _ in range(4)]
+        guarded = make_router(Clock(), max_queue_len=2)
+        queued = StatsReplica("q", stats(100, 0, waiting=1))
+        other = pending("r2", 10)
+        tries = [await guarded.choose_replicas([queued], other) for _ in range(3)]
+        return router, orders, tries
+
+    router, orders, tries = asyncio.run(scenario())
+    assert orders == [["a", "b"]] * 4 and held_blocks(router) == {"a": 10}
+    assert router.counters.fits == 4 and router.counters.retries == 3
+    assert all(t for t in tries)  # one waiting + itself = 2, never over the guard because of itself
+
+
 # ------------------------------------------------------------------------------------------ lifecycle
 
 

@@ -733,15 +733,17 @@ class KVPackingRouter(RequestRouter):
             self.counters.missing_hints += 1
             hints = self._fallback_hints()
         by_key = {r.replica_id: r for r in candidate_replicas}
-        ranking = rank_replicas(self._views(candidate_replicas, now), hints, self.config)
         request_id = pending_request.metadata.internal_request_id
+        # A re-asked request (backed off, or rejected by a replica) is placed afresh: its own earlier hold
+        # must not count as load in the ranking, or its first choice looks one request fuller each time.
+        existed = self._holds.release(request_id) is not None
+        ranking = rank_replicas(self._views(candidate_replicas, now), hints, self.config)
         if ranking.saturated and self.config.hold_when_saturated:
             self.counters.held_back += 1
-            self._holds.release(request_id)  # it is going nowhere yet
-            return []
+            return []  # it is going nowhere yet: no hold
 
         first = ranking.order[0]
-        _, existed = self._holds.place(
+        self._holds.place(
             request_id,
             first,
             ranking.predicted_bytes[first],
