@@ -274,7 +274,10 @@ class LLMServer:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """KV geometry, use and kept fractions for the request router (polled by the controller)."""
-        return routing_stats(self.engine.stats())
+        # Stamped with the time up to which the snapshot holds every accepted request (an injected engine
+        # without ``stats_time`` is taken as current).
+        stats_time = getattr(self.engine, "stats_time", None)
+        return routing_stats(self.engine.stats(), now=stats_time() if stats_time is not None else None)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Numeric KV and queue metrics for the autoscaling policy."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -163,6 +164,9 @@ def test_replica_stats_for_router_and_autoscaler():
     assert {"kv_bytes_used", "kv_bytes_capacity", "kept_fraction_per_layer", "stats_timestamp"} <= set(
         routing
     )
+    assert abs(routing["stats_timestamp"] - time.time()) < 5  # the fake engine has no stats_time: now
+    server.engine.stats_time = lambda: 1234.5  # an engine that knows when its snapshot stops
+    assert server.record_routing_stats()["stats_timestamp"] == 1234.5
     autoscaling = server.record_autoscaling_stats()
     assert list(autoscaling) == list(AUTOSCALING_METRIC_NAMES)
     assert all(isinstance(v, float) for v in autoscaling.values())

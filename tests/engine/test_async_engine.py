@@ -478,3 +478,30 @@ def test_a_failed_step_still_answers_what_finished_before_the_failing_row(tiny_l
     assert outputs["b"].error == "internal engine error: RuntimeError"
     assert not core.sequences and not core.has_unfinished() and core.runner.kv.used_bytes == 0
     core.runner.kv.check_consistency()
+
+
+def test_stats_time_stops_at_the_oldest_add_still_waiting_for_the_engine(engine):
+    """A request accepted while a step runs waits for the engine before it is added, and the snapshot
+    lacks it until then: ``stats_time`` says so (a router took a snapshot stamped at read time as holding
+    a request it did not hold, and dropped that request's reservation)."""
+    import time
+
+    prompt = mixed_prompts(n_images=(1,))[0]
+    sampling = SamplingParams(max_tokens=2, ignore_eos=True)
+
+    async def main():
+        assert abs(engine.stats_time() - time.time()) < 1.0  # nothing waiting: current
+        with engine._lock:  # a long step holds the engine
+            accepted = time.time()
+            stream = engine.generate("late", prompt, sampling)
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0.3)
+            during = engine.stats_time()
+            waiting_in_snapshot = engine.stats().num_waiting + engine.stats().num_running
+        await first
+        outs = [out async for out in stream]
+        return accepted, during, waiting_in_snapshot, outs
+
+    accepted, during, in_snapshot, outs = asyncio.run(main())
+    assert accepted <= during < accepted + 0.2 and in_snapshot == 0
+    assert outs[-1].finished and time.time() - engine.stats_time() < 1.0

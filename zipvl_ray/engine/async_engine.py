@@ -82,7 +82,8 @@ class AsyncLLMEngine:
         self._lock = HandoffLock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending_adds: set[str] = set()  # generate() calls whose add has not run yet
+        # generate() calls whose add has not run yet, with the wall time each was accepted
+        self._pending_adds: dict[str, float] = {}
         self._stats = engine.stats()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="zipvl-engine", daemon=True)
@@ -139,7 +140,7 @@ class AsyncLLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         entry = (loop, queue)
         self._streams[request_id] = entry
-        self._pending_adds.add(request_id)
+        self._pending_adds[request_id] = time.time()
         arrival = time.perf_counter()
         try:
             await asyncio.to_thread(self._add, request_id, prompt, sampling, zipvl, arrival)
@@ -179,7 +180,7 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id not in self._pending_adds:  # withdrawn while this thread waited for the lock
                 return
-            self._pending_adds.discard(request_id)
+            self._pending_adds.pop(request_id, None)
             self.engine.add_request(request_id, prompt, sampling, zipvl, arrival_time=arrival)
             self._stats = self.engine.stats()
         self._wakeup.set()
@@ -188,14 +189,14 @@ class AsyncLLMEngine:
         """Undo a cancelled :meth:`generate`'s add, whichever way the race with :meth:`_add` went."""
         with self._lock:
             if request_id in self._pending_adds:  # not added yet: ``_add`` will skip it
-                self._pending_adds.discard(request_id)
+                self._pending_adds.pop(request_id, None)
                 return
         self._abort_locked(request_id)  # added already (or failed, then this finds nothing)
 
     def _abort_locked(self, request_id: str, *, deliver: bool = False) -> RequestOutput | None:
         with self._lock:
             if deliver and request_id in self._pending_adds:  # aborted before its add ran: never add it
-                self._pending_adds.discard(request_id)
+                self._pending_adds.pop(request_id, None)
                 out = RequestOutput(request_id=request_id, finished=True, finish_reason="abort")
             else:
                 out = self.engine.abort_request(request_id)
@@ -223,6 +224,17 @@ class AsyncLLMEngine:
     def stats(self) -> EngineStats:
         """The latest snapshot (taken after every step, add and abort): never waits for a step."""
         return self._stats
+
+    def stats_time(self) -> float:
+        """Wall time up to which :meth:`stats` contains every request this engine accepted.
+
+        The snapshot is retaken whenever a request is added or aborted, so it contains every added request;
+        what it lacks are the requests accepted by :meth:`generate` whose add still waits for the engine
+        (behind a long step). So: the acceptance time of the oldest of those, else now. A router that
+        reads a snapshot stamped later than a request's routing would take the request as counted in it.
+        """
+        now = time.time()
+        return min(list(self._pending_adds.values()), default=now)
 
     # -- the engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
