@@ -341,7 +341,7 @@ def test_an_abort_before_the_add_runs_ends_the_stream_without_running_it(engine)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         engine._streams["early"] = (loop, queue)
-        engine._pending_adds.add("early")
+        engine._pending_adds["early"] = 0.0
         try:
             await engine.abort("early")
             engine._add("early", "Hi", SamplingParams(max_tokens=4), None, 0.0)  # the late add: skipped
