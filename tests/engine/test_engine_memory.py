@@ -145,6 +145,20 @@ def test_aborts_of_waiting_requests_are_counted_apart(tiny_llava):
     assert eng.runner.kv.used_bytes == 0 and not eng.has_unfinished()
 
 
+def test_a_preempted_request_aborted_while_waiting_reports_no_kv_held(tiny_llava):
+    """``kv_bytes`` is what the request held at the end: after a preemption freed its blocks, an abort
+    while it waits to be readmitted reports 0, not the bytes of its last prefill."""
+    eng = engine(tiny_llava)
+    eng.add_request("a", mixed_prompts()[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    eng.step()
+    held = eng.runner.kv.seq_bytes("a")
+    assert held > 0 and eng.scheduler.preempt_newest().request_id == "a"
+    out = eng.abort_request("a")
+    assert out.metrics.kv_bytes_after_prefill == held  # the prefill's figure is kept where it belongs
+    assert (out.metrics.kv_bytes, out.metrics.kv_bytes_dense) == (0, 0)
+    assert eng.runner.kv.used_bytes == 0
+
+
 @pytest.mark.parametrize("max_tokens", [1, 5])
 def test_max_tokens_and_stop_conditions(tiny_llava, max_tokens):
     eng = engine(tiny_llava)

@@ -497,6 +497,8 @@ class LLMEngine:
             held = kv.seqs[seq.request_id]
             seq.metrics.kv_bytes = held.num_blocks * self.runner.block_bytes
             seq.metrics.kv_bytes_dense = self.runner.dense_bytes(seq.num_prompt_tokens + seq.num_fed)
+        else:  # waiting (never admitted, or preempted and not readmitted): it holds nothing at the end
+            seq.metrics.kv_bytes = seq.metrics.kv_bytes_dense = 0
         kv.free(seq.request_id)
         if seq in self.scheduler.running:
             self.scheduler.running.remove(seq)

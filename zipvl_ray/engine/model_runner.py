@@ -317,10 +317,10 @@ class ModelRunner:
         embeds = self.adapter.embed(token_ids, features)
         pos = torch.cat(positions, dim=1).to(self.device)  # (P, T)
         position_ids = pos[:, None, :] if self.adapter.uses_mrope else pos
-        for seq in seqs:
-            self.kv.open(seq.request_id)
         context = StepKV(self, segments=segments)
         try:
+            for seq in seqs:  # inside: a row that cannot open must not leave the earlier ones theirs
+                self.kv.open(seq.request_id)
             hidden = self.adapter.language_model(
                 inputs_embeds=embeds[None], position_ids=position_ids, past_key_values=context, use_cache=True
             ).last_hidden_state[0]
