@@ -224,6 +224,20 @@ def test_without_metrics_requests_queued_at_the_handles_still_scale_up_never_dow
     assert KVDemandPolicy(**AT_75)(context(None, target=5, total=0))[0] == 5
 
 
+def test_without_metrics_the_same_queue_does_not_ratchet_the_target_up():
+    """Inside Serve's wrapper the target a decision raised is the next decision's ``target_num_replicas``:
+    10 queued requests ask for the running replicas plus 2, once, not 2 more per decision."""
+    policy = _apply_autoscaling_config(KVDemandPolicy(**AT_75))
+    config = AutoscalingConfig(min_replicas=1, max_replicas=20, upscale_delay_s=0, downscale_delay_s=0)
+    target = 2
+    for _ in range(5):  # the new replicas are still starting: 2 running
+        target, _ = policy(context(None, current=2, target=target, queued=10, config=config))
+    assert target == 4  # 2 running + ceil(10 / 8)
+    queue = QueueLengthPolicy(metric="image_tokens", target_per_replica=100.0, queued_request_load=50.0)
+    assert queue(context({}, current=2, target=8, queued=10))[0] == 8  # never under the target
+    assert queue(context({}, current=2, target=2, queued=10))[0] == 2 + 5
+
+
 def test_kv_policy_inside_serves_wrapper_is_raw_and_delayed_by_serve():
     # _apply_autoscaling_config is what Serve wraps a custom policy with (factors and delays); the
     # min/max bounds are applied after it by Serve's AutoscalingState.

@@ -262,11 +262,13 @@ class Trend:
 
 def _without_metrics(ctx: AutoscalingContext, queued_per_replica: float) -> tuple[int, dict[str, Any]]:
     """The decision while no replica reports the policy's metrics (replicas starting, ``record_autoscaling_stats``
-    failing, a misspelt ``metric``): the current target, plus one replica per ``queued_per_replica`` requests
-    waiting at the handles (no replica took them: the fleet is short). Never fewer: no metrics is no evidence
-    that load fell, and running requests say nothing about how many more a replica takes."""
+    failing, a misspelt ``metric``): the running replicas plus one per ``queued_per_replica`` requests
+    waiting at the handles (no replica took them: the fleet is short), and never under the current target:
+    no metrics is no evidence that load fell, and running requests say nothing about how many more a
+    replica takes. Counted from the running replicas, not from the target: a target raised on account of a
+    queue must not be raised again for the same queue at every decision while the new replicas start."""
     queued = float(ctx.total_queued_requests or 0.0)
-    desired = ctx.target_num_replicas + _ceil(queued / queued_per_replica)
+    desired = max(ctx.target_num_replicas, ctx.current_num_replicas + _ceil(queued / queued_per_replica))
     return desired, {"metrics_missing": 1.0, "queued_requests": queued}
 
 
