@@ -141,6 +141,7 @@ def cluster(tmp_path_factory):
             "config": config,
             "manifest": manifest,
             "spans": spans,
+            "head_node_id": local.head_node.node_id,
         }
     finally:
         with contextlib.suppress(httpx.HTTPError):
@@ -174,6 +175,19 @@ def test_application_runs_with_every_deployment_healthy(cluster):
     deployments = cluster["app"]["deployments"]
     assert set(deployments) == {"OpenAIIngress", "VisionEncoder", "LLMServer"}
     assert {d["status"] for d in deployments.values()} == {"HEALTHY"}
+
+
+def test_no_replica_runs_on_the_head(cluster):
+    """The head starts with ``num-cpus 0``; replicas that ask for some CPU cannot be placed there (with 0
+    CPUs they could, and would share the head's CPU and memory with the GCS and the controller)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster["dashboard"], filters=[("state", "=", "ALIVE")], limit=1000)
+    replicas = [a for a in actors if a.class_name.startswith("ServeReplica:zipvl:")]
+    assert len(replicas) == 3
+    assert all(a.node_id != cluster["head_node_id"] for a in replicas), [
+        (a.class_name, a.node_id) for a in replicas
+    ]
 
 
 def test_probe_endpoints_answer_success(cluster):
