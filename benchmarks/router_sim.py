@@ -596,6 +596,10 @@ class Strategy:
         ``KVDemandPolicyConfig.spare_replicas`` of the KV policy.
     forecast_s : float
         ``KVDemandPolicyConfig.forecast_s`` of the KV policy.
+    max_ongoing : int or None
+        ``max_ongoing_requests`` for this strategy's replicas (``/N`` in the label); None keeps the
+        replica model's. Ray's second queueing knob: below the engine's own capacity, power-of-two keeps
+        requests at the handle instead of in a replica's queue.
     """
 
     label: str
@@ -605,6 +609,7 @@ class Strategy:
     demand: str = "committed"
     spare: float = 0.0
     forecast_s: float = 0.0
+    max_ongoing: int | None = None
 
 
 @dataclass
@@ -636,6 +641,7 @@ class SimResult:
             "target": self.strategy.target,
             "spare_replicas": self.strategy.spare,
             "forecast_s": self.strategy.forecast_s,
+            "max_ongoing_requests": self.strategy.max_ongoing,
             "requests": len(self.requests),
             "completed": len(done),
             "failed": len(failed),
@@ -700,6 +706,8 @@ class Simulation:
     ):
         self.requests = [Request(**{**r.__dict__}) for r in requests]
         self.strategy = strategy
+        if strategy.max_ongoing is not None:
+            model = replace(model, max_ongoing_requests=strategy.max_ongoing)
         self.model = model
         self.scaling = scaling
         self.ttft_timeout_s = ttft_timeout_s
@@ -1090,7 +1098,7 @@ class Simulation:
 
 
 STRATEGY_LABEL = re.compile(
-    r"^(pow2|spread|pack)\+(queue|kv|kvheld)\(([0-9.]+)(?:\+([0-9.]+))?(?:@([0-9.]+))?\)$"
+    r"^(pow2|spread|pack)\+(queue|kv|kvheld)\(([0-9.]+)(?:\+([0-9.]+))?(?:@([0-9.]+))?\)(?:/([0-9]+))?$"
 )
 
 
@@ -1098,14 +1106,17 @@ def parse_strategy(label: str) -> Strategy:
     """``"pack+kv(0.75)"`` -> :class:`Strategy`: router ``pow2`` | ``spread`` | ``pack``, autoscaler
     ``queue(T)`` (Ray's default at ``target_ongoing_requests`` T), ``kv(U)`` (``KVDemandPolicy`` on
     committed demand at ``target_kv_utilization`` U) or ``kvheld(U)`` (the same on held demand);
-    ``kvheld(U+S@F)`` adds ``spare_replicas`` S and ``forecast_s`` F (either may be left out)."""
+    ``kvheld(U+S@F)`` adds ``spare_replicas`` S and ``forecast_s`` F (either may be left out); a ``/N``
+    suffix sets that strategy's ``max_ongoing_requests`` (``pow2+queue(10)/24``)."""
     match = STRATEGY_LABEL.match(label)
     if match is None:
         raise ValueError(
-            f"strategy {label!r} is not ROUTER+POLICY(TARGET[+SPARE][@FORECAST]), e.g. "
+            f"strategy {label!r} is not ROUTER+POLICY(TARGET[+SPARE][@FORECAST])[/MAX_ONGOING], e.g. "
             "pack+kvheld(0.9+1@20) or pow2+queue(8)"
         )
-    router, policy, target, spare, forecast = match.groups()
+    router, policy, target, spare, forecast, max_ongoing = match.groups()
+    if max_ongoing is not None and int(max_ongoing) < 1:
+        raise ValueError(f"{label}: max_ongoing_requests must be at least 1")
     if router != "pow2" and policy == "queue":
         raise ValueError(f"{label}: the KV routers are simulated with a KV policy only")
     if policy == "queue" and (spare is not None or forecast is not None):
@@ -1119,6 +1130,7 @@ def parse_strategy(label: str) -> Strategy:
         demand,
         float(spare or 0.0),
         float(forecast or 0.0),
+        int(max_ongoing) if max_ongoing is not None else None,
     )
 
 
@@ -1189,6 +1201,27 @@ def iso_p95_cost(frontier: list[dict[str, Any]], p95: float) -> float | None:
     return None
 
 
+def efficient_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other row beats on both p95 TTFT and replica-seconds (the cost-vs-p95 frontier).
+
+    A dominated setting is one nobody would run: as a baseline it would flatter packing (a row that is
+    dearer *and* slower than another one, just above packing's p95, would be taken as power-of-two's
+    cost there). With several knobs swept (``target_ongoing_requests`` and ``max_ongoing_requests``)
+    most rows are dominated.
+    """
+    return [
+        r
+        for r in rows
+        if not any(
+            o is not r
+            and o["ttft_p95_s"] <= r["ttft_p95_s"]
+            and o["replica_seconds"] <= r["replica_seconds"]
+            and (o["ttft_p95_s"] < r["ttft_p95_s"] or o["replica_seconds"] < r["replica_seconds"])
+            for o in rows
+        )
+    ]
+
+
 def conservative_saving(pack: dict[str, Any], pow2: list[dict[str, Any]]) -> tuple[str, float]:
     """Saving of ``pack`` against the pow2 row with the best p95 that is still no better than packing's.
 
@@ -1209,10 +1242,13 @@ def summarize(rows: list[dict[str, Any]], headline: str = HEADLINE) -> dict[str,
     (pow2's cost at exactly packing's p95 on the line through its rows; NaN outside their range). The
     target (>= 25% fewer replica-seconds at equal or better p95, no failed request) is judged on the
     ``headline`` row's conservative saving; ``best_pack`` names the pack row with the largest one.
-    Power-of-two rows that failed requests (engine thrashing, see ``ReplicaModel``) are no baseline.
+    Power-of-two rows that failed requests (engine thrashing, see ``ReplicaModel``) are no baseline, nor
+    are rows another power-of-two row beats on both cost and p95 (:func:`efficient_rows`).
     """
     # A baseline that failed requests is not at equal quality: only clean power-of-two rows are compared.
-    pow2 = [r for r in rows if r["router"] == "pow2" and r["autoscaler"] == "queue" and r["failed"] == 0]
+    pow2 = efficient_rows(
+        [r for r in rows if r["router"] == "pow2" and r["autoscaler"] == "queue" and r["failed"] == 0]
+    )
     packs = [r for r in rows if r["router"] == "pack" and r["autoscaler"] == "kv"]
     summary: dict[str, Any] = {"headline": headline}
     best = ("", float("-inf"))

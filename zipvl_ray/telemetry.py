@@ -1313,8 +1313,15 @@ FINISH_REASONS = ("stop", "length", "error", "abort", "refused")
 def initial_counter_series(stage: Stage) -> list[tuple[str, dict[str, str]]]:
     """The counter series a replica of ``stage`` creates at 0 when it starts: every counter without labels
     and ``zipvl_llm_requests_total`` per finish reason. A series that first appears at 1 hides its first
-    event from ``rate()`` / ``increase()`` (an alert on the first error of a new replica would not fire)."""
-    series = [(m.name, {}) for m in METRICS if m.stage == stage and m.kind == "counter" and not m.tag_keys]
+    event from ``rate()`` / ``increase()`` (an alert on the first error of a new replica would not fire).
+
+    The ``zipvl_router_*`` counters are left out: they exist only where a ``KVPackingRouter`` routes (its
+    exporter creates them), so that their absence says Serve's default router is in use."""
+    series = [
+        (m.name, {})
+        for m in METRICS
+        if m.stage == stage and m.kind == "counter" and not m.tag_keys and not m.name.startswith("zipvl_router_")
+    ]
     if stage == "llm":
         series += [("zipvl_llm_requests_total", {"finish_reason": reason}) for reason in FINISH_REASONS]
     return series
