@@ -1320,7 +1320,10 @@ def initial_counter_series(stage: Stage) -> list[tuple[str, dict[str, str]]]:
     series = [
         (m.name, {})
         for m in METRICS
-        if m.stage == stage and m.kind == "counter" and not m.tag_keys and not m.name.startswith("zipvl_router_")
+        if m.stage == stage
+        and m.kind == "counter"
+        and not m.tag_keys
+        and not m.name.startswith("zipvl_router_")
     ]
     if stage == "llm":
         series += [("zipvl_llm_requests_total", {"finish_reason": reason}) for reason in FINISH_REASONS]

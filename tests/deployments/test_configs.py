@@ -52,7 +52,7 @@ def test_cpu_config_fits_two_cores_with_a_builtin_model():
     # Fractions of a CPU: the three fit 2 cores (Ray's CPU count) and, on Kubernetes, stay off the head pod
     # (num-cpus 0), which a replica asking for 0 CPUs could land on.
     cpus = [s.num_cpus for s in (args.ingress, args.vision, args.llm)]
-    assert all(0 < c for c in cpus) and sum(cpus) <= 1
+    assert all(c > 0 for c in cpus) and sum(cpus) <= 1
     assert load("zipvl.yaml")["http_options"]["host"] == "127.0.0.1"
     assert args.images.allowed_url_hosts == []
 
