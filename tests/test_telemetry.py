@@ -240,6 +240,10 @@ def test_settings_become_replica_environment():
         telemetry.LOG_LEVEL_ENV: "DEBUG",
         "OTEL_SERVICE_NAME": "vlm",
     }
+    # Tracing fields without tracing: true would be dropped silently: refused.
+    for tracing in (None, False):
+        with pytest.raises(ValidationError, match="file_dir, sampling_ratio apply only with tracing: true"):
+            telemetry.TelemetrySettings(tracing=tracing, file_dir="/tmp/s", sampling_ratio=1.0)
     for bad in ({"sampling_ratio": 1.5}, {"exporter": "zipkin"}, {"sampler": 1}):
         with pytest.raises(ValidationError):
             telemetry.TelemetrySettings(**bad)

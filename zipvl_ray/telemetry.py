@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from opentelemetry import trace
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
@@ -78,6 +78,10 @@ DEFAULT_LOG_LEVEL = "INFO"
 OtlpProtocol = Literal["grpc", "http/protobuf"]
 DEFAULT_OTLP_PROTOCOL: OtlpProtocol = "http/protobuf"
 """The OpenTelemetry specification's default OTLP transport."""
+
+
+#: TelemetrySettings fields that take effect only with ``tracing: true``.
+TRACING_ONLY_FIELDS = frozenset({"exporter", "sampling_ratio", "otlp_endpoint", "otlp_protocol", "file_dir"})
 
 
 class TelemetrySettings(BaseModel):
@@ -126,6 +130,19 @@ class TelemetrySettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         DEFAULT_LOG_LEVEL, description="Level of the zipvl_ray / deployments loggers in the replicas."
     )
+
+    @model_validator(mode="after")
+    def _tracing_fields_need_tracing(self) -> TelemetrySettings:
+        """The exporter, sampling and OTLP fields are applied with ``tracing: true`` only: set with tracing
+        null or false they would be dropped without a word."""
+        ignored = sorted(TRACING_ONLY_FIELDS & self.model_fields_set)
+        if ignored and self.tracing is not True:
+            raise ValueError(
+                f"{', '.join(ignored)} apply only with tracing: true (with tracing: {self.tracing}, "
+                "the nodes' RAY_SERVE_TRACING_* / ZIPVL_TRACING_* / OTEL_* environment decides; "
+                "see docs/observability.md)"
+            )
+        return self
 
     def env_vars(self) -> dict[str, str]:
         """Environment variables of every replica that carry the settings differing from the defaults.
