@@ -134,7 +134,9 @@ class RayServeBackend:
                         yield item
                         if finished:
                             return
-                    # A stream that ends without a finished output: the handler reports it.
+                    # A stream that ends without a finished output: the handler reports it to the client
+                    # (engine_error), and the span and the log say the same (not "the client went away").
+                    error = "the LLM stage ended the stream without a result"
                     return
                 except Exception as exc:
                     if not is_replica_failure(exc):

@@ -332,6 +332,48 @@ def test_a_retry_after_an_unreachable_replica_cancels_the_first_attempt_and_uses
     assert out.finished and seen == ["chatcmpl-1", "chatcmpl-1-retry1"] and cancelled == ["chatcmpl-1"]
 
 
+def test_a_stream_that_ends_without_a_result_is_an_error_in_the_span_not_a_client_leaving():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from deployments.ingress import RayServeBackend
+    from zipvl_ray import telemetry
+    from zipvl_ray.multimodal import PreparedPrompt
+    from zipvl_ray.routing.footprint import RoutingHints
+
+    class Call:
+        def __init__(self, request):
+            self.request = request
+
+        def __aiter__(self):
+            return self._run()
+
+        async def _run(self):
+            yield RequestOutput(request_id=self.request.request_id, token_ids=[1], delta_token_ids=[1])
+
+        def cancel(self):
+            pass
+
+    backend = RayServeBackend(vision=None, llm=FakeLLMHandle(Call))
+    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[], image_token_id=None)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def run():
+        return [
+            o async for o in backend.generate("chatcmpl-1", prompt, SamplingParams(), None, RoutingHints(3))
+        ]
+
+    with telemetry.use_tracer_provider(provider):
+        outs = asyncio.run(run())
+    assert len(outs) == 1 and not outs[0].finished
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "zipvl.ingress.generate"]
+    assert span.status.status_code.name == "ERROR" and "without a result" in span.status.description
+    assert "zipvl.cancelled" not in span.attributes
+
+
 def test_the_death_of_the_vision_replica_under_a_request_is_retried():
     """Serve's router reports the death of an upstream actor (the vision replica whose result the LLM call
     takes as an argument) as a RayServeException caused by the ActorDiedError: a replica failure, retried
