@@ -155,6 +155,47 @@ def test_iso_p95_cost_interpolates_between_bracketing_rows():
     assert router_sim.iso_p95_cost(frontier, 1.0) is None  # outside what power-of-two reached
 
 
+def test_max_ongoing_suffix_sets_the_strategys_replica_limit():
+    strategy = router_sim.parse_strategy("pow2+queue(10)/24")
+    assert (strategy.target, strategy.max_ongoing) == (10.0, 24)
+    assert router_sim.parse_strategy("pow2+queue(10)").max_ongoing is None
+    with pytest.raises(ValueError, match="at least 1"):
+        router_sim.parse_strategy("pow2+queue(10)/0")
+    model = router_sim.ReplicaModel()
+    scaling = router_sim.ScalingModel()
+    sim = router_sim.Simulation([], strategy, model, scaling)
+    assert sim.model.max_ongoing_requests == 24 and model.max_ongoing_requests == 64  # a copy, per strategy
+
+
+def test_dominated_power_of_two_rows_are_no_baseline():
+    """A row dearer and slower than another one is not what anyone runs: with it, the row just above
+    packing's p95 would have been the dominated one, and the saving inflated."""
+
+    def row(name, p95, cost):
+        return {
+            "strategy": name,
+            "router": "pow2",
+            "autoscaler": "queue",
+            "failed": 0,
+            "ttft_p95_s": p95,
+            "replica_seconds": cost,
+        }
+
+    efficient, dominated, cheap = row("a", 9.0, 1000.0), row("b", 12.0, 1100.0), row("c", 20.0, 700.0)
+    assert router_sim.efficient_rows([efficient, dominated, cheap]) == [efficient, cheap]
+    pack = {
+        **row("pack+kvheld(0.9)", 10.0, 750.0),
+        "router": "pack",
+        "autoscaler": "kv",
+        "ttft_p99_s": 0.0,
+        "preemptions": 0,
+    }
+    summary = router_sim.summarize([efficient, dominated, cheap, pack], headline="pack+kvheld(0.9)")
+    # Against c (the next efficient row at a worse p95), not against the dominated b.
+    assert summary["pack+kvheld(0.9): vs"] == "c"
+    assert summary["pack+kvheld(0.9): saving_conservative"] == pytest.approx(1 - 750 / 700)
+
+
 def test_retention_models_see_the_same_arrivals():
     model = router_sim.ReplicaModel()
     trace = router_sim.TraceModel(duration_s=60.0, mean_low_s=20.0, mean_high_s=20.0)
