@@ -298,38 +298,22 @@ def test_a_retry_after_an_unreachable_replica_cancels_the_first_attempt_and_uses
     from ray.exceptions import ActorUnavailableError
 
     from deployments.ingress import RayServeBackend
-    from zipvl_ray.multimodal import PreparedPrompt
-    from zipvl_ray.routing.footprint import RoutingHints
 
-    cancelled = []
-
-    class Call:
-        def __init__(self, request):
-            self.request = request
-
-        def __aiter__(self):
-            return self._run()
+    class Call(ScriptedCall):
+        cancelled: list[str] = []
 
         async def _run(self):
             if len(seen) == 1:
                 raise ActorUnavailableError("unreachable", None)
             yield RequestOutput(request_id=self.request.request_id, token_ids=[1], finished=True)
 
-        def cancel(self):
-            cancelled.append(self.request.request_id)
-
     handle = FakeLLMHandle(Call)
     seen = handle.request_ids
     backend = RayServeBackend(vision=None, llm=handle)
-    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[], image_token_id=None)
 
-    async def run():
-        return [
-            o async for o in backend.generate("chatcmpl-1", prompt, SamplingParams(), None, RoutingHints(3))
-        ]
-
-    (out,) = asyncio.run(run())
-    assert out.finished and seen == ["chatcmpl-1", "chatcmpl-1-retry1"] and cancelled == ["chatcmpl-1"]
+    (out,) = generate_all(backend)
+    assert out.finished and seen == ["chatcmpl-1", "chatcmpl-1-retry1"]
+    assert Call.cancelled == ["chatcmpl-1"]
 
 
 def test_a_stream_that_ends_without_a_result_is_an_error_in_the_span_not_a_client_leaving():
@@ -339,35 +323,17 @@ def test_a_stream_that_ends_without_a_result_is_an_error_in_the_span_not_a_clien
 
     from deployments.ingress import RayServeBackend
     from zipvl_ray import telemetry
-    from zipvl_ray.multimodal import PreparedPrompt
-    from zipvl_ray.routing.footprint import RoutingHints
 
-    class Call:
-        def __init__(self, request):
-            self.request = request
-
-        def __aiter__(self):
-            return self._run()
-
+    class Call(ScriptedCall):
         async def _run(self):
             yield RequestOutput(request_id=self.request.request_id, token_ids=[1], delta_token_ids=[1])
 
-        def cancel(self):
-            pass
-
     backend = RayServeBackend(vision=None, llm=FakeLLMHandle(Call))
-    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[], image_token_id=None)
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-
-    async def run():
-        return [
-            o async for o in backend.generate("chatcmpl-1", prompt, SamplingParams(), None, RoutingHints(3))
-        ]
-
     with telemetry.use_tracer_provider(provider):
-        outs = asyncio.run(run())
+        outs = generate_all(backend)
     assert len(outs) == 1 and not outs[0].finished
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "zipvl.ingress.generate"]
     assert span.status.status_code.name == "ERROR" and "without a result" in span.status.description
@@ -382,8 +348,6 @@ def test_the_death_of_the_vision_replica_under_a_request_is_retried():
     from ray.serve.exceptions import RayServeException
 
     from deployments.ingress import RayServeBackend, is_replica_failure
-    from zipvl_ray.multimodal import PreparedPrompt
-    from zipvl_ray.routing.footprint import RoutingHints
 
     died = RayTaskError("encode", "traceback", ActorDiedError()).as_instanceof_cause()
     upstream = RayServeException("Request to deployment 'LLMServer' failed because an upstream actor died")
@@ -423,16 +387,46 @@ def test_the_death_of_the_vision_replica_under_a_request_is_retried():
             return Response(f"vision-{Vision.calls}")
 
     backend = RayServeBackend(vision=Vision(), llm=llm)
-    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=[_image(1)], image_token_id=None)
+
+    (out,) = generate_all(backend, images=[_image(1)])
+    assert out.finished and attempts == ["chatcmpl-1", "chatcmpl-1-retry1"]
+    assert {"llm-1", "vision-1"} <= set(cancelled)  # the first attempt, its encode included
+
+
+class ScriptedCall:
+    """One LLM handle call's response for :class:`FakeLLMHandle`: a subclass scripts ``_run`` (an async
+    generator of outputs) and may set its own ``cancelled`` list to record ``cancel()`` calls."""
+
+    cancelled: list[str] | None = None
+
+    def __init__(self, request):
+        self.request = request
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        raise NotImplementedError
+        yield
+
+    def cancel(self):
+        if self.cancelled is not None:
+            self.cancelled.append(self.request.request_id)
+
+
+def generate_all(backend, images=()) -> list[RequestOutput]:
+    """Every output of ``backend.generate`` for a three-token prompt (with ``images``)."""
+    from zipvl_ray.multimodal import PreparedPrompt
+    from zipvl_ray.routing.footprint import RoutingHints
+
+    prompt = PreparedPrompt(token_ids=[1, 2, 3], images=list(images), image_token_id=None)
 
     async def run():
         return [
             o async for o in backend.generate("chatcmpl-1", prompt, SamplingParams(), None, RoutingHints(3))
         ]
 
-    (out,) = asyncio.run(run())
-    assert out.finished and attempts == ["chatcmpl-1", "chatcmpl-1-retry1"]
-    assert {"llm-1", "vision-1"} <= set(cancelled)  # the first attempt, its encode included
+    return asyncio.run(run())
 
 
 class FakeLLMHandle:
