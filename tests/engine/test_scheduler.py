@@ -103,3 +103,35 @@ def test_admission_skips_the_reservation_sum_only_when_nothing_could_fit(monkeyp
     idle = _saturated_scheduler(32, running_tokens=24, waiting_prompt=8)
     idle.waiting.clear()
     assert idle._admit() == [] and calls == [1, 1]
+
+
+def test_reserved_bytes_matches_a_per_layer_sum():
+    """The array form of the reservation equals the sum over (sequence, layer) of the blocks ``headroom``
+    more tokens would add, for random lengths, replay backlogs and a running sequence holding no KV."""
+    gen = torch.Generator().manual_seed(1)
+    scheduler = make_scheduler(512, headroom=4)
+    kv = scheduler.kv
+    for i in range(7):
+        seq = make_seq(f"s{i}", 8, max_tokens=int(torch.randint(1, 30, (1,), generator=gen)))
+        seq.output_token_ids = list(
+            range(int(torch.randint(0, seq.sampling.max_tokens, (1,), generator=gen)))
+        )
+        seq.num_fed = int(torch.randint(0, max(1, len(seq.output_token_ids)), (1,), generator=gen))
+        scheduler.running.append(seq)
+        if i == 3:
+            continue  # running but holding nothing (e.g. being preempted): reserves nothing
+        kv.open(seq.request_id)
+        for layer in range(LAYERS):
+            n = int(torch.randint(0, 11, (1,), generator=gen))
+            if n:
+                kv.allocate_tokens(seq.request_id, layer, n)
+    expected = 0
+    for seq in scheduler.running:
+        if seq.request_id in kv.seqs:
+            held = kv.seqs[seq.request_id]
+            future = sum(-(-(n + scheduler.headroom(seq)) // BLOCK) for n in held.lengths)
+            expected += future - held.num_blocks
+    assert expected > 0
+    assert scheduler.reserved_bytes() == expected * kv.layout.block_bytes
+    scheduler.running.clear()
+    assert scheduler.reserved_bytes() == 0

@@ -215,3 +215,58 @@ def test_layout_bytes_follow_the_dtype(dtype):
     pool = KVPool(layout, num_blocks=2)
     assert pool.keys.element_size() == layout.element_size
     assert pool.nbytes == 2 * layout.block_bytes == 2 * 4 * layout.token_bytes
+
+
+def _reference_append(kv: KVCacheManager, seq_ids: list[str]) -> tuple[list[list[int]], list[int]]:
+    """What one decode append must do, one (sequence, layer) at a time: the slot of each new token
+    (``[layer][b]``) and the blocks it takes from the free list, in order."""
+    free = list(kv.allocator._free)
+    slots = [[0] * len(seq_ids) for _ in range(kv.layout.num_layers)]
+    taken = []
+    for b, sid in enumerate(seq_ids):
+        seq = kv.seqs[sid]
+        for layer, (length, table) in enumerate(zip(seq.lengths, seq.tables, strict=True)):
+            block = table[-1] if length % kv.block_size else free.pop()
+            if not length % kv.block_size:
+                taken.append(block)
+            slots[layer][b] = block * kv.block_size + length % kv.block_size
+    return slots, taken
+
+
+def test_append_slots_matches_a_per_token_reference(layout):
+    """The vectorized decode append gives every (sequence, layer) the slot and the block a loop over them
+    gives, in the same allocation order, over random lengths (empty layers, full blocks, partial ones)."""
+    gen = torch.Generator().manual_seed(0)
+    kv = KVCacheManager(layout, num_blocks=200, max_num_seqs=8, max_model_len=64)
+    ids = [f"s{i}" for i in range(6)]
+    for sid in ids:
+        kv.open(sid)
+        for layer in range(layout.num_layers):
+            n = int(torch.randint(0, 13, (1,), generator=gen))
+            if n:
+                kv.allocate_tokens(sid, layer, n)
+    for _ in range(9):  # across block boundaries
+        before = [list(kv.seqs[s].lengths) for s in ids]
+        expected_slots, expected_blocks = _reference_append(kv, ids)
+        assert kv.blocks_to_append(ids) == len(expected_blocks)
+        slots = kv.append_slots(ids)
+        assert slots.tolist() == expected_slots
+        assert [kv.seqs[s].lengths for s in ids] == [[n + 1 for n in row] for row in before]
+        for b, sid in enumerate(ids):
+            for layer in range(layout.num_layers):
+                table = kv.seqs[sid].tables[layer]
+                assert kv.block_tables[layer, kv.seqs[sid].row, : len(table)].tolist() == table
+                assert slots[layer, b] // kv.block_size == table[-1]
+        kv.check_consistency()
+
+
+def test_append_slots_refuses_past_max_model_len_before_changing_anything(layout):
+    kv = KVCacheManager(layout, num_blocks=50, max_num_seqs=2, max_model_len=8)  # 3 blocks per layer
+    for sid, n in [("a", 4), ("b", 12)]:
+        kv.open(sid)
+        for layer in range(layout.num_layers):
+            kv.allocate_tokens(sid, layer, n)
+    free, lengths = kv.num_free_blocks, [list(kv.seqs[s].lengths) for s in "ab"]
+    with pytest.raises(OutOfBlocks, match="'b' would exceed max_model_len"):
+        kv.append_slots(["a", "b"])
+    assert kv.num_free_blocks == free and [kv.seqs[s].lengths for s in "ab"] == lengths

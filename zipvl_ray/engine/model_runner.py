@@ -73,6 +73,7 @@ class StepKV(Cache):
         self.new_slots = new_slots
         self.lengths = lengths
         self.compress = compress or []  # (row, ZipVLConfig) of sequences due for decode compression
+        self.rows: torch.Tensor | None = None  # block-table rows of seq_ids, computed by the first layer
 
     # transformers' Cache interface: nothing is stored here, positions are given explicitly.
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -152,7 +153,9 @@ class StepKV(Cache):
                 softmax_scale=scaling,
                 causal=True,
             )
-        tables, valid = runner.kv.gather_blocks_index(self.seq_ids, layer, lengths)
+        if self.rows is None:
+            self.rows = runner.kv.rows(self.seq_ids)
+        tables, valid = runner.kv.gather_blocks_index(self.seq_ids, layer, lengths, self.rows)
         k, v = runner.pool.gather_blocks(tables, valid)  # (B, L, Hkv, d), L a whole number of blocks
         group = query.shape[1] // k.shape[2]
         out = F.scaled_dot_product_attention(

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
+
 from zipvl_ray.config import EngineConfig
 from zipvl_ray.engine.sequence import Sequence, SequenceStatus
 from zipvl_ray.kv import KVCacheManager
@@ -65,17 +67,17 @@ class Scheduler:
 
     def reserved_bytes(self) -> int:
         """Bytes running sequences are expected to add within their headroom (beyond what they hold)."""
+        held = [(self.kv.seqs.get(seq.request_id), seq) for seq in self.running]
+        held = [(kv, seq) for kv, seq in held if kv is not None]
+        if not held:
+            return 0
         bs = self.kv.block_size
-        block_bytes = self.kv.layout.block_bytes
-        total = 0
-        for seq in self.running:
-            held = self.kv.seqs.get(seq.request_id)
-            if held is None:
-                continue
-            growth = self.headroom(seq)
-            future = sum(-(-(length + growth) // bs) for length in held.lengths)
-            total += max(0, future - held.num_blocks) * block_bytes
-        return total
+        # One array over (sequence, layer), not a Python loop: this runs at every step (admission and the
+        # stats snapshot). A layer of L tokens in ceil(L / bs) blocks needs ceil((L + g) / bs) after g more.
+        lengths = np.array([kv.lengths for kv, _ in held], dtype=np.int64)
+        growth = np.array([self.headroom(seq) for _, seq in held], dtype=np.int64)[:, None]
+        blocks = -(-(lengths + growth) // bs) - -(-lengths // bs)
+        return int(blocks.sum()) * self.kv.layout.block_bytes
 
     # -- the step ------------------------------------------------------------------------------------
     def schedule(self) -> tuple[str, list[Sequence]] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from zipvl_ray.kv.pool import KVLayout
@@ -168,10 +169,17 @@ class KVCacheManager:
         return slots.to(self.block_tables.device)
 
     # -- decode -----------------------------------------------------------------------------------
+    # These run at every decode step over every (sequence, layer) pair: they read the lengths of the batch
+    # as one array (one C-level conversion) instead of looping in Python, which grew with batch x layers.
+    def _lengths_array(self, seq_ids: list[str]) -> np.ndarray:
+        """``(B, num_layers)`` tokens held per sequence and layer."""
+        return np.array([self.seqs[sid].lengths for sid in seq_ids], dtype=np.int64).reshape(
+            len(seq_ids), self.layout.num_layers
+        )
+
     def blocks_to_append(self, seq_ids: list[str]) -> int:
         """New blocks needed to add one token to every layer of every sequence."""
-        bs = self.block_size
-        return sum(1 for sid in seq_ids for length in self.seqs[sid].lengths if length % bs == 0)
+        return int((self._lengths_array(seq_ids) % self.block_size == 0).sum())
 
     def can_append(self, seq_ids: list[str]) -> bool:
         return self.blocks_to_append(seq_ids) <= self.allocator.num_free
@@ -184,42 +192,37 @@ class KVCacheManager:
         torch.LongTensor
             ``(num_layers, B)`` flat slot of the new token, per layer and sequence.
         """
-        bs = self.block_size
-        needed = self.blocks_to_append(seq_ids)
+        bs, device = self.block_size, self.block_tables.device
+        seqs = [self.seqs[sid] for sid in seq_ids]
+        lengths = self._lengths_array(seq_ids)
+        full = lengths % bs == 0  # (B, L): the layers whose last block is full
+        needed = int(full.sum())
         if needed > self.allocator.num_free:
             raise OutOfBlocks(f"decode needs {needed} KV blocks, {self.allocator.num_free} free")
-        for sid in seq_ids:  # checked before anything changes: the device block table has no column more
-            seq = self.seqs[sid]
-            if any(
-                length % bs == 0 and len(table) >= self.max_blocks_per_layer
-                for length, table in zip(seq.lengths, seq.tables, strict=True)
-            ):
-                raise OutOfBlocks(f"{sid!r} would exceed max_model_len in a layer")
-        # Built as Python lists and converted once: one tensor element write per (sequence, layer) costs
-        # microseconds each, which made this loop the part of a decode step that grew most with the batch.
-        slots: list[list[int]] = []  # [b][layer]
-        updates: list[tuple[int, int, int, int]] = []
-        for sid in seq_ids:
-            seq = self.seqs[sid]
-            row_slots = []
-            for layer, (length, table) in enumerate(zip(seq.lengths, seq.tables, strict=True)):
-                if length % bs == 0:
-                    (block,) = self.allocator.allocate(1)
-                    table.append(block)
-                    updates.append((layer, seq.row, len(table) - 1, block))
-                row_slots.append(table[-1] * bs + length % bs)
-            seq.lengths[:] = [length + 1 for length in seq.lengths]
-            slots.append(row_slots)
-        if updates:
-            idx = torch.tensor(updates, dtype=torch.long)
-            self.block_tables[idx[:, 0], idx[:, 1], idx[:, 2]] = (
-                idx[:, 3].to(torch.int32).to(self.block_tables.device)
+        if needed:
+            full_rows, full_layers = (index.tolist() for index in full.nonzero())
+            # checked before anything changes: the device block table has no column more
+            for b, layer in zip(full_rows, full_layers, strict=True):
+                if len(seqs[b].tables[layer]) >= self.max_blocks_per_layer:
+                    raise OutOfBlocks(f"{seq_ids[b]!r} would exceed max_model_len in a layer")
+            blocks = self.allocator.allocate(needed)
+            columns = []
+            for block, b, layer in zip(blocks, full_rows, full_layers, strict=True):
+                table = seqs[b].tables[layer]
+                columns.append(len(table))
+                table.append(block)
+            index = torch.tensor([full_layers, [seqs[b].row for b in full_rows], columns], device=device)
+            self.block_tables[index[0], index[1], index[2]] = torch.tensor(
+                blocks, dtype=torch.int32, device=device
             )
-        return (
-            torch.tensor(slots, dtype=torch.long)
-            .reshape(len(seq_ids), self.layout.num_layers)
-            .T.to(self.block_tables.device)
-        )
+        for seq, row in zip(seqs, (lengths + 1).tolist(), strict=True):
+            seq.lengths[:] = row
+        # The new token of layer l goes to column length // bs of its row, which the tables now hold.
+        rows = torch.tensor([seq.row for seq in seqs], device=device)
+        position = torch.from_numpy(np.ascontiguousarray(lengths.T)).to(device)  # (L, B)
+        layers = torch.arange(self.layout.num_layers, device=device)[:, None]
+        blocks_of_token = self.block_tables[layers, rows[None, :], position // bs].long()
+        return blocks_of_token * bs + position % bs
 
     def layer_slots(self, seq_id: str, layer: int, start: int, end: int) -> torch.Tensor:
         """Flat slots of tokens ``[start, end)`` of one layer of one sequence, ``(end - start,)``."""
@@ -268,10 +271,16 @@ class KVCacheManager:
         valid = torch.arange(max_len, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         return slots.masked_fill(~valid, 0), valid
 
+    def rows(self, seq_ids: list[str]) -> torch.Tensor:
+        """``(B,)`` block-table rows of ``seq_ids`` (a decode step computes them once for all its layers)."""
+        return torch.tensor([self.seqs[sid].row for sid in seq_ids], device=self.block_tables.device)
+
     def gather_blocks_index(
-        self, seq_ids: list[str], layer: int, lengths: list[int]
+        self, seq_ids: list[str], layer: int, lengths: list[int], rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ids of every held token of ``layer`` (for :meth:`KVPool.gather_blocks`), padded to the longest.
+
+        ``rows``: :meth:`rows` of ``seq_ids``, when the caller has it already.
 
         Returns
         -------
@@ -283,7 +292,8 @@ class KVCacheManager:
         """
         device = self.block_tables.device
         n_blocks = -(-max(lengths) // self.block_size)
-        rows = torch.tensor([self.seqs[sid].row for sid in seq_ids], device=device)
+        if rows is None:
+            rows = self.rows(seq_ids)
         tables = self.block_tables[layer].index_select(0, rows)[:, :n_blocks].long()
         positions = torch.arange(n_blocks * self.block_size, device=device)
         valid = positions[None, :] < torch.tensor(lengths, device=device)[:, None]
