@@ -270,3 +270,20 @@ def test_append_slots_refuses_past_max_model_len_before_changing_anything(layout
     with pytest.raises(OutOfBlocks, match="'b' would exceed max_model_len"):
         kv.append_slots(["a", "b"])
     assert kv.num_free_blocks == free and [kv.seqs[s].lengths for s in "ab"] == lengths
+
+
+def test_append_slots_edge_cases(layout):
+    """An empty batch gives an empty ``(layers, 0)`` slot tensor; a sequence named twice is refused before
+    anything changes (it would take a block per layer twice)."""
+    kv = KVCacheManager(layout, num_blocks=20, max_num_seqs=2, max_model_len=64)
+    empty = kv.append_slots([])
+    assert empty.shape == (layout.num_layers, 0) and empty.dtype == torch.long
+    assert kv.lengths([]) == [[] for _ in range(layout.num_layers)]
+    kv.open("a")
+    for layer in range(layout.num_layers):
+        kv.allocate_tokens("a", layer, 4)
+    free = kv.num_free_blocks
+    with pytest.raises(ValueError, match="twice"):
+        kv.append_slots(["a", "a"])
+    assert kv.num_free_blocks == free and kv.seqs["a"].lengths == [4] * layout.num_layers
+    assert kv.lengths(["a"]) == [[4]] * layout.num_layers

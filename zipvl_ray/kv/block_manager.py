@@ -193,6 +193,8 @@ class KVCacheManager:
             ``(num_layers, B)`` flat slot of the new token, per layer and sequence.
         """
         bs, device = self.block_size, self.block_tables.device
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"append_slots got a sequence twice: {seq_ids}")
         seqs = [self.seqs[sid] for sid in seq_ids]
         lengths = self._lengths_array(seq_ids)
         full = lengths % bs == 0  # (B, L): the layers whose last block is full
@@ -218,7 +220,7 @@ class KVCacheManager:
         for seq, row in zip(seqs, (lengths + 1).tolist(), strict=True):
             seq.lengths[:] = row
         # The new token of layer l goes to column length // bs of its row, which the tables now hold.
-        rows = torch.tensor([seq.row for seq in seqs], device=device)
+        rows = torch.tensor([seq.row for seq in seqs], dtype=torch.long, device=device)
         position = torch.from_numpy(np.ascontiguousarray(lengths.T)).to(device)  # (L, B)
         layers = torch.arange(self.layout.num_layers, device=device)[:, None]
         blocks_of_token = self.block_tables[layers, rows[None, :], position // bs].long()
@@ -247,8 +249,7 @@ class KVCacheManager:
     # -- reading -------------------------------------------------------------------------------------
     def lengths(self, seq_ids: list[str]) -> list[list[int]]:
         """``[layer][b]`` tokens held."""
-        seqs = [self.seqs[sid] for sid in seq_ids]
-        return [[s.lengths[layer] for s in seqs] for layer in range(self.layout.num_layers)]
+        return self._lengths_array(seq_ids).T.tolist()
 
     def gather_index(
         self, seq_ids: list[str], layer: int, lengths: list[int]
@@ -273,7 +274,9 @@ class KVCacheManager:
 
     def rows(self, seq_ids: list[str]) -> torch.Tensor:
         """``(B,)`` block-table rows of ``seq_ids`` (a decode step computes them once for all its layers)."""
-        return torch.tensor([self.seqs[sid].row for sid in seq_ids], device=self.block_tables.device)
+        return torch.tensor(
+            [self.seqs[sid].row for sid in seq_ids], dtype=torch.long, device=self.block_tables.device
+        )
 
     def gather_blocks_index(
         self, seq_ids: list[str], layer: int, lengths: list[int], rows: torch.Tensor | None = None
