@@ -474,6 +474,12 @@ def test_200_concurrent_streams_lose_nothing_mix_nothing_and_keep_memory_flat(ma
     assert duration < 150
     main.wait_llm_idle()
     rss_after = _replica_rss("zipvl")
+    # The ingress's KV router released every hold: each one is tied to its accepted attempt's result.
+    deadline = time.monotonic() + 10
+    while (router := main.stats()["router"])["num_holds"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert router["num_holds"] == 0 and not router["held_bytes"], router
+    assert router["counters"]["released_by_result"] >= 2 * len(results), router["counters"]
     growth = {name: rss_after[name] - rss_before[name] for name in rss_before}
     # Flat: a second round of 200 streams grows no replica by more than 32 MiB.
     assert max(growth.values()) < 32 * 1024 * 1024, growth

@@ -8,6 +8,7 @@ keeps ``16 * b`` of them and so holds exactly ``b`` blocks (``b`` KiB).
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from pydantic import ValidationError
@@ -666,6 +667,87 @@ def test_a_rejected_attempts_late_completion_keeps_the_retrys_hold():
 
     router, held = asyncio.run(scenario())
     assert held == {"a": 10} and len(router.holds) == 0 and router.counters.released == 1
+
+
+class FakeResult:
+    """A ``ReplicaResult`` stand-in: collects done-callbacks, fires them on ``finish`` (any thread)."""
+
+    def __init__(self, fail_to_register: bool = False) -> None:
+        self.callbacks: list = []
+        self.fail_to_register = fail_to_register
+
+    def add_done_callback(self, callback) -> None:
+        if self.fail_to_register:
+            raise RuntimeError("no callbacks on this result type")
+        self.callbacks.append(callback)
+
+    def finish(self) -> None:
+        for callback in self.callbacks:
+            callback(self)
+
+
+def test_a_rejected_attempts_completion_after_the_retry_was_accepted_keeps_its_hold():
+    """The race the chosen-only rule cannot see: the rejected attempt's completion arrives after the retry
+    was *accepted* on the same replica. The hold is tied to the accepted attempt's result, so only that
+    result's end releases it (Serve's own completion for it then finds nothing)."""
+
+    async def scenario():
+        router = make_router(Clock())
+        a = StatsReplica("a", stats(100))
+        request = pending("r1", 10)
+        await router.choose_replicas([a], request)  # first attempt: rejected by a
+        await router.choose_replicas([a], request)  # the retry reserves on a again ...
+        result = FakeResult()
+        router.on_request_routed(request, a.replica_id, result)  # ... and a accepts it
+        router.on_request_completed(a.replica_id, "r1")  # the rejected attempt's completion, late
+        held_after_late_completion = held_blocks(router)
+        thread = threading.Thread(target=result.finish)  # Ray fires done-callbacks on its own threads
+        thread.start()
+        thread.join()
+        held_after_finish = held_blocks(router)
+        router.on_request_completed(a.replica_id, "r1")  # Serve's completion of the accepted attempt
+        return router, held_after_late_completion, held_after_finish
+
+    router, held_late, held_done = asyncio.run(scenario())
+    assert held_late == {"a": 10}
+    assert held_done == {} and len(router.holds) == 0
+    assert router.counters.released == router.counters.released_by_result == 1
+
+
+def test_a_result_that_takes_no_callback_leaves_the_release_to_the_completion_hook():
+    async def scenario():
+        router = make_router(Clock())
+        a = StatsReplica("a", stats(100))
+        request = pending("r1", 10)
+        await router.choose_replicas([a], request)
+        router.on_request_routed(request, a.replica_id, FakeResult(fail_to_register=True))
+        held_after_routing = held_blocks(router)
+        router.on_request_completed(a.replica_id, "r1")
+        return router, held_after_routing
+
+    router, held = asyncio.run(scenario())
+    assert held == {"a": 10} and len(router.holds) == 0
+    assert (router.counters.released, router.counters.released_by_result) == (1, 0)
+
+
+def test_a_finished_results_callback_never_releases_a_newer_hold_of_the_same_id():
+    """Request ids are unique per request, but a callback must still release only the hold it was made
+    for: a hold placed again under the same id (a test, a reused id) stays."""
+
+    async def scenario():
+        router = make_router(Clock())
+        a = StatsReplica("a", stats(100))
+        request = pending("r1", 10)
+        await router.choose_replicas([a], request)
+        result = FakeResult()
+        router.on_request_routed(request, a.replica_id, result)
+        router.holds.release("r1")
+        await router.choose_replicas([a], request)  # a new hold under the same id
+        result.finish()
+        return router
+
+    router = asyncio.run(scenario())
+    assert held_blocks(router) == {"a": 10} and router.counters.released == 0
 
 
 def test_frozen_stats_never_hold_requests_at_the_handle():

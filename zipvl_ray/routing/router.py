@@ -38,6 +38,7 @@ import math
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -156,6 +157,9 @@ class RouterCounters:
     reservations, moved, routed, released, expired, dropped_dead : int
         Holds created; moved to another replica on routing; confirmed on routing; released on
         completion; dropped by TTL; dropped because their replica left or died.
+    released_by_result : int
+        Of ``released``, holds released by their accepted attempt's result (the rest by
+        ``on_request_completed``, for results that take no callback).
     chosen_rank : dict[int, int]
         Position, in the router's own ranking, of the replica Serve routed to -> count (0 = first choice).
     predicted_bytes_total : int
@@ -183,6 +187,7 @@ class RouterCounters:
     released: int = 0
     expired: int = 0
     dropped_dead: int = 0
+    released_by_result: int = 0
     chosen_rank: dict[int, int] = field(default_factory=dict)
     predicted_bytes_total: int = 0
     prompt_tokens_total: int = 0
@@ -219,6 +224,10 @@ class Hold:
     abandoned : callable or None
         While only chosen: whether the caller gave up on the request (Serve cancels its future and calls
         no hook); such holds are dropped at the next sweep. Cleared once routed.
+    tied_to_result : bool
+        Routed, and released by the accepted attempt's own result when it finishes (a done-callback
+        on the ``ReplicaResult`` Serve passed to ``on_request_routed``), not by ``on_request_completed``,
+        which carries no attempt id and also fires for attempts the same replica rejected.
     """
 
     request_id: str
@@ -230,6 +239,7 @@ class Hold:
     ranking: tuple = ()
     predicted: dict = field(default_factory=dict)
     abandoned: Callable[[], bool] | None = None
+    tied_to_result: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,14 +343,23 @@ class HoldTable:
         return hold, True
 
     def release(
-        self, request_id: str, replica: Hashable | None = None, *, routed_only: bool = False
+        self,
+        request_id: str,
+        replica: Hashable | None = None,
+        *,
+        routed_only: bool = False,
+        untied_only: bool = False,
+        only: Hold | None = None,
     ) -> Hold | None:
-        """Drop ``request_id``'s hold, only if it sits on ``replica`` (when given) and, with ``routed_only``,
-        only once routed."""
+        """Drop ``request_id``'s hold, only if it sits on ``replica`` (when given), with ``routed_only``
+        only once routed, with ``untied_only`` only if no result releases it
+        (:attr:`Hold.tied_to_result`), and with ``only`` only if it is that very hold."""
         hold = self._by_request.get(request_id)
         if hold is None or (replica is not None and hold.replica != replica):
             return None
-        if routed_only and hold.routed_at is None:
+        if (routed_only and hold.routed_at is None) or (untied_only and hold.tied_to_result):
+            return None
+        if only is not None and hold is not only:
             return None
         return self._detach(request_id)
 
@@ -772,9 +791,29 @@ class KVPackingRouter(RequestRouter):
         if pending_request.metadata.call_method not in self.config.kv_routed_methods:
             return
         with self._lock:
-            self._routed_locked(pending_request, replica_id)
+            hold = self._routed_locked(pending_request, replica_id)
+            # Tie the hold to this accepted attempt: Serve's on_request_completed carries no attempt id,
+            # and a rejected earlier attempt's completion on the same replica can arrive after this.
+            add_done_callback = getattr(result, "add_done_callback", None)
+            if callable(add_done_callback):
+                try:
+                    add_done_callback(partial(self._on_result_done, hold))
+                except Exception:  # a result type without callbacks: on_request_completed releases it
+                    logger.debug("could not tie a hold to its result", exc_info=True)
+                else:
+                    hold.tied_to_result = True
 
-    def _routed_locked(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:
+    def _on_result_done(self, hold: Hold, _result: Any = None) -> None:
+        """Release ``hold`` when the attempt it was routed with finishes (any thread; never raises)."""
+        try:
+            with self._lock:
+                if self._holds.release(hold.request_id, hold.replica, only=hold) is not None:
+                    self.counters.released += 1
+                    self.counters.released_by_result += 1
+        except Exception:
+            logger.debug("releasing a finished request's hold failed", exc_info=True)
+
+    def _routed_locked(self, pending_request: PendingRequest, replica_id: ReplicaID) -> Hold:
         request_id = pending_request.metadata.internal_request_id
         now = self._get_curr_time_s()
         hold = self._holds.get(request_id)
@@ -784,21 +823,27 @@ class KVPackingRouter(RequestRouter):
             hints = (hold.hints if hold is not None else None) or hints_from_kwargs(pending_request.kwargs)
             nbytes = self._predict_on(replica_id, hints or self._fallback_hints())
         ranking = hold.ranking if hold is not None else ()
-        _, moved = self._holds.confirm(request_id, replica_id, nbytes, now)
+        confirmed, moved = self._holds.confirm(request_id, replica_id, nbytes, now)
         self.counters.routed += 1
         self.counters.moved += int(moved and hold is not None)
         rank = ranking.index(replica_id) if replica_id in ranking else -1
         self.counters.chosen_rank[rank] = self.counters.chosen_rank.get(rank, 0) + 1
+        return confirmed
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        """Release the request's hold if it sits on ``replica_id``.
+        """Release the request's hold if it sits on ``replica_id``, was routed there and no result of its
+        own releases it.
 
         A request rejected by one replica and retried also "completes" there, possibly after the retry
-        reserved again on the same replica: only a *routed* hold (accepted by that replica) is released.
-        A rejected request whose caller gives up is swept instead (``Hold.abandoned``).
+        reserved again on the same replica (a chosen-only hold: kept) or was even accepted there (a hold
+        tied to the accepted attempt's result, :attr:`Hold.tied_to_result`: kept, that result releases
+        it). A rejected request whose caller gives up is swept instead (``Hold.abandoned``).
         """
         with self._lock:
-            if self._holds.release(internal_request_id, replica_id, routed_only=True) is not None:
+            released = self._holds.release(
+                internal_request_id, replica_id, routed_only=True, untied_only=True
+            )
+            if released is not None:
                 self.counters.released += 1
 
     # ----------------------------------------------------------------- telemetry
