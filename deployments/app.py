@@ -25,7 +25,7 @@ from ray.serve import Application
 from deployments.ingress import OpenAIIngress
 from deployments.llm import LLMServer
 from deployments.schema_check import unknown_keys
-from deployments.vision import VisionEncoderServer
+from deployments.vision import VISION_AUTOSCALING_METRIC_NAMES, VisionEncoderServer
 from zipvl_ray.api.auth import AuthSettings
 from zipvl_ray.api.images import ImageLimits
 from zipvl_ray.api.server import ServingSettings
@@ -119,7 +119,20 @@ class StageOptions(BaseModel):
         policy = (self.autoscaling_config or {}).get("policy") or {}
         policy_class = _resolve(policy.get("policy_function"))
         if isinstance(policy_class, type) and issubclass(policy_class, KVDemandPolicy | QueueLengthPolicy):
-            policy_class(**(policy.get("policy_kwargs") or {}))
+            built = policy_class(**(policy.get("policy_kwargs") or {}))
+            metric = getattr(built.config, "metric", None)
+            if metric is not None and metric not in self._autoscaling_metrics():
+                # Serve would find no such metric and the policy would decide without metrics for good.
+                raise ValueError(
+                    f"QueueLengthPolicy metric {metric!r} is not reported by this stage's replicas; "
+                    f"use one of {list(self._autoscaling_metrics())} or leave it unset (ongoing requests)"
+                )
+
+    def _autoscaling_metrics(self) -> tuple[str, ...]:
+        """Names this stage's replicas report from ``record_autoscaling_stats`` (the LLM stage's)."""
+        from zipvl_ray.routing.replica_stats import AUTOSCALING_METRIC_NAMES
+
+        return AUTOSCALING_METRIC_NAMES
 
     def deployment_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options(...)``."""
@@ -166,6 +179,9 @@ class VisionStageOptions(StageOptions):
         description="Bytes of image features the encoder cache may hold per replica (None: bounded by "
         "cache_size only). Set it for large models: an anyres LLaVA-NeXT image is up to ~24 MB of features.",
     )
+
+    def _autoscaling_metrics(self) -> tuple[str, ...]:
+        return VISION_AUTOSCALING_METRIC_NAMES
 
     @model_validator(mode="after")
     def _check_batch_fits(self) -> "VisionStageOptions":

@@ -57,6 +57,12 @@ class BatchReport:
     encode_s: float
 
 
+VISION_AUTOSCALING_METRIC_NAMES = ("pending_images", "pending_requests")
+"""Keys of :meth:`VisionEncoderServer.record_autoscaling_stats`: images and requests this replica has
+accepted and not answered yet (queued for a batch or in the running forward). ``QueueLengthPolicy``'s
+``metric`` for the vision stage must be one of them (checked when the app is built)."""
+
+
 @serve.deployment(name=VISION_DEPLOYMENT)
 class VisionEncoderServer:
     """Serve deployment wrapping one vision encoder.
@@ -108,6 +114,8 @@ class VisionEncoderServer:
         self.requests = 0
         self.images = 0
         self.max_batch_requests = 0
+        self.pending_images = 0
+        self.pending_requests = 0
         sink = telemetry.setup_replica("vision")
         self._cache_exporter = telemetry.EncoderCacheExporter(sink) if sink is not None else None
 
@@ -116,6 +124,8 @@ class VisionEncoderServer:
         if not images:
             return []
         span = telemetry.start_span("zipvl.vision.encode", attributes={"zipvl.images": len(images)})
+        self.pending_images += len(images)
+        self.pending_requests += 1
         try:
             result = await self._batcher.submit(images)
             if isinstance(result, Exception):  # this request's own images failed, not its batch's
@@ -123,6 +133,9 @@ class VisionEncoderServer:
         except BaseException as exc:
             telemetry.end_span(span, error=exc)
             raise
+        finally:
+            self.pending_images -= len(images)
+            self.pending_requests -= 1
         features, report = result
         if report is not None:
             logger.info(
@@ -245,6 +258,14 @@ class VisionEncoderServer:
     def record_routing_stats(self) -> dict[str, Any]:
         """The same as :meth:`stats`; lets ``GET /v1/stats`` read every replica (see the ingress)."""
         return self.stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The vision stage's load for a custom ``QueueLengthPolicy(metric=...)``
+        (:data:`VISION_AUTOSCALING_METRIC_NAMES`), floats only."""
+        return {
+            "pending_images": float(getattr(self, "pending_images", 0)),
+            "pending_requests": float(getattr(self, "pending_requests", 0)),
+        }
 
     async def ready(self) -> bool:
         """Answers once the encoder is loaded (the constructor returned)."""

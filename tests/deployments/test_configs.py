@@ -181,6 +181,30 @@ def test_router_and_policy_kwargs_are_checked_when_the_app_is_built(block, typo,
         AppArgs.model_validate(args)
 
 
+@pytest.mark.parametrize(
+    "stage, metric, ok",
+    [
+        ("vision", "pending_images", True),
+        ("vision", "pending_requests", True),
+        ("vision", "image_tokens", False),  # nothing reports it: the policy would never see a metric
+        ("vision", "num_waiting", False),  # an LLM replica's metric
+        ("llm", "num_waiting", True),
+        ("llm", "pending_images", False),
+    ],
+)
+def test_a_queue_policy_metric_must_be_one_the_stage_reports(stage, metric, ok):
+    args = copy.deepcopy(load("zipvl-gpu.yaml")["applications"][0]["args"])
+    args[stage]["autoscaling_config"]["policy"] = {
+        "policy_function": "zipvl_ray.routing.autoscaling:QueueLengthPolicy",
+        "policy_kwargs": {"metric": metric, "target_per_replica": 8},
+    }
+    if ok:
+        AppArgs.model_validate(args)
+    else:
+        with pytest.raises(ValidationError, match=f"metric '{metric}' is not reported"):
+            AppArgs.model_validate(args)
+
+
 @pytest.mark.parametrize("name", ["zipvl.yaml", "zipvl-multi.yaml", "zipvl-gpu.yaml"])
 def test_ingress_and_llm_drain_as_long_as_a_request_may_run(name):
     """The HTTP streams live in the ingress: a stopping ingress replica (a replacing redeploy, a scale-down)

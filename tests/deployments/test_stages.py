@@ -489,3 +489,32 @@ def test_a_client_leaving_mid_request_cancels_both_stages():
 
     assert not asyncio.run(run()).finished
     assert sorted(cancelled) == ["llm", "vision"]
+
+
+def test_vision_autoscaling_stats_count_what_is_queued_or_encoding():
+    """``record_autoscaling_stats`` reports the images and requests accepted and not yet answered, the
+    load a ``QueueLengthPolicy(metric="pending_images")`` scales the vision stage on."""
+    from deployments.vision import VISION_AUTOSCALING_METRIC_NAMES
+
+    class Slow(FakeVisionEncoder):
+        def encode(self, images):
+            time.sleep(0.2)
+            return super().encode(images)
+
+    server = VisionEncoderServer.func_or_class(Slow, "tiny-llava", cache_size=0, max_batch_size=1)
+    encode = VisionEncoderServer.func_or_class.encode
+
+    async def scenario():
+        calls = [
+            asyncio.create_task(encode(server, [_image(1), _image(2)])),
+            asyncio.create_task(encode(server, [_image(3)])),
+        ]
+        await asyncio.sleep(0.05)  # the first is encoding, the second queued behind it
+        during = server.record_autoscaling_stats()
+        await asyncio.gather(*calls)
+        return during, server.record_autoscaling_stats()
+
+    during, after = asyncio.run(scenario())
+    assert tuple(during) == VISION_AUTOSCALING_METRIC_NAMES
+    assert during == {"pending_images": 3.0, "pending_requests": 2.0}
+    assert after == {"pending_images": 0.0, "pending_requests": 0.0}

@@ -457,3 +457,31 @@ def test_a_request_that_outgrows_the_whole_pool_returns_what_it_generated(tiny_l
             final = output
     assert final.finished and final.finish_reason == "length" and final.error is None
     assert 0 < len(final.token_ids) < 500 and eng.stats().kv_bytes_used == 0
+
+
+@pytest.mark.parametrize("overrides", [None, {"max_keep_ratio": 0.4}, {"tau": 1.0, "max_keep_ratio": 0.5}])
+def test_dense_layers_are_never_predicted_under_a_cap(tiny_llava, overrides):
+    """A dense layer keeps every token whatever ``max_keep_ratio`` says: the engine's admission and the
+    router's prediction (from the replica's reported stats) both size it whole, so neither under-counts a
+    request on a replica that serves ``dense_layers`` with a cap."""
+    from zipvl_ray.routing.footprint import RoutingHints, predict_request_bytes
+    from zipvl_ray.routing.replica_stats import profile_from_routing_stats, routing_stats
+
+    model, processor = tiny_llava
+    capped = ZipVLConfig(tau=0.5, probe_recent=8, probe_random=8, dense_layers=[0], max_keep_ratio=0.6)
+    eng = LLMEngine(model, processor, zipvl=capped, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    prompts = mixed_prompts(n_images=(3, 3))
+    eng.add_request("warm", prompts[0], SamplingParams(max_tokens=1))
+    while eng.has_unfinished():
+        eng.step()
+    stats = eng.stats()
+    assert stats.zipvl_dense_layers == [0] and stats.kept_fraction_per_layer[0] == 1.0
+    eng.add_request("probe", prompts[1], SamplingParams(max_tokens=1), zipvl=overrides)
+    out = [o for o in eng.step() if o.request_id == "probe"][-1]
+    held = out.metrics.kv_bytes
+    assert held > 0 and out.metrics.kept_tokens_per_layer[0] == out.metrics.prompt_tokens
+    assert out.metrics.predicted_kv_bytes >= held  # the engine's admission
+    profile, _ = profile_from_routing_stats(routing_stats(stats, now=1.0))
+    assert profile.zipvl_dense_layers == (0,)
+    hints = RoutingHints(prompt_tokens=out.metrics.prompt_tokens, max_tokens=0, **(overrides or {}))
+    assert predict_request_bytes(hints, profile) >= held  # the router's

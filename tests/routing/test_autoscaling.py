@@ -224,6 +224,35 @@ def test_without_metrics_requests_queued_at_the_handles_still_scale_up_never_dow
     assert KVDemandPolicy(**AT_75)(context(None, target=5, total=0))[0] == 5
 
 
+@pytest.mark.parametrize(
+    "make_policy", [lambda: KVDemandPolicy(**AT_75), lambda: QueueLengthPolicy(metric="m")]
+)
+def test_without_metrics_a_trace_of_a_queue_does_not_climb_to_max_replicas(make_policy):
+    """The handle queue is a mean over the look-back window: one request that waited briefly reads as
+    0.05. Each time the new replicas are running the next decision must not ask for one more."""
+    policy = _apply_autoscaling_config(make_policy())
+    config = AutoscalingConfig(min_replicas=1, max_replicas=10, upscale_delay_s=0, downscale_delay_s=0)
+    target, seen = 1, []
+    for _ in range(6):  # every decision finds the last target running
+        target, _ = policy(context(None, current=target, target=target, queued=0.05, config=config))
+        seen.append(target)
+    assert seen == [1] * 6
+    assert policy(context(None, current=1, target=1, queued=1.0, config=config))[0] == 2  # a whole request
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
+def test_a_non_finite_replica_figure_never_breaks_the_decision(bad):
+    metrics = metrics_of(busy(3, 1), busy(3, 1))
+    for name in ("kv_bytes_capacity", "kv_bytes_demand", "num_waiting"):
+        broken = {k: dict(v) for k, v in metrics.items()}
+        broken[name]["replica-0"] = bad
+        desired, _ = KVDemandPolicy(**AT_75)(context(broken, queued=float("nan")))
+        assert isinstance(desired, int) and 1 <= desired <= 3, (name, desired)
+    values = {"replica-0": bad, "replica-1": 8.0}
+    desired, _ = QueueLengthPolicy(metric="m", target_per_replica=4.0)(context({"m": values}))
+    assert desired == 2
+
+
 def test_without_metrics_the_same_queue_does_not_ratchet_the_target_up():
     """Inside Serve's wrapper the target a decision raised is the next decision's ``target_num_replicas``:
     10 queued requests ask for the running replicas plus 2, once, not 2 more per decision."""

@@ -153,3 +153,28 @@ def test_profile_carries_the_replicas_default_zipvl_setting():
         routing_stats(engine_stats(zipvl_tau=0.95, zipvl_max_keep_ratio=0.5), now=1.0)
     )
     assert (profile.zipvl_tau, profile.zipvl_max_keep_ratio) == (0.95, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, [1.0, 0.5]),  # the dense layer observed whole stays whole under the default cap
+        ({"max_keep_ratio": 0.3}, [1.0, 0.3]),
+        ({"tau": 1.0, "max_keep_ratio": 0.8}, [1.0, 0.8]),
+        ({"zipvl_enabled": False}, [1.0, 1.0]),
+    ],
+)
+def test_dense_layers_are_never_capped(overrides, expected):
+    from zipvl_ray.routing.footprint import effective_keep_fractions
+
+    got = effective_keep_fractions(
+        [1.0, 0.5], 2, default_tau=0.9, default_max_keep_ratio=0.6, dense_layers=[0], **overrides
+    )
+    assert got == expected
+
+
+def test_profile_carries_the_replicas_dense_layers_and_refuses_bad_ones():
+    profile, _ = profile_from_routing_stats(routing_stats(engine_stats(zipvl_dense_layers=[0, 3]), now=1.0))
+    assert profile.zipvl_dense_layers == (0, 3)
+    bad = routing_stats(engine_stats(), now=1.0) | {"zipvl_dense_layers": [-1]}
+    assert profile_from_routing_stats(bad)[0] is None

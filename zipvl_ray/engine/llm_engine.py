@@ -182,6 +182,7 @@ class LLMEngine:
             zipvl_enabled=config.enabled,
             default_tau=self.zipvl.tau if self.zipvl.enabled else 1.0,
             default_max_keep_ratio=self.zipvl.max_keep_ratio if self.zipvl.enabled else None,
+            dense_layers=config.dense_layers,
         )
 
     # -- requests --------------------------------------------------------------------------------------
@@ -593,4 +594,5 @@ class LLMEngine:
             waiting_prompt_tokens=sum(seq.num_prompt_tokens for seq in waiting),
             zipvl_tau=self.zipvl.tau if self.zipvl.enabled else 1.0,
             zipvl_max_keep_ratio=self.zipvl.max_keep_ratio if self.zipvl.enabled else None,
+            zipvl_dense_layers=sorted(self.zipvl.dense_layers) if self.zipvl.enabled else [],
         )

@@ -247,6 +247,9 @@ class EngineStats:
         The engine's default ZipVL setting (``tau`` 1.0 when ZipVL is off), under which
         ``kept_fraction_per_layer`` is measured; predictions for per-request overrides that keep more
         than it do not trust those fractions.
+    zipvl_dense_layers : list[int]
+        Layers the engine's ZipVL setting keeps dense (every token, whatever ``max_keep_ratio``; empty
+        when ZipVL is off, which keeps every layer whole anyway).
     """
 
     kv_bytes_used: int = 0
@@ -275,6 +278,7 @@ class EngineStats:
     waiting_prompt_tokens: int = 0
     zipvl_tau: float = 1.0
     zipvl_max_keep_ratio: float | None = None
+    zipvl_dense_layers: list[int] = field(default_factory=list)
 
     @property
     def kv_utilization(self) -> float:

@@ -214,16 +214,26 @@ def kv_metrics_from_context(
     committed = metrics.get("kv_bytes_committed") or {}
     running = metrics.get("num_running") or {}
     waiting = metrics.get("num_waiting") or {}
+    # A replica of another version could send anything finite-looking to Serve's first check; a NaN or
+    # infinite figure here would make the decision NaN (math.ceil raises on the controller): read it as 0.
     return [
         ReplicaKVMetrics(
-            capacity_bytes=float(cap),
-            demand_bytes=float(demand.get(replica, 0.0)),
-            num_running=float(running.get(replica, 0.0)),
-            num_waiting=float(waiting.get(replica, 0.0)),
-            committed_bytes=float(committed.get(replica, 0.0)),
+            capacity_bytes=_finite(cap),
+            demand_bytes=_finite(demand.get(replica, 0.0)),
+            num_running=_finite(running.get(replica, 0.0)),
+            num_waiting=_finite(waiting.get(replica, 0.0)),
+            committed_bytes=_finite(committed.get(replica, 0.0)),
         )
         for replica, cap in capacity.items()
     ]
+
+
+def _finite(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 class Trend:
@@ -266,9 +276,13 @@ def _without_metrics(ctx: AutoscalingContext, queued_per_replica: float) -> tupl
     waiting at the handles (no replica took them: the fleet is short), and never under the current target:
     no metrics is no evidence that load fell, and running requests say nothing about how many more a
     replica takes. Counted from the running replicas, not from the target: a target raised on account of a
-    queue must not be raised again for the same queue at every decision while the new replicas start."""
-    queued = float(ctx.total_queued_requests or 0.0)
-    desired = max(ctx.target_num_replicas, ctx.current_num_replicas + _ceil(queued / queued_per_replica))
+    queue must not be raised again for the same queue at every decision while the new replicas start.
+    Only whole queued requests count: the queue is a mean over the look-back window, and a trace of one
+    request that waited briefly (a mean of 0.05) would otherwise add a replica every time the running
+    replicas caught up with the target, up to ``max_replicas``."""
+    queued = _finite(ctx.total_queued_requests or 0.0)
+    whole = math.floor(queued + 1e-6)
+    desired = max(ctx.target_num_replicas, ctx.current_num_replicas + _ceil(whole / queued_per_replica))
     return desired, {"metrics_missing": 1.0, "queued_requests": queued}
 
 
@@ -302,7 +316,7 @@ class KVDemandPolicy:
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         demand = desired_replicas_for_kv(
             kv_metrics_from_context(ctx.aggregated_metrics),
-            float(ctx.total_queued_requests or 0.0),
+            _finite(ctx.total_queued_requests or 0.0),
             self.config,
         )
         if demand is None:
@@ -364,14 +378,14 @@ class QueueLengthPolicy:
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         if self.config.metric is None:
-            load = float(ctx.total_num_requests or 0.0)
+            load = _finite(ctx.total_num_requests or 0.0)
         else:
             values = (ctx.aggregated_metrics or {}).get(self.config.metric)
             if not values:  # queued requests priced in the metric's unit, as below
                 per_replica = self.config.target_per_replica / max(self.config.queued_request_load, 1e-9)
                 return _without_metrics(ctx, per_replica)
-            queued = float(ctx.total_queued_requests or 0.0)
-            load = float(sum(values.values())) + queued * self.config.queued_request_load
+            queued = _finite(ctx.total_queued_requests or 0.0)
+            load = sum(_finite(v) for v in values.values()) + queued * self.config.queued_request_load
         return _ceil(desired_replicas_for_queue(load, self.config)), {"queue_load": load}
 
 

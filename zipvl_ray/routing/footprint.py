@@ -13,6 +13,7 @@ exactly as the paged pool allocates them::
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,6 +76,8 @@ class KVProfile:
     zipvl_tau, zipvl_max_keep_ratio : float or None
         The replica's default ZipVL setting, under which ``kept_fraction_per_layer`` was measured (None:
         not reported).
+    zipvl_dense_layers : tuple[int, ...]
+        Layers the replica's ZipVL setting keeps whole: no cap applies to them.
     """
 
     capacity_bytes: int
@@ -89,6 +92,7 @@ class KVProfile:
     lifetime_bytes: int = 0
     zipvl_tau: float | None = None
     zipvl_max_keep_ratio: float | None = None
+    zipvl_dense_layers: tuple[int, ...] = ()
 
     @property
     def free_bytes(self) -> int:
@@ -121,6 +125,7 @@ class KVProfile:
             lifetime_bytes=int(data.get("committed_lifetime_bytes", 0) or 0),
             zipvl_tau=_optional_float(data.get("zipvl_tau")),
             zipvl_max_keep_ratio=_optional_float(data.get("zipvl_max_keep_ratio")),
+            zipvl_dense_layers=tuple(data.get("zipvl_dense_layers") or ()),
         )
 
 
@@ -137,6 +142,7 @@ def effective_keep_fractions(
     zipvl_enabled: bool | None = None,
     default_tau: float | None = None,
     default_max_keep_ratio: float | None = None,
+    dense_layers: Iterable[int] = (),
 ) -> list[float]:
     """Per-layer keep fractions to predict with, after per-request overrides.
 
@@ -145,7 +151,8 @@ def effective_keep_fractions(
     keeps *more* than the defaults (a higher ``tau``, ``tau >= 1``, a looser cap) makes the observed
     fractions a lower bound, so the prediction is dense up to the cap (``tau >= 1`` with a cap r keeps
     exactly ``ceil(r n)`` per layer). An override that keeps fewer (a lower ``tau``, a tighter cap) is not
-    extrapolated: the observed fractions, capped, stay an upper estimate.
+    extrapolated: the observed fractions, capped, stay an upper estimate. Layers in ``dense_layers``
+    keep every token whatever the cap (ZipVL never selects there).
     """
     base = list(fractions) if fractions else [1.0] * num_layers
     if zipvl_enabled is False:
@@ -160,6 +167,9 @@ def effective_keep_fractions(
         base = [1.0] * len(base)
     if cap is not None:
         base = [min(f, cap) for f in base]
+    for layer in dense_layers:
+        if 0 <= layer < len(base):
+            base[layer] = 1.0
     return base
 
 
@@ -200,6 +210,7 @@ def predict_request_bytes(
         zipvl_enabled=hints.zipvl_enabled,
         default_tau=profile.zipvl_tau,
         default_max_keep_ratio=profile.zipvl_max_keep_ratio,
+        dense_layers=profile.zipvl_dense_layers,
     )
     growth = hints.max_tokens if decode_tokens is None else decode_tokens
     return predict_bytes(hints.prompt_tokens, fractions, growth, profile.block_size, profile.block_bytes)

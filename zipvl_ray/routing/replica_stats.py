@@ -163,6 +163,7 @@ def _plausible(profile: KVProfile) -> bool:
         and all(isinstance(f, int | float) and math.isfinite(f) and 0.0 <= f <= 1.0 for f in fractions)
         and (profile.zipvl_tau is None or 0.0 < profile.zipvl_tau <= 1.0)
         and (profile.zipvl_max_keep_ratio is None or 0.0 <= profile.zipvl_max_keep_ratio <= 1.0)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in profile.zipvl_dense_layers)
     )
 
 
