@@ -90,14 +90,18 @@ class PreparedPrompt:
 
 
 def _message_texts(messages: list[dict]) -> list[str]:
-    """The text of chat messages in transformers' format (string contents and ``text`` parts)."""
+    """The text of chat messages in transformers' format: a string content, or a message's ``text`` parts
+    joined with nothing between them, as the chat templates render them (a control token split over two
+    parts is seen whole)."""
     texts = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
             texts.append(content)
         elif isinstance(content, list):
-            texts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            texts.append(
+                "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            )
     return texts
 
 

@@ -174,6 +174,13 @@ def test_ssrf_guard_address_classes(address, public):
             ImageLimits(allowed_url_hosts=["cdn.example.com"]),
             "malformed",
         ),
+        # labels the IDNA codec refuses (empty, over 63 characters): a 400, not the resolver's UnicodeError
+        (
+            f"http://{'a' * 64}.example.com/a.png",
+            ImageLimits(allowed_url_hosts=["*.example.com"]),
+            "host name",
+        ),
+        ("http://a..example.com/a.png", ImageLimits(allowed_url_hosts=["*.example.com"]), "host name"),
     ],
 )
 def test_remote_urls_refused_before_any_network_access(url, limits, fragment):
@@ -181,6 +188,22 @@ def test_remote_urls_refused_before_any_network_access(url, limits, fragment):
         check_remote_url(url, limits)
     assert fragment in info.value.message
     assert info.value.status_code == 400
+
+
+def test_the_resolver_turns_a_host_the_idna_codec_refuses_into_a_400():
+    """Reached by a redirect to such a host (the first URL is checked before any network access)."""
+    from zipvl_ray.api.images import _CheckedResolver
+
+    async def resolve():
+        resolver = _CheckedResolver(ImageLimits(allowed_url_hosts=["*.example.com"]), "image")
+        try:
+            return await resolver.resolve(f"{'a' * 64}.example.com", 80)
+        finally:
+            await resolver.close()
+
+    with pytest.raises(APIError) as info:
+        asyncio.run(resolve())
+    assert info.value.status_code == 400 and info.value.code == "url_fetch_failed"
 
 
 def test_allowlist_entries_are_validated():

@@ -55,6 +55,36 @@ def test_disconnect_aborts_and_frees_kv(target, local_service, stream):
         local_service.engine.token_delay_s = 0.002
 
 
+def test_a_streaming_client_leaving_before_the_first_token_is_aborted_at_once(target, local_service):
+    """The handler waits for the first output before the response stream exists: a client that leaves
+    while its request is queued or in prefill is cancelled then, not when the first token is ready."""
+    import json
+    import socket
+
+    import httpx
+
+    local_service.engine.token_delay_s = 5.0  # the first token takes 5 s
+    try:
+        aborted_before = len(local_service.engine.aborted)
+        body = {**target.body("Stream a long answer.", []), "max_tokens": 50, "stream": True}
+        payload = json.dumps(body).encode()
+        url = httpx.URL(target.base_url)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        )
+        with socket.create_connection((url.host, url.port or 80), timeout=30) as conn:
+            conn.sendall(head.encode() + payload)
+            time.sleep(0.3)
+        left = time.monotonic()
+        while len(local_service.engine.aborted) == aborted_before:
+            assert time.monotonic() - left < 3.0, "the request ran on after its client left"
+            time.sleep(0.05)
+    finally:
+        local_service.engine.token_delay_s = 0.002
+    assert checks.llm_stats(target)["kv_bytes_used"] == 0
+
+
 def test_bad_requests_get_openai_errors(target):
     cases = checks.check_bad_requests(target)
     assert len(cases) >= 25

@@ -485,3 +485,69 @@ def test_dense_layers_are_never_predicted_under_a_cap(tiny_llava, overrides):
     assert profile.zipvl_dense_layers == (0,)
     hints = RoutingHints(prompt_tokens=out.metrics.prompt_tokens, max_tokens=0, **(overrides or {}))
     assert predict_request_bytes(hints, profile) >= held  # the router's
+
+
+def test_an_unfittable_under_predicted_request_preempts_once_not_every_running_request(tiny_llava):
+    """The running kept fraction (learnt from well-pruned traffic) predicts a request far too small; its
+    prefill runs out of blocks. One sequence is preempted to make room, then the request is sized dense
+    (a failed prefill leaves no counts to learn from) and waits for an idle engine, where it fails alone,
+    instead of being readmitted on the same prediction and preempting one more sequence per attempt."""
+    import random
+
+    from zipvl_ray.engine import EncodedPrompt
+
+    model, processor = tiny_llava
+    rng = random.Random(0)
+    probe = LLMEngine(
+        model, processor, zipvl=ZipVLConfig(enabled=False), engine=EngineConfig(kv_cache_bytes=8 << 20)
+    )
+    block_bytes = probe.runner.block_bytes
+    eng = LLMEngine(
+        model,
+        processor,
+        zipvl=ZipVLConfig(enabled=False),
+        engine=EngineConfig(kv_cache_bytes=60 * block_bytes, max_model_len=512, decode_headroom_tokens=4),
+    )
+    layers = eng.runner.layout.num_layers
+    for rid in "AB":
+        prompt = EncodedPrompt([rng.randrange(256) for _ in range(20)], [])
+        eng.add_request(rid, prompt, SamplingParams(max_tokens=30, ignore_eos=True))
+    eng.step()
+    eng.step()
+    assert len(eng.scheduler.running) == 2
+    eng.keep_fractions = [0.05] * layers
+    big = EncodedPrompt([rng.randrange(256) for _ in range(300)], [])
+    assert layers * -(-300 // 16) > 60  # needs more blocks than the pool has, even alone
+    eng.add_request("X", big, SamplingParams(max_tokens=4))
+    finished = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert eng.scheduler.num_preemptions == 1
+    assert finished["X"].finish_reason == "error" and "whole pool" in finished["X"].error
+    assert all(finished[r].finish_reason == "length" and len(finished[r].token_ids) == 30 for r in "AB")
+    assert eng.stats().kv_bytes_used == 0
+
+
+def test_a_batched_prefill_reports_the_predictions_admission_used(tiny_llava):
+    """Every request of one prefill batch reports what admission predicted for it, not a prediction
+    redone after the earlier requests of the batch updated the running kept fractions."""
+    model, processor = tiny_llava
+    eng = LLMEngine(
+        model,
+        processor,
+        zipvl=ZipVLConfig(enabled=False),
+        engine=EngineConfig(kv_cache_bytes=8 << 20, default_keep_fraction=0.5),
+    )
+    prompts = mixed_prompts(n_images=(0, 0))[:2]
+    for i, prompt in enumerate(prompts):
+        eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=2))
+    seqs = dict(eng.sequences)
+    admission = {rid: eng._predict_seq_bytes(seq, 0) for rid, seq in seqs.items()}
+    assert eng.step() is not None and eng.last_step[:2] == ("prefill", 2)
+    for rid, seq in seqs.items():
+        assert seq.metrics.predicted_kv_bytes == admission[rid] < seq.metrics.kv_bytes_after_prefill
+    # Dense prompts at a predicted 0.5: the mean relative error is held / predicted - 1 of each.
+    errors = [seqs[r].metrics.kv_bytes_after_prefill / admission[r] - 1 for r in seqs]
+    assert eng.stats().prediction_error_mean == pytest.approx(0.9 * errors[0] + 0.1 * errors[1])

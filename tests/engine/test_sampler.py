@@ -75,3 +75,26 @@ def test_a_row_whose_distribution_is_not_finite_falls_back_to_its_argmax():
     logits = torch.tensor([[float("inf"), 0.0, -1.0], [0.0, 1.0, 2.0]])
     tokens, _ = sample(logits, [SamplingParams(temperature=1.0)] * 2, [make_generator(0), make_generator(0)])
     assert tokens[0] == 0 and 0 <= tokens[1] < 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"logprobs": 2.5}, "logprobs"),  # torch.topk would raise inside the step and fail every request
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"seed": 2**64}, "seed"),  # torch's generator takes [-2**63, 2**64)
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_sampling_params_the_sampler_cannot_use_are_refused_up_front(kwargs, message):
+    from zipvl_ray.engine import RequestError
+
+    with pytest.raises(RequestError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_the_whole_seed_range_seeds_a_generator():
+    for seed in (-(2**63), 0, 2**64 - 1):
+        torch.Generator().manual_seed(SamplingParams(seed=seed, temperature=1.0).seed)

@@ -377,7 +377,7 @@ class _CheckedResolver:
             )
         try:
             answers = await self._inner.resolve(host, port, family)
-        except OSError:
+        except (OSError, UnicodeError, ValueError):  # UnicodeError: a label the IDNA codec refuses
             raise APIError(
                 f"{self._where}: host {host!r} does not resolve", param=self._where, code="url_fetch_failed"
             ) from None
@@ -418,6 +418,12 @@ def check_remote_url(url: str, limits: ImageLimits, *, where: str = "image") -> 
     if parts.username or parts.password:
         raise APIError(f"{where}: URLs with credentials are refused", param=where, code="invalid_image_url")
     host = parts.hostname
+    try:  # what the resolver will do: an empty or over-long (> 63 characters) label is no host name
+        host.encode("idna")
+    except UnicodeError:
+        raise APIError(
+            f"{where}: the image URL's host name is malformed", param=where, code="invalid_image_url"
+        ) from None
     if not host_allowed(host, limits.allowed_url_hosts):
         raise APIError(
             f"{where}: host {host!r} is not in the URL allowlist", param=where, code="url_not_allowed"

@@ -451,15 +451,14 @@ class ChatCompletionRequest(BaseModel):
         return sum(1 if isinstance(m.content, str) else 1 + len(m.content) for m in self.messages)
 
     def message_texts(self) -> list[str]:
-        """The text of every message (string contents and text parts), in order."""
+        """The text of every message, in order: a string content, or a message's text parts joined with
+        nothing between them, as the chat templates render them (so a control token split over two parts
+        is still seen whole)."""
         return [
-            text
+            message.content
+            if isinstance(message.content, str)
+            else "".join(p.text for p in message.content if isinstance(p, TextPart))
             for message in self.messages
-            for text in (
-                [message.content]
-                if isinstance(message.content, str)
-                else [p.text for p in message.content if isinstance(p, TextPart)]
-            )
         ]
 
     def image_urls(self) -> list[str]:

@@ -91,8 +91,9 @@ def build_openai_app(
     request_observer : callable, optional
         ``(path, status, seconds)`` of every answered request (metrics).
     watch_disconnect : bool
-        Abort a non-streamed completion whose client disconnected before the answer (a streamed one
-        is aborted by its response stream). False behind Serve's proxy, which cancels the request itself.
+        Abort a completion whose client disconnected before the answer, or, streamed, before its first
+        chunk (afterwards the response stream notices). False behind Serve's proxy, which cancels the
+        request itself.
 
     Returns
     -------
@@ -135,8 +136,10 @@ def build_openai_app(
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Create a chat completion (images as data URLs or allowlisted http(s) URLs)."""
-        if body.stream or not watch_disconnect:
+        if not watch_disconnect:
             return await handler(body)
+        # Streamed too: the handler waits for the first output (queued, encoded, prefilled) before the
+        # response stream, which watches the client from then on, exists.
         return await _unless_disconnected(handler(body), request)
 
     @app.get("/v1/models", response_model=ModelList)

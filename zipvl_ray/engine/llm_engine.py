@@ -162,7 +162,15 @@ class LLMEngine:
         if kept:
             block_size = self.runner.layout.block_size
             return blocks_for([k + decode_tokens for k in kept], block_size) * self.runner.block_bytes
-        fractions = self.keep_fractions if seq.uses_default_zipvl else self._fractions_for(seq.zipvl)
+        if seq.prefill_did_not_fit:
+            # Its prediction was too small once (a failed prefill keeps no counts to learn from): size it
+            # dense, an upper bound, so it waits for room (or an idle engine) instead of being readmitted
+            # on the same under-prediction and preempting one more running sequence per attempt.
+            fractions = [1.0] * len(self.keep_fractions)
+        elif seq.uses_default_zipvl:
+            fractions = self.keep_fractions
+        else:
+            fractions = self._fractions_for(seq.zipvl)
         return predict_bytes(
             seq.num_prompt_tokens,
             fractions,
@@ -375,15 +383,19 @@ class LLMEngine:
             return self._prefill_did_not_fit(seqs)
         self.scheduler.start(seqs)
         self._totals["prefill_tokens"] += sum(s.num_prompt_tokens for s in seqs)
+        # What admission predicted, before any segment of this batch updates the running kept fractions.
+        predicted = [self._predict_seq_bytes(seq, 0) for seq in seqs]
         to_sample = []
         for row, (seq, seg) in enumerate(zip(seqs, segments, strict=True)):
-            self._record_prefill(seq, seg)
+            self._record_prefill(seq, seg, predicted[row])
             if not seq.output_token_ids:  # a first prefill; a recomputation only rebuilds the cache
                 to_sample.append((row, seq))
         outputs = self._sample_and_append(logits, to_sample)
         return outputs
 
     def _prefill_did_not_fit(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        for seq in seqs:
+            seq.prefill_did_not_fit = True
         if self.scheduler.running:
             self.scheduler.preempt_newest()
             self.scheduler.requeue(seqs)
@@ -396,11 +408,10 @@ class LLMEngine:
         self._finish(seq, "error")
         return [self._output(seq)]
 
-    def _record_prefill(self, seq: Sequence, seg) -> None:
+    def _record_prefill(self, seq: Sequence, seg, predicted: int) -> None:
         n = seq.num_prompt_tokens
         kv = self.runner.kv
         held = kv.seq_bytes(seq.request_id)
-        predicted = self._predict_seq_bytes(seq, 0)
         m = seq.metrics
         m.kept_tokens_per_layer = list(seg.kept)
         m.guard_fired = seg.guard_fired
@@ -414,10 +425,11 @@ class LLMEngine:
             self.keep_fractions = [
                 (1 - alpha) * f + alpha * (k / n) for f, k in zip(self.keep_fractions, seg.kept, strict=True)
             ]
-            error = (held - predicted) / max(predicted, 1)
-            self._prediction_error = (
-                error if not self._seen_prefills else 0.9 * self._prediction_error + 0.1 * error
-            )
+            if not seq.prefill_did_not_fit:  # sized dense on purpose after a failed prefill: not an error
+                error = (held - predicted) / max(predicted, 1)
+                self._prediction_error = (
+                    error if not self._seen_prefills else 0.9 * self._prediction_error + 0.1 * error
+                )
             self._seen_prefills += 1
 
     def _decode_step(self) -> list[RequestOutput]:

@@ -65,6 +65,7 @@ class Sequence:
     finish_time: float | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     uses_default_zipvl: bool = True
+    prefill_did_not_fit: bool = False  # a prefill ran out of blocks: sized dense until one fits
     # streaming bookkeeping
     text: str = ""
     text_limit: int | None = None  # the text is cut here (before a stop string)

@@ -72,7 +72,24 @@ class SamplingParams:
             ),
             (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.logprobs is None
+                or (
+                    isinstance(self.logprobs, int)
+                    and not isinstance(self.logprobs, bool)
+                    and 0 <= self.logprobs <= 20
+                ),
+                "logprobs must be an integer in [0, 20]",
+            ),
+            (
+                self.seed is None
+                or (
+                    isinstance(self.seed, int)
+                    and not isinstance(self.seed, bool)
+                    and -(2**63) <= self.seed < 2**64
+                ),
+                "seed must be an integer in [-2**63, 2**64)",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
             (len(self.stop) <= 16, "stop may hold at most 16 strings"),
             (self.output_kind in ("stream", "final_only"), "output_kind must be 'stream' or 'final_only'"),
