@@ -156,6 +156,21 @@ def test_decode_compress_interval_equals_masked(arch):
     assert min(generated_held) < 11  # 11 fed back; some generated tokens were evicted
 
 
+def test_decode_compression_frees_what_it_evicts(arch):
+    """Bytes reported = bytes held after decode-time compression: the compaction really shrinks the
+    tensors (reported bytes come from the live slots, allocated bytes from the tensors themselves)."""
+    _, model, _, processor = arch
+    set_zipvl_config(model, ZipVLConfig(tau=0.6, decode_compress_interval=4, probe_recent=8, probe_random=8))
+    inputs = batch_inputs(processor, 1)
+    cache = ZipVLCache(model)
+    greedy(model, inputs, cache, steps=12)
+    stats = cache.stats()
+    held = [kept[0] for kept in stats.kept_per_layer]
+    fed = [prompt[0] + 11 for prompt in stats.prompt_kept_per_layer]  # 11 generated tokens fed back
+    assert max(f - h for f, h in zip(fed, held, strict=True)) > 0  # some generated tokens were evicted
+    assert stats.kv_bytes_allocated == stats.kv_bytes  # batch of one: no padding, nothing left behind
+
+
 def test_decode_compress_never_evicts_a_later_turns_prompt():
     """``decode_compress_interval`` scores the last N *generated* tokens: a later turn's prompt chunk restarts
     the count, so its tokens are never taken for generated ones and evicted."""
