@@ -119,20 +119,27 @@ class StageOptions(BaseModel):
         policy = (self.autoscaling_config or {}).get("policy") or {}
         policy_class = _resolve(policy.get("policy_function"))
         if isinstance(policy_class, type) and issubclass(policy_class, KVDemandPolicy | QueueLengthPolicy):
-            built = policy_class(**(policy.get("policy_kwargs") or {}))
-            metric = getattr(built.config, "metric", None)
-            if metric is not None and metric not in self._autoscaling_metrics():
-                # Serve would find no such metric and the policy would decide without metrics for good.
+            policy_class(**(policy.get("policy_kwargs") or {}))
+
+    def check_policy_metrics(self, stage: str, reported: tuple[str, ...]) -> None:
+        """Refuse a project policy that reads metrics ``stage``'s replicas do not report
+        (``record_autoscaling_stats``): Serve would find none, and the policy would decide without metrics
+        for good (never below the current target)."""
+        from zipvl_ray.routing.autoscaling import KVDemandPolicy, QueueLengthPolicy
+
+        policy = (self.autoscaling_config or {}).get("policy") or {}
+        policy_class = _resolve(policy.get("policy_function"))
+        if not isinstance(policy_class, type):
+            return
+        if issubclass(policy_class, KVDemandPolicy) and "kv_bytes_capacity" not in reported:
+            raise ValueError(f"{stage}: KVDemandPolicy needs KV metrics, which only the llm stage reports")
+        if issubclass(policy_class, QueueLengthPolicy):
+            metric = (policy.get("policy_kwargs") or {}).get("metric")
+            if metric is not None and metric not in reported:
                 raise ValueError(
-                    f"QueueLengthPolicy metric {metric!r} is not reported by this stage's replicas; "
-                    f"use one of {list(self._autoscaling_metrics())} or leave it unset (ongoing requests)"
+                    f"{stage}: QueueLengthPolicy metric {metric!r} is not reported by this stage's replicas; "
+                    f"use one of {list(reported)} or leave it unset (ongoing requests)"
                 )
-
-    def _autoscaling_metrics(self) -> tuple[str, ...]:
-        """Names this stage's replicas report from ``record_autoscaling_stats`` (the LLM stage's)."""
-        from zipvl_ray.routing.replica_stats import AUTOSCALING_METRIC_NAMES
-
-        return AUTOSCALING_METRIC_NAMES
 
     def deployment_options(self, env_vars: dict[str, str]) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options(...)``."""
@@ -179,9 +186,6 @@ class VisionStageOptions(StageOptions):
         description="Bytes of image features the encoder cache may hold per replica (None: bounded by "
         "cache_size only). Set it for large models: an anyres LLaVA-NeXT image is up to ~24 MB of features.",
     )
-
-    def _autoscaling_metrics(self) -> tuple[str, ...]:
-        return VISION_AUTOSCALING_METRIC_NAMES
 
     @model_validator(mode="after")
     def _check_batch_fits(self) -> "VisionStageOptions":
@@ -280,6 +284,15 @@ class AppArgs(BaseModel):
         description="Tracing (exporter, sampling), Prometheus metrics and log level of the replicas "
         "(docs/observability.md).",
     )
+
+    @model_validator(mode="after")
+    def _check_policy_metrics(self) -> "AppArgs":
+        from zipvl_ray.routing.replica_stats import AUTOSCALING_METRIC_NAMES
+
+        self.ingress.check_policy_metrics("ingress", ())  # the ingress reports no custom metric
+        self.vision.check_policy_metrics("vision", VISION_AUTOSCALING_METRIC_NAMES)
+        self.llm.check_policy_metrics("llm", AUTOSCALING_METRIC_NAMES)
+        return self
 
     @field_validator("dtype")
     @classmethod

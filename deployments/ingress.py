@@ -170,13 +170,45 @@ class RayServeBackend:
             _end_generate(span, request_id, prompt, last, error)
 
     async def _ping(self, handle: DeploymentHandle) -> str | None:
+        """None when a replica of the stage passes its health check, else why not.
+
+        Asked of the replica actors directly, as Serve's controller does: a routed call (``ready``) waits
+        behind ``max_ongoing_requests``, so a stage saturated by requests would read as down exactly at
+        peak load. Through the handle only when the actors cannot be listed.
+        """
         try:
-            await asyncio.wait_for(_awaitable(handle.ready.remote()), timeout=self.health_timeout_s)
-        except TimeoutError:
+            replicas = await asyncio.to_thread(self._list_replicas, handle)
+        except Exception:  # the listing is best effort
+            replicas = []
+        if not replicas:
+            response = handle.ready.remote()
+            try:
+                await asyncio.wait_for(_awaitable(response), timeout=self.health_timeout_s)
+            except TimeoutError:
+                cancel_quietly(response)  # or it would stay queued in the router for good
+                return f"no answer within {self.health_timeout_s} s"
+            except Exception as exc:  # a dead or failing stage: report, do not raise
+                return f"{type(exc).__name__}"
+            return None
+
+        async def check(actor: Any) -> None:
+            await asyncio.wait_for(_awaitable(actor.check_health.remote()), timeout=self.health_timeout_s)
+
+        pending = {asyncio.ensure_future(check(actor)) for _, actor in replicas}
+        first_error: BaseException | None = None
+        try:
+            for done in asyncio.as_completed(pending):
+                try:
+                    await done
+                    return None  # one healthy replica is enough
+                except Exception as exc:  # starting, failing or gone: look at the others
+                    first_error = first_error or exc
+        finally:
+            for task in pending:
+                task.cancel()
+        if isinstance(first_error, TimeoutError):
             return f"no answer within {self.health_timeout_s} s"
-        except Exception as exc:  # a dead or failing stage: report, do not raise
-            return f"{type(exc).__name__}"
-        return None
+        return f"{type(first_error).__name__}"
 
     async def health(self) -> dict[str, str | None]:
         vision, llm = await asyncio.gather(self._ping(self.vision), self._ping(self.llm))

@@ -197,3 +197,13 @@ class EngineConfig(BaseModel):
         le=1.0,
         description="Weight of the newest prefill in the running mean kept fraction per layer.",
     )
+    unhealthy_after_step_s: float | None = Field(
+        600.0,
+        gt=0.0,
+        description=(
+            "The replica's health check fails once one engine step has run this long (a hung kernel or "
+            "collective: the step holds the engine, so every request on the replica stalls and no abort "
+            "gets through), so that Serve replaces the replica. Set it above the longest prefill the "
+            "replica may run (a long CPU prefill takes minutes). None: never."
+        ),
+    )

@@ -181,27 +181,37 @@ def test_router_and_policy_kwargs_are_checked_when_the_app_is_built(block, typo,
         AppArgs.model_validate(args)
 
 
+QUEUE = "zipvl_ray.routing.autoscaling:QueueLengthPolicy"
+KV = "zipvl_ray.routing.autoscaling:KVDemandPolicy"
+
+
 @pytest.mark.parametrize(
-    "stage, metric, ok",
+    "stage, policy, kwargs, refused",
     [
-        ("vision", "pending_images", True),
-        ("vision", "pending_requests", True),
-        ("vision", "image_tokens", False),  # nothing reports it: the policy would never see a metric
-        ("vision", "num_waiting", False),  # an LLM replica's metric
-        ("llm", "num_waiting", True),
-        ("llm", "pending_images", False),
+        ("vision", QUEUE, {"metric": "pending_images"}, None),
+        ("vision", QUEUE, {"metric": "pending_requests"}, None),
+        ("vision", QUEUE, {"metric": "image_tokens"}, "metric 'image_tokens' is not reported"),
+        ("vision", QUEUE, {"metric": "num_waiting"}, "metric 'num_waiting' is not reported"),  # an LLM metric
+        ("vision", KV, {}, "KVDemandPolicy needs KV metrics"),
+        ("llm", QUEUE, {"metric": "num_waiting"}, None),
+        ("llm", QUEUE, {"metric": "pending_images"}, "metric 'pending_images' is not reported"),
+        ("llm", KV, {}, None),
+        ("ingress", QUEUE, {}, None),  # Serve's ongoing requests
+        ("ingress", QUEUE, {"metric": "num_waiting"}, "metric 'num_waiting' is not reported"),
+        ("ingress", KV, {}, "KVDemandPolicy needs KV metrics"),
     ],
 )
-def test_a_queue_policy_metric_must_be_one_the_stage_reports(stage, metric, ok):
+def test_a_policy_must_read_metrics_the_stage_reports(stage, policy, kwargs, refused):
+    """A policy reading a metric the stage's replicas never report decides without metrics for good
+    (never below the current target): refused when the app is built."""
     args = copy.deepcopy(load("zipvl-gpu.yaml")["applications"][0]["args"])
-    args[stage]["autoscaling_config"]["policy"] = {
-        "policy_function": "zipvl_ray.routing.autoscaling:QueueLengthPolicy",
-        "policy_kwargs": {"metric": metric, "target_per_replica": 8},
-    }
-    if ok:
+    args[stage].pop("num_replicas", None)
+    scaling = args[stage].setdefault("autoscaling_config", {"min_replicas": 1, "max_replicas": 2})
+    scaling["policy"] = {"policy_function": policy, "policy_kwargs": {**kwargs}}
+    if refused is None:
         AppArgs.model_validate(args)
     else:
-        with pytest.raises(ValidationError, match=f"metric '{metric}' is not reported"):
+        with pytest.raises(ValidationError, match=refused):
             AppArgs.model_validate(args)
 
 

@@ -246,6 +246,45 @@ def test_steps_that_keep_failing_make_the_health_check_fail(tiny_llava, monkeypa
         eng.shutdown()
 
 
+def test_a_step_that_hangs_fails_the_health_check(tiny_llava, monkeypatch):
+    """A step that never returns (a hung kernel or collective) holds the engine: every request on the
+    replica stalls. The health check fails once it has run ``unhealthy_after_step_s``, so Serve replaces
+    the replica; when the step returns, the replica is healthy again."""
+    import threading
+
+    model, processor = tiny_llava
+    config = EngineConfig(kv_cache_bytes=8 << 20, unhealthy_after_step_s=0.5)
+    core = LLMEngine(model, processor, zipvl=ZipVLConfig(tau=0.9), engine=config)
+    eng = AsyncLLMEngine(core)
+    real_step, release, entered = core.step, threading.Event(), threading.Event()
+
+    def hung_step():
+        entered.set()
+        release.wait(30)
+        return real_step()
+
+    try:
+        monkeypatch.setattr(core, "step", hung_step)
+        prompt = mixed_prompts(n_images=(1,))[0]
+
+        async def scenario():
+            task = asyncio.ensure_future(collect(eng, "h1", prompt, SamplingParams(max_tokens=2)))
+            await asyncio.to_thread(entered.wait, 30)
+            eng.check_health()  # a step just started: healthy
+            await asyncio.sleep(0.8)
+            with pytest.raises(RuntimeError, match="engine step has run for .* hung"):
+                eng.check_health()
+            release.set()
+            return await task
+
+        outs = asyncio.run(scenario())
+        assert outs[-1].finished
+        eng.check_health()
+    finally:
+        release.set()
+        eng.shutdown()
+
+
 def test_an_id_is_free_again_once_its_closed_stream_has_aborted(engine):
     """A stream closed early keeps its id until its abort is done: a second stream with that id meanwhile
     is refused (its abort used to kill the newcomer's request, or its outputs leaked into the newcomer's

@@ -424,6 +424,31 @@ def test_overload_is_answered_with_503_and_retry_after_and_nothing_is_lost(tight
     )
 
 
+def test_health_answers_200_while_the_llm_stage_is_saturated(tight):
+    """/health asks the replicas' own health checks, as Serve's controller does, not a routed call that
+    waits behind ``max_ongoing_requests`` (2 here): a stage busy with requests is up, not down."""
+    import threading
+
+    tight.wait_llm_idle()
+    bodies = [tight.body(f"busy {i}", max_tokens=300, ignore_eos=True) for i in range(3)]
+    results: list = []
+    worker = threading.Thread(
+        target=lambda: results.extend(asyncio.run(run_streams(tight, bodies, timeout_s=120)))
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while tight.llm_totals()["num_running"] < 2:  # the LLM replica is full; the third request waits
+            assert time.monotonic() < deadline, tight.llm_totals()
+            time.sleep(0.1)
+        with httpx.Client(base_url=tight.base_url, timeout=30) as client:
+            response = client.get("/health")  # a routed ping would wait out health_timeout_s: 503
+        assert response.status_code == 200, response.text
+    finally:
+        worker.join(150)
+    assert len(results) == 3 and all(r.status == 200 and r.done for r in results), results
+
+
 # ---------------------------------------------------------------------------------------------------
 # 6. Load
 

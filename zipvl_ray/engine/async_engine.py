@@ -79,6 +79,7 @@ class AsyncLLMEngine:
         self.unhealthy_after_failed_steps = unhealthy_after_failed_steps
         self.consecutive_failed_steps = 0
         self.last_step_error: str | None = None
+        self.step_started: float | None = None  # time.monotonic() of the running step's start
         self._lock = HandoffLock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -213,9 +214,16 @@ class AsyncLLMEngine:
         await asyncio.to_thread(self._abort_locked, request_id, deliver=True)
 
     def check_health(self) -> None:
-        """Raise if the engine thread is gone, or its steps keep failing (Serve then restarts the replica)."""
+        """Raise if the engine thread is gone, its steps keep failing, or one step has run longer than
+        ``EngineConfig.unhealthy_after_step_s`` (Serve then restarts the replica)."""
         if self._stopped or not self._thread.is_alive():
             raise RuntimeError("the engine thread is not running")
+        limit = getattr(self.engine.config, "unhealthy_after_step_s", None)
+        started = self.step_started
+        if limit is not None and started is not None and time.monotonic() - started > limit:
+            raise RuntimeError(
+                f"an engine step has run for {time.monotonic() - started:.0f} s (limit {limit:g} s): hung"
+            )
         if self.consecutive_failed_steps >= self.unhealthy_after_failed_steps:
             raise RuntimeError(
                 f"the last {self.consecutive_failed_steps} engine steps failed (last: {self.last_step_error})"
@@ -243,6 +251,7 @@ class AsyncLLMEngine:
             with self._lock:
                 busy = self.engine.has_unfinished()
                 if busy:
+                    self.step_started = time.monotonic()
                     try:
                         outputs = self.engine.step()
                         self.consecutive_failed_steps = 0
@@ -251,6 +260,8 @@ class AsyncLLMEngine:
                         self.consecutive_failed_steps += 1
                         self.last_step_error = f"{type(exc).__name__}: {exc}"[:200]
                         outputs = self.engine.fail_step(exc)
+                    finally:
+                        self.step_started = None
                     self._stats = self.engine.stats()
                 if outputs:  # under the lock: an abort's final output never overtakes a step's
                     self._deliver(outputs)
