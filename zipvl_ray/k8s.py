@@ -233,9 +233,11 @@ GPU_VARIANT = Variant(
     upgrade_reason=(
         "NewCluster: a change to rayClusterConfig (image, pod resources, env) starts a second cluster, "
         "switches <name>-serve-svc to it once its applications are RUNNING, and deletes the old one "
-        "rayClusterDeletionDelaySeconds later: no downtime, but the GPUs double for the duration. A "
+        "rayClusterDeletionDelaySeconds later: no refused connection, and the new cluster's pods come on "
+        "top of the old one's. It takes all traffic at its floor (LLM initial_replicas): under load, raise "
+        "min_replicas first with a serveConfigV2-only change (docs/kubernetes.md, Upgrade). A "
         "serveConfigV2-only change (tau, replica counts, limits) is applied in place and doubles nothing. "
-        "If the GPU quota cannot double, the new cluster stays pending while the old one keeps serving "
+        "If the GPU quota cannot hold both, the new cluster stays pending while the old one keeps serving "
         "(the upgrade stalls, nothing breaks). Alternatives: None (the RayCluster is modified in place, "
         "with a disruption) or NewClusterWithIncrementalUpgrade (alpha: operator feature gate, Gateway "
         "API; the surge is bounded by maxSurgePercent). See docs/kubernetes.md."

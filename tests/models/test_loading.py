@@ -123,3 +123,39 @@ def test_a_saved_qwen2_vl_checkpoint_loads_back_without_torchvision(tmp_path, pr
     params = SamplingParams(max_tokens=4, temperature=0)
     expected = LLM("tiny-qwen2-vl").generate([{"messages": messages}], params)[0].token_ids
     assert LLM(str(tmp_path)).generate([{"messages": messages}], params)[0].token_ids == expected
+
+
+def test_the_hub_layout_of_a_qwen2_vl_checkpoint_loads_without_torchvision(tmp_path):
+    """``Qwen/Qwen2-VL-*`` ship ``preprocessor_config.json`` (``processor_class: Qwen2VLProcessor``) and a
+    ``chat_template.json``: there ``AutoProcessor`` raises ImportError for the video processor (not the
+    OSError of transformers 5's own layout). The image-only processor is used either way."""
+    from zipvl_ray.models.builtin import BUILTIN_MODELS
+
+    model, processor = BUILTIN_MODELS["tiny-qwen2-vl"](seed=0)
+    model.config.save_pretrained(tmp_path)
+    processor.tokenizer.save_pretrained(tmp_path)
+    image = json.loads(processor.image_processor.to_json_string())
+    image.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2VLProcessor")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(image))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    loaded = load_processor(str(tmp_path))
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what?<|im_end|>\n"
+    assert loaded.tokenizer(prompt).input_ids == processor.tokenizer(prompt).input_ids
+    assert loaded.chat_template == processor.chat_template
+
+
+def test_a_local_directory_named_like_a_built_in_model_is_loaded(tmp_path, monkeypatch):
+    """As in transformers, an existing directory wins over any other meaning of the name: a model saved
+    to ./tiny-qwen2-vl is that model, not the built-in random one."""
+    model, processor = load_model("tiny-qwen2-vl", seed=5)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "tiny-qwen2-vl")
+    processor.save_pretrained(tmp_path / "tiny-qwen2-vl")
+    monkeypatch.chdir(tmp_path)
+    loaded, _ = load_model("tiny-qwen2-vl")
+    assert loaded.dtype == torch.bfloat16
+    saved = model.state_dict()
+    assert all(torch.equal(saved[name], value) for name, value in loaded.state_dict().items())
+    assert load_processor("tiny-qwen2-vl").tokenizer("hi").input_ids == processor.tokenizer("hi").input_ids
+    monkeypatch.chdir(tmp_path.parent)  # elsewhere the name is the built-in model again
+    assert load_model("tiny-qwen2-vl")[0].dtype == torch.float32

@@ -14,6 +14,7 @@ Supported architectures: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch
 from zipvl_ray.attention import enable_zipvl
 from zipvl_ray.config import ZipVLConfig
 from zipvl_ray.models.builtin import BUILTIN_MODELS, Qwen2VLImageProcessor, TinySpec
+
+logger = logging.getLogger(__name__)
 
 #: Directory of checkpoints shipped inside the package (``zipvl-tiny`` lives here once trained).
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -72,13 +75,26 @@ def _hub_offline() -> bool:
     return value.upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _is_local_checkpoint(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is an existing directory holding a ``config.json``. As in transformers, such
+    a directory wins over any other meaning of the name (a built-in model, a shipped checkpoint)."""
+    local = Path(name_or_path)
+    if not (local.is_dir() and (local / "config.json").is_file()):
+        return False
+    if name_or_path in BUILTIN_MODELS or (CHECKPOINT_DIR / name_or_path / "config.json").exists():
+        logger.warning("loading the local directory %r, not the built-in model of that name", name_or_path)
+    return True
+
+
 def _checkpoint_path(name_or_path: str) -> str:
-    """A shipped checkpoint's directory, a local directory, or a hub id.
+    """A local directory, a shipped checkpoint's directory, or a hub id.
 
     Offline (``HF_HUB_OFFLINE=1``, as the KubeRay pods run), a hub id resolves to its snapshot in the
     Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, where the download Job put it); an id that is not
     cached there is refused with a message that says so. Online, the hub id is returned as it is.
     """
+    if _is_local_checkpoint(name_or_path):
+        return name_or_path
     local = CHECKPOINT_DIR / name_or_path
     path = str(local) if (local / "config.json").exists() else name_or_path
     if os.path.isdir(path) or not _hub_offline():
@@ -132,7 +148,7 @@ def _load_pretrained_processor(path: str):
 
     try:
         processor = AutoProcessor.from_pretrained(path)
-    except OSError as exc:  # "Can't load video processor": Qwen2-VL without torchvision
+    except (OSError, ImportError) as exc:  # Qwen2-VL's video processor without torchvision (either error)
         processor = _image_only_qwen_processor(path, exc)
     if getattr(processor, "tokenizer", None) is None:
         processor = _image_only_qwen_processor(path, None)
@@ -166,7 +182,7 @@ def load_processor(name_or_path: str, *, seed: int = 0, spec: TinySpec | None = 
     shipped checkpoints, local directories and hub ids load only the processor files. The ingress
     uses this: it tokenizes and preprocesses images but never runs the model.
     """
-    if name_or_path in BUILTIN_MODELS:
+    if name_or_path in BUILTIN_MODELS and not _is_local_checkpoint(name_or_path):
         kwargs = {"seed": seed} if spec is None else {"seed": seed, "spec": spec}
         return BUILTIN_MODELS[name_or_path](**kwargs)[1]
     return _load_pretrained_processor(_checkpoint_path(name_or_path))
@@ -221,7 +237,7 @@ def load_model(
         ``model`` is in eval mode on ``device``.
     """
     torch_dtype = resolve_dtype(dtype)
-    if name_or_path in BUILTIN_MODELS:
+    if name_or_path in BUILTIN_MODELS and not _is_local_checkpoint(name_or_path):
         kwargs = {"seed": seed}
         if spec is not None:
             kwargs["spec"] = spec
