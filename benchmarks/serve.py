@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import io
+import secrets
 import statistics
 import threading
 import time
@@ -177,12 +178,12 @@ async def run_point(url: str, model: str, point: Point, per_worker: int, max_tok
 
 
 async def sweep(args) -> list[dict[str, Any]]:
-    rows, seed = [], 1_000_000
+    rows, seed = [], args.seed + 1_000_000
     async with httpx.AsyncClient(base_url=args.url, timeout=600) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
         for zipvl in (True, False):  # warm-up, untimed: both arms, every image size
             for i, side in enumerate(args.image_sizes * args.warmup_requests):
-                body = request_body(model, 900_000 + i, side, args.max_tokens, zipvl, stream=True)
+                body = request_body(model, args.seed + 900_000 + i, side, args.max_tokens, zipvl, stream=True)
                 await streamed_request(client, body)
     points = 0
     for side in args.image_sizes:
@@ -246,6 +247,7 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         return elapsed
 
     via_http, in_process, via_app, via_compare = [], [], [], []
+    hits_before = await asyncio.to_thread(encoder_cache_hits, args.url)
     try:
         async with (
             httpx.AsyncClient(base_url=args.url, timeout=600) as client,
@@ -275,8 +277,8 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
                     if args.compare_url:
                         arms.append((via_compare, lambda b: post(other, b)))
                     bodies = [
-                        request_body(card["id"], seed + i, side, tokens, True, stream=False)
-                        for seed in (2_000_000, 3_000_000, 4_000_000, 5_000_000)[: len(arms)]
+                        request_body(card["id"], args.seed + base + i, side, tokens, True, stream=False)
+                        for base in (2_000_000, 3_000_000, 4_000_000, 5_000_000)[: len(arms)]
                     ]
                     shift = i % len(arms)  # the order rotates: no arm always runs first
                     for (samples, call), body in zip(arms[shift:] + arms[:shift], bodies, strict=True):
@@ -286,6 +288,7 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
     finally:
         engine.shutdown()
         torch.set_num_threads(previous_threads)
+    hits_after = await asyncio.to_thread(encoder_cache_hits, args.url)
     http_p50, direct_p50 = statistics.median(via_http), statistics.median(in_process)
     app_p50 = statistics.median(via_app)
     compare: dict[str, Any] = {}
@@ -302,6 +305,10 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         }
     return {
         "overhead_requests": n,
+        # Must be 0: a cached image skips the encode on the service while the in-process arm pays it.
+        "encoder_cache_hits_during_overhead": None
+        if hits_before is None or hits_after is None
+        else hits_after - hits_before,
         "direct_config": str(args.direct_config),
         "direct_torch_threads": args.direct_threads,
         "http_p50_ms": http_p50 * 1000,
@@ -317,6 +324,15 @@ async def serving_overhead(args, model_source: str, n: int) -> dict[str, Any]:
         "ray_serve_p50_ms": (http_p50 - app_p50) * 1000,
         **compare,
     }
+
+
+def encoder_cache_hits(url: str) -> int | None:
+    """Encoder-cache hits summed over the service's vision replicas (``GET /v1/stats``); None if unknown."""
+    try:
+        stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        return sum(int(replica.get("hits", 0)) for replica in stats.get("vision", []))
+    except Exception:
+        return None
 
 
 def start_local_server(model: str, device: str, zipvl: Any = None) -> tuple[str, Any]:
@@ -407,8 +423,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--smoke", action="store_true", help="Tiny sweep against an in-process tiny-llava server."
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Base of the pictures' seeds (default: random per run). A rerun with the same pictures against "
+        "the same service would be answered from its encoder cache: the HTTP arms would skip the encode the "
+        "in-process arm pays, and the overhead would read low.",
+    )
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = secrets.randbelow(10**6) * 10**7
     stop = None
     if args.smoke:
         args.url, stop = start_local_server("tiny-llava", args.device or "cpu")
@@ -418,7 +444,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.compare_url = args.compare_url or args.url  # the fourth arm runs too (same server)
     try:
         rows = asyncio.run(sweep(args))
-        summary: dict[str, Any] = {"url": args.url, "max_tokens": args.max_tokens}
+        summary: dict[str, Any] = {
+            "url": args.url,
+            "max_tokens": args.max_tokens,
+            "picture_seed_base": args.seed,
+        }
         if args.direct:
             with httpx.Client(base_url=args.url, timeout=30) as client:
                 root = client.get("/v1/models").json()["data"][0].get("root")

@@ -22,6 +22,9 @@ def test_serve_benchmark_smoke(tmp_path):
     assert abs(parts - summary["serving_overhead_p50_ms"]) < 1e-6
     # the paired overhead (median of per-round differences) and the --compare-url arm (the same server here)
     assert summary["serving_overhead_paired_p50_ms"] is not None
+    # Fresh pictures every run: the service never answers a timed request from its encoder cache.
+    assert summary["encoder_cache_hits_during_overhead"] in (0, None)
+    assert isinstance(summary["picture_seed_base"], int)
     assert summary["compare_url"] == summary["url"] and summary["compare_http_p50_ms"] > 0
     assert (
         abs(
