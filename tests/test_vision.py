@@ -120,3 +120,25 @@ def test_a_cached_feature_is_reused_only_for_the_same_preprocessing():
     truth = VisionEncoder(model, cache_size=0).encode([new])[0].embeds
     torch.testing.assert_close(served, truth)
     assert encoder.cache_stats()["misses"] == 2
+
+
+def test_the_preprocessing_digest_names_the_image_processor_class():
+    """A PIL and a torchvision image processor serialise to the same settings but resize differently:
+    replicas with and without torchvision must not share cached features."""
+    import copy
+
+    _, processor = load_model("tiny-llava")
+    twin = copy.deepcopy(processor)
+    settings = processor.image_processor.to_json_string()
+    other_class = type(  # as LlavaImageProcessorPil does: the same "image_processor_type" in its JSON
+        "LlavaImageProcessorOtherBackend",
+        (type(processor.image_processor),),
+        {"to_json_string": lambda self: settings},
+    )
+    twin.image_processor.__class__ = other_class
+    assert twin.image_processor.to_json_string() == processor.image_processor.to_json_string()
+    assert PromptProcessor(twin).preprocessing_digest != PromptProcessor(processor).preprocessing_digest
+    assert (
+        PromptProcessor(copy.deepcopy(processor)).preprocessing_digest
+        == PromptProcessor(processor).preprocessing_digest
+    )

@@ -139,9 +139,12 @@ class PromptProcessor:
         self.tokenizer = processor.tokenizer
         self.image_token: str = processor.image_token
         self.image_token_id: int = int(processor.image_token_id)
-        #: Digest of the image processor's settings (see :attr:`ImageInput.preprocessing`).
+        #: Digest of the image processor's class and settings (see :attr:`ImageInput.preprocessing`). The
+        #: class is part of it: a PIL and a torchvision processor serialise alike but resize differently.
+        image_processor = processor.image_processor
+        kind = f"{type(image_processor).__module__}.{type(image_processor).__qualname__}\n"
         self.preprocessing_digest: str = hashlib.blake2b(
-            processor.image_processor.to_json_string().encode(), digest_size=8
+            (kind + image_processor.to_json_string()).encode(), digest_size=8
         ).hexdigest()
 
     @functools.cached_property
