@@ -430,7 +430,8 @@ def test_health_answers_200_while_the_llm_stage_is_saturated(tight):
     import threading
 
     tight.wait_llm_idle()
-    bodies = [tight.body(f"busy {i}", max_tokens=300, ignore_eos=True) for i in range(3)]
+    # Two streams fill the LLM replica (max_ongoing_requests 2); a third could meet the handle's queue limit.
+    bodies = [tight.body(f"busy {i}", max_tokens=160, ignore_eos=True) for i in range(2)]
     results: list = []
     worker = threading.Thread(
         target=lambda: results.extend(asyncio.run(run_streams(tight, bodies, timeout_s=120)))
@@ -438,7 +439,7 @@ def test_health_answers_200_while_the_llm_stage_is_saturated(tight):
     worker.start()
     try:
         deadline = time.monotonic() + 30
-        while tight.llm_totals()["num_running"] < 2:  # the LLM replica is full; the third request waits
+        while tight.llm_totals()["num_running"] < 2:  # the LLM replica is full
             assert time.monotonic() < deadline, tight.llm_totals()
             time.sleep(0.1)
         with httpx.Client(base_url=tight.base_url, timeout=30) as client:
@@ -446,7 +447,9 @@ def test_health_answers_200_while_the_llm_stage_is_saturated(tight):
         assert response.status_code == 200, response.text
     finally:
         worker.join(150)
-    assert len(results) == 3 and all(r.status == 200 and r.done for r in results), results
+    assert len(results) == 2 and all(r.status == 200 and r.done for r in results), [
+        (r.status, r.done, r.error) for r in results
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
