@@ -276,8 +276,11 @@ class LLMServer:
         """KV geometry, use and kept fractions for the request router (polled by the controller)."""
         # Stamped with the time up to which the snapshot holds every accepted request (an injected engine
         # without ``stats_time`` is taken as current).
+        # The stamp first: a request accepted between the two reads is then in the snapshot but not
+        # promised by the stamp (counted twice for a moment), never promised but missing.
         stats_time = getattr(self.engine, "stats_time", None)
-        return routing_stats(self.engine.stats(), now=stats_time() if stats_time is not None else None)
+        stamp = stats_time() if stats_time is not None else None
+        return routing_stats(self.engine.stats(), now=stamp)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Numeric KV and queue metrics for the autoscaling policy."""

@@ -283,3 +283,20 @@ def test_gather_causal_attention_returns_kept_rows_and_kv(kept):
     full = sparse_causal_attention(qt, kt, vt, kept, 0.25)
     torch.testing.assert_close(out_kept, full[kept])
     assert torch.equal(k_kept, kt[kept]) and torch.equal(v_kept, vt[kept])
+
+
+@pytest.mark.parametrize("n, tau, exact", [(25, 0.28, 7), (50, 0.56, 28), (100, 0.07, 7), (10, 0.3, 3)])
+def test_the_count_over_tied_scores_is_the_exact_one(n, tau, exact):
+    """Equal scores: the mass of ``k`` tokens is ``k / n``, so the count is ``ceil(tau * n)`` exactly; the
+    rounding of ``total * tau`` used to ask for one token more when ``tau * n`` is whole (a review)."""
+    assert adaptive_count(torch.ones(n), tau) == exact
+
+
+def test_a_last_position_tied_with_the_lowest_pick_is_kept_without_the_guard():
+    """``topk`` picks freely among ties; when the last position ties with the lowest pick, it takes that
+    place: ``p`` tokens, no guard (it used to add a ``p + 1``-th token and count a guard firing)."""
+    kept, guard = select_important(torch.ones(10), 3)
+    assert kept.tolist()[-1] == 9 and kept.numel() == 3 and not guard
+    scores = torch.tensor([5.0, 4.0, 3.0, 1.0, 1.0])
+    kept, guard = select_important(scores, 3)  # the last is below the third pick: the guard adds it
+    assert kept.tolist() == [0, 1, 2, 4] and guard

@@ -302,7 +302,10 @@ def adaptive_count(scores: torch.Tensor, tau: float) -> int:
     # The running sum in float64: in fp32 it drifts by a few tokens at tau near 1 on long prompts
     # (n = 32K, tau = 0.99999: 3 tokens off).
     cumulative = torch.sort(scores.float(), descending=True).values.double().cumsum(0)
-    target = cumulative[-1] * tau
+    # Less a relative 1e-12, as ``config.ratio_ceil`` does: with tied scores a prefix's mass can equal the
+    # target exactly, and the rounding of ``total * tau`` would otherwise ask for one token more
+    # (25 equal scores at tau 0.28: 8 instead of 7).
+    target = cumulative[-1] * (tau - 1e-12)
     p = int(torch.searchsorted(cumulative, target.reshape(1)).item()) + 1
     return max(1, min(p, n))
 
@@ -339,9 +342,12 @@ def select_important(
     top = torch.topk(scores, p, sorted=True).indices  # descending by score
     guard = False
     if keep_last and not bool((top == n - 1).any()):
-        guard = True
         last = torch.tensor([n - 1], device=top.device, dtype=top.dtype)
-        top = torch.cat([top[:-1], last]) if p >= limit else torch.cat([top, last])
+        if bool(scores[n - 1] >= scores[top[-1]]):  # tied with the lowest pick: an equally valid top-p
+            top = torch.cat([top[:-1], last])
+        else:
+            guard = True
+            top = torch.cat([top[:-1], last]) if p >= limit else torch.cat([top, last])
     return torch.sort(top).values, guard
 
 

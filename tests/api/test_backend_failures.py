@@ -155,3 +155,47 @@ def test_a_prompt_larger_than_the_kv_pool_is_a_400_in_process_too(prompt_process
         assert stats.kv_bytes_used == 0 and stats.num_running == stats.num_waiting == 0
     finally:
         engine.shutdown()
+
+
+def test_the_in_process_app_reports_a_stopped_engine_as_unhealthy_and_refuses_with_503(prompt_processor):
+    """``LocalBackend`` asks the engine's own health check: once the engine thread has stopped, ``/health``
+    is 503 with the reason (it said ok) and a request is a 503 ``engine_unavailable`` at once (it used to
+    wait forever for a step that never came)."""
+    from zipvl_ray.api.local import LocalBackend
+    from zipvl_ray.config import EngineConfig
+    from zipvl_ray.engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_pretrained(
+        "tiny-llava", device="cpu", engine=EngineConfig(max_model_len=512, kv_cache_bytes=1 << 20)
+    )
+    backend = LocalBackend(engine)
+    assert _call(backend, prompt_processor, None).status_code == 200
+    engine.shutdown()
+    health = _call(backend, prompt_processor, None)
+    assert health.status_code == 503 and "not running" in health.json()["detail"]["llm"]
+    for stream in (False, True):
+        response = _call(backend, prompt_processor, chat_body(max_tokens=2, stream=stream))
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_an_image_request_to_an_in_process_app_without_encoder_is_a_400(prompt_processor):
+    """A ``LocalBackend`` built without a vision encoder (text only) refuses an image with a 400 naming the
+    reason; it was a 500 ``internal_error``."""
+    from tests.api.helpers import image_data_url
+    from zipvl_ray.api.local import LocalBackend
+    from zipvl_ray.config import EngineConfig
+    from zipvl_ray.engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_pretrained(
+        "tiny-llava", device="cpu", engine=EngineConfig(max_model_len=512, kv_cache_bytes=1 << 20)
+    )
+    try:
+        for stream in (False, True):
+            body = chat_body(image_urls=[image_data_url(0)], max_tokens=2, stream=stream)
+            response = _call(LocalBackend(engine), prompt_processor, body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["code"] == "images_not_supported"
+        assert engine.stats().kv_bytes_used == 0
+    finally:
+        engine.shutdown()

@@ -379,11 +379,14 @@ def test_an_abort_before_the_add_runs_ends_the_stream_without_running_it(engine)
     async def main():
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        engine._streams["early"] = (loop, queue)
-        engine._pending_adds["early"] = 0.0
+        entry = (loop, queue)
+        engine._streams["early"] = entry
+        engine._pending_adds["early"] = (0.0, entry)
         try:
             await engine.abort("early")
-            engine._add("early", "Hi", SamplingParams(max_tokens=4), None, 0.0)  # the late add: skipped
+            engine._add(
+                "early", entry, "Hi", SamplingParams(max_tokens=4), None, 0.0
+            )  # the late add: skipped
             return await asyncio.wait_for(queue.get(), 5)
         finally:
             engine._streams.pop("early", None)
@@ -544,3 +547,214 @@ def test_stats_time_stops_at_the_oldest_add_still_waiting_for_the_engine(engine)
     accepted, during, read_at, in_snapshot, outs = asyncio.run(main())
     assert accepted <= during < read_at - 0.1 and in_snapshot == 0  # the acceptance, not the read
     assert outs[-1].finished and time.time() - engine.stats_time() < 1.0
+
+
+@pytest.mark.parametrize("how", ["fault_outside_a_step", "shutdown"])
+def test_a_stopped_engine_thread_ends_every_stream_and_refuses_new_requests(tiny_llava, monkeypatch, how):
+    """The engine thread can end two ways: an error outside a step (``stats()`` or ``fail_step``, which
+    the step's own handler does not cover) or :meth:`shutdown`. Either way every open stream ends with an
+    ``"error"`` output (it used to wait forever for a step that never came), the KV is freed, a new
+    request is refused with :class:`EngineDeadError` at once, and the health check says why."""
+    import threading
+
+    from zipvl_ray.engine import EngineDeadError
+
+    model, processor = tiny_llava
+    core = LLMEngine(
+        model, processor, zipvl=ZipVLConfig(tau=0.9), engine=EngineConfig(kv_cache_bytes=8 << 20)
+    )
+    eng = AsyncLLMEngine(core)
+    prompt = mixed_prompts(n_images=(1,))[0]
+    stepped = threading.Event()
+    real_step, real_stats = core.step, core.stats
+
+    def step():
+        outputs = real_step()
+        stepped.set()
+        return outputs
+
+    def stats():
+        if how == "fault_outside_a_step" and stepped.is_set():
+            raise MemoryError("snapshot failed")
+        return real_stats()
+
+    monkeypatch.setattr(core, "step", step)
+    monkeypatch.setattr(core, "stats", stats)
+
+    async def scenario():
+        long = SamplingParams(max_tokens=400, ignore_eos=True)
+        tasks = [asyncio.ensure_future(collect(eng, f"s{i}", prompt, long)) for i in range(2)]
+        await asyncio.to_thread(stepped.wait, 30)
+        if how == "shutdown":
+            await asyncio.to_thread(eng.shutdown)
+        return await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    try:
+        streams = asyncio.run(scenario())
+        for outs in streams:
+            assert outs[-1].finished and outs[-1].finish_reason == "error"
+            assert "the engine stopped" in outs[-1].error
+        assert real_stats().kv_bytes_used == 0 and not core.has_unfinished()
+        with pytest.raises(EngineDeadError, match="not running"):
+            asyncio.run(collect(eng, "late", prompt, SamplingParams(max_tokens=2)))
+        with pytest.raises(RuntimeError, match="snapshot failed" if how != "shutdown" else "shut down"):
+            eng.check_health()
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("width_delta", [-1, 1])
+def test_image_features_of_the_wrong_width_fail_their_own_request_only(engine, width_delta):
+    """A feature one column too narrow used to fail the step's embedding, and with it every request in
+    flight (and count toward the health check); one too wide was read misaligned. Both are refused at the
+    add (400) while a running request goes on."""
+    import torch
+
+    from zipvl_ray.engine import EncodedPrompt
+    from zipvl_ray.vision import ImageFeatures
+
+    core = engine.engine
+    image_id = core.runner.adapter.image_token_id
+    hidden = core.runner.adapter.language_model.embed_tokens.embedding_dim
+    text = [5 + i % 50 for i in range(12)]
+    bad = ImageFeatures(embeds=torch.zeros(4, hidden + width_delta), num_tokens=4, content_hash="bad")
+
+    async def scenario():
+        good = asyncio.ensure_future(
+            collect(engine, "good", EncodedPrompt(text, []), SamplingParams(max_tokens=40, ignore_eos=True))
+        )
+        await asyncio.sleep(0.05)
+        with pytest.raises(RequestError, match=rf"features have shape \(4, {hidden + width_delta}\)"):
+            await collect(
+                engine, "bad", EncodedPrompt(text + [image_id] * 4, [bad]), SamplingParams(max_tokens=2)
+            )
+        return await good
+
+    outs = asyncio.run(scenario())
+    assert outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 40
+    assert engine.consecutive_failed_steps == 0 and engine.stats().kv_bytes_used == 0
+
+
+def test_closing_a_stream_on_its_final_output_sends_no_abort(engine, monkeypatch):
+    """``stream_with_abort`` closes the stream as soon as it has the final output. The stream used to take
+    that close for a client leaving early and abort the finished request in a worker thread, behind the
+    running step: every request's handler ended a step late (a review measured 0.4 s)."""
+    from zipvl_ray.api.local import stream_with_abort
+
+    core = engine.engine
+    aborts: list[str] = []
+    real_abort = core.abort_request
+    monkeypatch.setattr(core, "abort_request", lambda rid: aborts.append(rid) or real_abort(rid))
+
+    async def consume():
+        sampling = SamplingParams(max_tokens=3, ignore_eos=True)
+        return [out async for out in stream_with_abort(engine, "fin", {"prompt": "hello"}, sampling, None)]
+
+    outs = asyncio.run(consume())
+    assert outs[-1].finished and aborts == []
+
+
+def test_a_withdrawn_add_never_runs_under_the_ids_next_stream(engine, monkeypatch):
+    """A caller cancelled while its add waits for the engine lock gives its id back; a new stream may take
+    it at once. The old add, arriving late, used to find the new stream's pending entry and queue the *old*
+    prompt under it (and the new one's own add was skipped)."""
+    import threading
+    import time
+
+    real_add = engine._add
+    slow = threading.Event()
+
+    def add(request_id, entry, prompt, *rest):
+        if prompt == {"prompt": "old"}:
+            slow.wait(5)  # the old call's worker thread reaches the lock late
+        return real_add(request_id, entry, prompt, *rest)
+
+    monkeypatch.setattr(engine, "_add", add)
+
+    async def scenario():
+        old = asyncio.ensure_future(
+            collect(engine, "X", {"prompt": "old"}, SamplingParams(max_tokens=2, ignore_eos=True))
+        )
+        await asyncio.sleep(0.05)
+        old.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await old
+        new = asyncio.ensure_future(
+            collect(
+                engine,
+                "X",
+                {"prompt": "a much longer new prompt"},
+                SamplingParams(max_tokens=5, ignore_eos=True),
+            )
+        )
+        await asyncio.sleep(0.05)
+        slow.set()  # the old add runs now, while the new stream holds the id
+        await asyncio.sleep(0.1)
+        return await asyncio.wait_for(new, 30)
+
+    outs = asyncio.run(scenario())
+    monkeypatch.undo()
+    alone = asyncio.run(
+        collect(engine, "alone", {"prompt": "a much longer new prompt"}, SamplingParams(max_tokens=1))
+    )
+    assert len(outs[-1].token_ids) == 5  # the new request's max_tokens, not the old one's 2
+    assert outs[-1].metrics.prompt_tokens == alone[-1].metrics.prompt_tokens  # and its prompt
+    time.sleep(0.05)
+    assert engine.stats().kv_bytes_used == 0 and not engine.engine.has_unfinished()
+
+
+def test_finished_and_aborted_sequences_are_not_kept_between_steps(tiny_llava):
+    """The engine keeps what a step built (for ``fail_step``) only while the step runs: a finished or
+    aborted sequence, with its image features, used to stay referenced until the next step, i.e. for as long
+    as the engine stayed idle."""
+    import gc
+    import weakref
+
+    model, processor = tiny_llava
+    core = LLMEngine(
+        model, processor, zipvl=ZipVLConfig(tau=0.9), engine=EngineConfig(kv_cache_bytes=8 << 20)
+    )
+    prompt = mixed_prompts(n_images=(1,))[0]
+    core.add_request("done", prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    core.add_request("aborted", prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+    refs = {rid: weakref.ref(core.sequences[rid]) for rid in ("done", "aborted")}
+    while "done" in core.sequences:
+        core.step()
+    core.abort_request("aborted")
+    gc.collect()
+    assert refs["done"]() is None and refs["aborted"]() is None
+    assert core._step_outputs == [] and core._step_finished == []
+
+
+def test_stats_time_never_passes_a_request_whose_add_has_not_reached_the_snapshot(engine, monkeypatch):
+    """The router takes a snapshot stamped after a request's routing as counting it. The pending add used
+    to be dropped before the engine had the request and before the snapshot was retaken, so for the length
+    of the add the stamp said "now" while the snapshot lacked the request."""
+    import threading
+    import time
+
+    core = engine.engine
+    inside, release = threading.Event(), threading.Event()
+    real_add = core.add_request
+
+    def slow_add(*args, **kwargs):
+        inside.set()
+        release.wait(5)
+        return real_add(*args, **kwargs)
+
+    monkeypatch.setattr(core, "add_request", slow_add)
+
+    async def scenario():
+        accepted = time.time()
+        task = asyncio.ensure_future(
+            collect(engine, "stamp", {"prompt": "hello"}, SamplingParams(max_tokens=30, ignore_eos=True))
+        )
+        await asyncio.to_thread(inside.wait, 5)
+        await asyncio.sleep(0.05)
+        during = engine.stats_time(), engine.stats().num_waiting + engine.stats().num_running
+        release.set()
+        await task
+        return accepted, during
+
+    accepted, (stamp, counted) = asyncio.run(scenario())
+    assert counted == 0 and stamp <= accepted + 0.01  # not in the snapshot yet: the stamp stays at acceptance

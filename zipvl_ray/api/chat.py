@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zipvl_ray.api.auth import AuthSettings
 from zipvl_ray.api.errors import APIError, describe_validation_errors, error_payload
-from zipvl_ray.api.images import ImageLimits, load_pixels, open_image_url
+from zipvl_ray.api.images import ImageLimits, PixelBudget, load_pixels, open_image_url
 from zipvl_ray.api.middleware import IngressCounters
 from zipvl_ray.api.schemas import (
     AssistantMessage,
@@ -157,9 +157,18 @@ class ChatPreparer:
         self.settings = settings
         # Tokenizers are not safe to share between threads; images are processed concurrently.
         self._tokenizer_lock = threading.Lock()
+        #: Decoded pixels of the requests being prepared (``ImageLimits.max_pending_pixels``).
+        self.pixel_budget = PixelBudget(settings.images.pending_pixel_budget)
 
-    async def load_images(self, request: ChatCompletionRequest) -> list[Image.Image]:
-        """Decode and validate every image of the conversation, concurrently, in template order."""
+    async def load_images(
+        self, request: ChatCompletionRequest, hold: contextlib.AsyncExitStack | None = None
+    ) -> list[Image.Image]:
+        """Decode and validate every image of the conversation, concurrently, in template order.
+
+        The decoded pixels count against :attr:`pixel_budget` (waiting for room first): until ``hold`` is
+        closed when one is given (:meth:`prepare` holds them through image preprocessing), else until the
+        images are decoded.
+        """
         locations = [
             f"messages[{i}].content[{j}].image_url.url"
             for i, message in enumerate(request.messages)
@@ -190,10 +199,13 @@ class ChatPreparer:
                 param="messages",
                 code="image_too_large",
             )
-        return await _gather_first_api_error(
-            asyncio.to_thread(load_pixels, image, where=where)
-            for image, where in zip(opened, locations, strict=True)
-        )
+        async with contextlib.AsyncExitStack() as own:
+            granted = await self.pixel_budget.acquire(total)
+            (hold if hold is not None else own).callback(self.pixel_budget.release, granted)
+            return await _gather_first_api_error(
+                asyncio.to_thread(load_pixels, image, where=where)
+                for image, where in zip(opened, locations, strict=True)
+            )
 
     def _prepare_sync(self, request: ChatCompletionRequest, images: list[Image.Image]) -> PreparedPrompt:
         inputs = []
@@ -309,11 +321,13 @@ class ChatPreparer:
             )
         zipvl = self.zipvl_overrides(request)
         self.check_text_size(request)
-        images = await self.load_images(request)
-        try:
-            prompt = await asyncio.to_thread(self._prepare_sync, request, images)
-        except PromptError as exc:
-            raise APIError(str(exc), param="messages", code="invalid_prompt") from None
+        async with contextlib.AsyncExitStack() as hold:  # the decoded pixels count until preprocessed
+            images = await self.load_images(request, hold)
+            try:
+                prompt = await asyncio.to_thread(self._prepare_sync, request, images)
+            except PromptError as exc:
+                raise APIError(str(exc), param="messages", code="invalid_prompt") from None
+            del images
         sampling = self.sampling_params(request, prompt.num_tokens)
         hints = RoutingHints(
             prompt_tokens=prompt.num_tokens,

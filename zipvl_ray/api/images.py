@@ -20,7 +20,9 @@ Nothing reaches the image processor before passing these checks, in this order:
 4. **Request.** All the images of one request together hold at most :attr:`ImageLimits.max_total_pixels`
    (checked on the headers, before any is decoded: a few kilobytes of headers may declare gigabytes).
 5. **Pixels.** The image is decoded, truncated or corrupt data is refused, and the EXIF orientation is
-   applied (as browsers and ``transformers.image_utils.load_image`` do).
+   applied (as browsers and ``transformers.image_utils.load_image`` do). The decoded pixels of all the
+   requests of one process together stay within :attr:`ImageLimits.pending_pixel_budget`
+   (:class:`PixelBudget`): a request whose images do not fit waits for earlier ones to be preprocessed.
 
 Every refusal is an :class:`~zipvl_ray.api.errors.APIError` (HTTP 400) whose message names the image
 (``messages[0].content[1]``-style path when the caller passes it) and the limit.
@@ -31,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import contextlib
 import io
 import ipaddress
 import socket
@@ -86,6 +90,17 @@ class ImageLimits(BaseModel):
             "max_image_pixels. The default takes five 12 MP photos or 64 frames of 1024 x 1024."
         ),
     )
+    max_pending_pixels: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most decoded pixels held at once by all the requests one ingress replica prepares, from decoding "
+            "to the end of image preprocessing; a request that does not fit waits (first come, first served). "
+            "Each request is within max_total_pixels, but eight of them at once would be 0.5 G pixels (1.6 GB "
+            "as RGB) from 2.5 MB of JSON. None (the default) is twice max_total_pixels; at least "
+            "max_total_pixels."
+        ),
+    )
     max_aspect_ratio: float = Field(
         50.0,
         ge=1,
@@ -124,7 +139,17 @@ class ImageLimits(BaseModel):
                 f"max_total_pixels ({self.max_total_pixels}) must be at least max_image_pixels "
                 f"({self.max_image_pixels}): a single allowed image would be refused"
             )
+        if self.max_pending_pixels is not None and self.max_pending_pixels < self.max_total_pixels:
+            raise ValueError(
+                f"max_pending_pixels ({self.max_pending_pixels}) must be at least max_total_pixels "
+                f"({self.max_total_pixels}): an allowed request would never fit"
+            )
         return self
+
+    @property
+    def pending_pixel_budget(self) -> int:
+        """:attr:`max_pending_pixels`, or twice :attr:`max_total_pixels` when it is None."""
+        return self.max_pending_pixels if self.max_pending_pixels is not None else 2 * self.max_total_pixels
 
     @field_validator("allowed_url_hosts")
     @classmethod
@@ -144,6 +169,66 @@ class ImageLimits(BaseModel):
     @property
     def remote_urls_enabled(self) -> bool:
         return bool(self.allowed_url_hosts)
+
+
+class PixelBudget:
+    """Decoded pixels held at once by the requests of one process, granted first come, first served.
+
+    Parameters
+    ----------
+    capacity : int
+        Pixels; a request asking for more is granted the whole budget (it then waits for an empty one).
+
+    ``await acquire(n)`` returns the pixels granted, to pass to :meth:`release`. Waiters are served in
+    arrival order, so a large request is not starved by a stream of small ones. A caller cancelled while it
+    waits takes nothing; one cancelled right after being granted gives its grant back.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for pixels."""
+        return sum(1 for _, future in self._waiters if not future.done())
+
+    async def acquire(self, pixels: int) -> int:
+        pixels = min(max(pixels, 0), self.capacity)
+        if not self._waiters and self.in_use + pixels <= self.capacity:
+            self.in_use += pixels
+            return pixels
+        future = asyncio.get_running_loop().create_future()
+        entry = (pixels, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():  # granted, then cancelled before it resumed
+                self.release(pixels)
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                self._grant()  # it may have been the head that held the others back
+            raise
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        self.in_use -= pixels
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            pixels, future = self._waiters[0]
+            if future.done():  # cancelled
+                self._waiters.popleft()
+                continue
+            if self.in_use + pixels > self.capacity:
+                return
+            self._waiters.popleft()
+            self.in_use += pixels
+            future.set_result(None)
 
 
 def _is_ip_literal(host: str) -> bool:

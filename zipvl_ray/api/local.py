@@ -14,6 +14,7 @@ from typing import Any
 from zipvl_ray.api.errors import APIError
 from zipvl_ray.engine import EncodedPrompt
 from zipvl_ray.engine.types import (
+    EngineDeadError,
     RequestError,
     RequestOutput,
     SamplingParams,
@@ -82,22 +83,43 @@ class LocalBackend:
         features: list[Any] = []
         if prompt.images:
             if self.encoder is None:
-                raise RuntimeError("this backend has no vision encoder")
+                raise APIError(
+                    "this server has no vision encoder: send text only",
+                    param="messages",
+                    code="images_not_supported",
+                )
             features = await asyncio.to_thread(self.encoder.encode, prompt.images)
         encoded = make_encoded_prompt(prompt.token_ids, features)
-        async for output in stream_with_abort(self.engine, request_id, encoded, sampling, zipvl):
-            if needs_more_than_the_pool(output):  # the client's request is too large: 400, as on Ray
-                raise APIError(
-                    pool_overflow_message(self.engine.stats().kv_bytes_capacity), code="kv_capacity_exceeded"
-                )
-            yield output
+        try:
+            async for output in stream_with_abort(self.engine, request_id, encoded, sampling, zipvl):
+                if needs_more_than_the_pool(output):  # the client's request is too large: 400, as on Ray
+                    raise APIError(
+                        pool_overflow_message(self.engine.stats().kv_bytes_capacity),
+                        code="kv_capacity_exceeded",
+                    )
+                yield output
+        except EngineDeadError as exc:  # shut down, or its thread failed: not the client's fault
+            raise APIError(str(exc), status_code=503, code="engine_unavailable") from None
 
     async def health(self) -> dict[str, str | None]:
-        stages: dict[str, str | None] = {"llm": None}
+        """The engine's and the encoder's own health checks (``check_health``, when they have one)."""
+        stages: dict[str, str | None] = {"llm": _health_of(self.engine)}
         if self.encoder is not None:
-            stages["vision"] = None
+            stages["vision"] = _health_of(self.encoder)
         return stages
 
     async def stats(self) -> dict[str, Any]:
         vision = [self.encoder.cache_stats()] if self.encoder is not None else []
         return {"llm": [self.engine.stats().to_dict()], "vision": vision}
+
+
+def _health_of(component: Any) -> str | None:
+    """None when ``component.check_health()`` passes (or it has none), else why it failed."""
+    check = getattr(component, "check_health", None)
+    if check is None:
+        return None
+    try:
+        check()
+    except Exception as exc:  # noqa: BLE001 - any failure is the stage's reason
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None

@@ -20,6 +20,7 @@ _EXPORTS = {
     "LLMEngine": "zipvl_ray.engine.llm_engine",
     "EngineStats": "zipvl_ray.engine.types",
     "RequestError": "zipvl_ray.engine.types",
+    "EngineDeadError": "zipvl_ray.engine.types",
     "RequestMetrics": "zipvl_ray.engine.types",
     "RequestOutput": "zipvl_ray.engine.types",
     "SamplingParams": "zipvl_ray.engine.types",
@@ -32,6 +33,7 @@ __all__ = [
     "EngineStats",
     "LLMEngine",
     "RequestError",
+    "EngineDeadError",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from zipvl_ray.engine.llm import LLM
     from zipvl_ray.engine.llm_engine import EncodedPrompt, LLMEngine
     from zipvl_ray.engine.types import (
+        EngineDeadError,
         EngineStats,
         RequestError,
         RequestMetrics,

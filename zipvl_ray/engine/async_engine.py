@@ -17,7 +17,7 @@ from typing import Any
 
 from zipvl_ray.config import EngineConfig, ZipVLConfig
 from zipvl_ray.engine.llm_engine import LLMEngine, PromptLike
-from zipvl_ray.engine.types import EngineStats, RequestOutput, SamplingParams
+from zipvl_ray.engine.types import EngineDeadError, EngineStats, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,12 @@ class AsyncLLMEngine:
         self._lock = HandoffLock()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        # generate() calls whose add has not run yet, with the wall time each was accepted
-        self._pending_adds: dict[str, float] = {}
+        # generate() calls whose add has not run yet: the wall time each was accepted, and the call's stream
+        # entry (a withdrawn call's late add must not take the id's next stream's place)
+        self._pending_adds: dict[str, tuple[float, tuple]] = {}
         self._stats = engine.stats()
         self._stopped = False
+        self._fatal: str | None = None  # why the engine thread stopped, when it did on an error
         self._thread = threading.Thread(target=self._run, name="zipvl-engine", daemon=True)
         self._thread.start()
 
@@ -135,28 +137,31 @@ class AsyncLLMEngine:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        self._check_running()
         if request_id in self._streams:
             from zipvl_ray.engine.types import RequestError
 
             raise RequestError(f"request id {request_id!r} is already in use")
         entry = (loop, queue)
         self._streams[request_id] = entry
-        self._pending_adds[request_id] = time.time()
+        self._pending_adds[request_id] = (time.time(), entry)
         arrival = time.perf_counter()
         try:
-            await asyncio.to_thread(self._add, request_id, prompt, sampling, zipvl, arrival)
+            await asyncio.to_thread(self._add, request_id, entry, prompt, sampling, zipvl, arrival)
         except BaseException:
             # The worker thread cannot be interrupted: a caller cancelled while the add waits for the lock
             # (behind a long step) or encodes images must still leave nothing running.
-            await self._release_after(asyncio.to_thread(self._withdraw, request_id), request_id, entry)
+            await self._release_after(asyncio.to_thread(self._withdraw, request_id, entry), request_id, entry)
             raise
         finished = False
         try:
             while True:
                 out = await queue.get()
+                # Before the yield: a consumer that closes the stream on its final output (as
+                # ``stream_with_abort`` does) must not send an abort for a request that has ended.
+                finished = out.finished
                 yield out
-                if out.finished:
-                    finished = True
+                if finished:
                     break
         finally:
             if finished:
@@ -177,20 +182,34 @@ class AsyncLLMEngine:
         if self._streams.get(request_id) is entry:
             del self._streams[request_id]
 
-    def _add(self, request_id, prompt, sampling, zipvl, arrival) -> None:
+    def _check_running(self) -> None:
+        if self._fatal is not None:
+            raise EngineDeadError(f"the engine is not running: {self._fatal}")
+        if self._stopped or not self._thread.is_alive():
+            raise EngineDeadError("the engine has been shut down")
+
+    def _add(self, request_id, entry, prompt, sampling, zipvl, arrival) -> None:
         with self._lock:
-            if request_id not in self._pending_adds:  # withdrawn while this thread waited for the lock
+            pending = self._pending_adds.get(request_id)
+            if pending is None or pending[1] is not entry:  # withdrawn while this thread waited for the lock
                 return
-            self._pending_adds.pop(request_id, None)
-            self.engine.add_request(request_id, prompt, sampling, zipvl, arrival_time=arrival)
-            self._stats = self.engine.stats()
+            try:
+                # Under the lock: either the engine thread's failure (which takes it too) has not begun,
+                # and it will end this stream, or it has ended, and this add is refused; never an add that
+                # nobody steps.
+                self._check_running()
+                self.engine.add_request(request_id, prompt, sampling, zipvl, arrival_time=arrival)
+                self._stats = self.engine.stats()
+            finally:  # after the snapshot: stats_time() never passes this acceptance before the snapshot has it
+                self._pending_adds.pop(request_id, None)
         self._wakeup.set()
 
-    def _withdraw(self, request_id: str) -> None:
+    def _withdraw(self, request_id: str, entry: tuple) -> None:
         """Undo a cancelled :meth:`generate`'s add, whichever way the race with :meth:`_add` went."""
         with self._lock:
-            if request_id in self._pending_adds:  # not added yet: ``_add`` will skip it
-                self._pending_adds.pop(request_id, None)
+            pending = self._pending_adds.get(request_id)
+            if pending is not None and pending[1] is entry:  # not added yet: ``_add`` will skip it
+                del self._pending_adds[request_id]
                 return
         self._abort_locked(request_id)  # added already (or failed, then this finds nothing)
 
@@ -216,6 +235,8 @@ class AsyncLLMEngine:
     def check_health(self) -> None:
         """Raise if the engine thread is gone, its steps keep failing, or one step has run longer than
         ``EngineConfig.unhealthy_after_step_s`` (Serve then restarts the replica)."""
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine thread is not running: {self._fatal}")
         if self._stopped or not self._thread.is_alive():
             raise RuntimeError("the engine thread is not running")
         limit = getattr(self.engine.config, "unhealthy_after_step_s", None)
@@ -242,10 +263,40 @@ class AsyncLLMEngine:
         reads a snapshot stamped later than a request's routing would take the request as counted in it.
         """
         now = time.time()
-        return min(list(self._pending_adds.values()), default=now)
+        return min((accepted for accepted, _ in list(self._pending_adds.values())), default=now)
 
     # -- the engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - outside a step (fail_step, stats): the thread cannot go on
+            logger.exception("the engine thread stopped on an unexpected error")
+            self._fail_streams(f"{type(exc).__name__}: {exc}"[:200], exc)
+
+    def _fail_streams(self, reason: str, exc: BaseException | None = None) -> None:
+        """The engine thread is ending: refuse new adds, free what the engine still holds (best effort), and
+        end every open stream with an ``"error"`` output, so that no caller waits for a step that will
+        never run."""
+        with self._lock:
+            self._fatal = reason
+            error = f"the engine stopped: {reason}"
+            outputs: list[RequestOutput] = []
+            with contextlib.suppress(Exception):  # the engine may be what broke: its KV goes with the replica
+                outputs = self.engine.fail_step(exc or RuntimeError(reason))
+            with contextlib.suppress(Exception):
+                self._stats = self.engine.stats()
+            for out in outputs:
+                if out.finish_reason == "error":
+                    out.error = error
+            ended = {out.request_id for out in outputs if out.finished}
+            outputs += [
+                RequestOutput(request_id=request_id, finished=True, finish_reason="error", error=error)
+                for request_id in list(self._streams)
+                if request_id not in ended
+            ]
+            self._deliver(outputs)
+
+    def _loop(self) -> None:
         while not self._stopped:
             outputs: list[RequestOutput] = []
             with self._lock:
@@ -284,10 +335,13 @@ class AsyncLLMEngine:
                 loop.call_soon_threadsafe(_put_all, items)
 
     def shutdown(self) -> None:
-        """Stop the engine thread (in-flight requests are abandoned)."""
+        """Stop the engine thread. In-flight requests end with an ``"error"`` output; later ones are refused
+        with :class:`EngineDeadError`."""
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        if self._fatal is None:
+            self._fail_streams("the engine was shut down")
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -97,9 +97,11 @@ class LLMEngine:
         self.keep_fractions = [self.config.default_keep_fraction] * layers
         self.scheduler = Scheduler(self.config, self.runner.kv, self._predict_seq_bytes)
         self.sequences: dict[str, Sequence] = {}
-        # What the current step has built and finished, for fail_step when the step raises midway.
+        # What the current step has built and finished, for fail_step when the step raises midway; empty
+        # between steps (they would keep finished sequences and their image features alive while idle).
         self._step_outputs: list[RequestOutput] = []
         self._step_finished: list[Sequence] = []
+        self._stepping = False
         self._totals = {
             "finished": 0,
             "aborted": 0,
@@ -255,6 +257,15 @@ class LLMEngine:
             raise RequestError("the prompt holds token ids outside the vocabulary")
         image_id = self.runner.adapter.image_token_id
         placeholders = sum(1 for t in ids if t == image_id)
+        hidden = self.runner.adapter.language_model.embed_tokens.embedding_dim
+        for index, feature in enumerate(encoded.image_features):
+            # A malformed feature must fail its own request here, not the whole batch's step: too narrow
+            # fails the step's embedding (every request in flight with it), too wide is read misaligned.
+            shape = tuple(feature.embeds.shape)
+            if len(shape) != 2 or shape[1] != hidden:
+                raise RequestError(
+                    f"image {index}: its features have shape {shape}; this model takes (tokens, {hidden})"
+                )
         feature_tokens = sum(int(f.embeds.shape[0]) for f in encoded.image_features)
         if placeholders != feature_tokens:
             raise RequestError(
@@ -361,13 +372,18 @@ class LLMEngine:
         """Run one prefill or decode step. Returns outputs of the requests that advanced (those whose
         ``output_kind`` is ``"stream"``) or finished."""
         self._step_outputs, self._step_finished = [], []
-        scheduled = self.scheduler.schedule()
-        if scheduled is None:
-            return []
-        kind, seqs = scheduled
-        start = time.perf_counter()
-        outputs = self._prefill_step(seqs) if kind == "prefill" else self._decode_step()
-        self.last_step = (kind, len(seqs), time.perf_counter() - start)
+        self._stepping = True
+        try:
+            scheduled = self.scheduler.schedule()
+            if scheduled is None:
+                return []
+            kind, seqs = scheduled
+            start = time.perf_counter()
+            outputs = self._prefill_step(seqs) if kind == "prefill" else self._decode_step()
+            self.last_step = (kind, len(seqs), time.perf_counter() - start)
+        finally:
+            self._stepping = False
+        self._step_outputs, self._step_finished = [], []  # kept only when the step raised, for fail_step
         return outputs
 
     def _prefill_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
@@ -524,7 +540,8 @@ class LLMEngine:
         if reason in ("stop", "length"):
             self._totals["finished"] += 1
         self.sequences.pop(seq.request_id, None)
-        self._step_finished.append(seq)
+        if self._stepping:
+            self._step_finished.append(seq)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         """The cumulative output of ``seq`` plus the delta since the previous call (streaming)."""
@@ -552,7 +569,8 @@ class LLMEngine:
             metrics=seq.metrics,
             error=seq.error,
         )
-        self._step_outputs.append(out)
+        if self._stepping:
+            self._step_outputs.append(out)
         return out
 
     # -- stats ------------------------------------------------------------------------------------------

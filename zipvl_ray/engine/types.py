@@ -13,6 +13,11 @@ class RequestError(ValueError):
     """A request the engine refuses (bad prompt or parameters). Serving maps it to HTTP 400."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine's thread has stopped (shut down, or an error outside a step it could not survive): no
+    request can run until the replica is replaced. Serving maps it to HTTP 503."""
+
+
 GREEDY_TEMPERATURE = 1e-5
 """Sampling at a lower temperature is greedy decoding (vLLM's ``_SAMPLING_EPS``)."""
 
