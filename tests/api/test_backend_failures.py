@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -199,3 +200,73 @@ def test_an_image_request_to_an_in_process_app_without_encoder_is_a_400(prompt_p
         assert engine.stats().kv_bytes_used == 0
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_a_stream_whose_send_fails_is_closed_and_its_request_aborted(prompt_processor, caplog, spec_version):
+    """An ASGI server may report a closed connection by raising from ``send``. Starlette then left the
+    response's generator to the garbage collector, so the request went on generating (a review: 480
+    tokens, 3.5 s of KV held); now the generator is closed at once, which closes the backend's stream.
+    With ASGI spec 2.4 Starlette turns the error into ``ClientDisconnect``: the client's doing, logged at
+    INFO (it was logged as an unhandled server error)."""
+    import logging
+
+    class Endless:
+        closed = 0
+
+        async def generate(self, request_id, prompt, sampling, zipvl, hints, *, stream=True):
+            try:
+                while True:
+                    await asyncio.sleep(0.001)
+                    yield _token("a")
+            finally:
+                Endless.closed += 1
+
+        async def health(self):
+            return {"llm": None}
+
+        async def stats(self):
+            return {"llm": [], "vision": []}
+
+    import json
+
+    app = build_openai_app(Endless(), prompt_processor, SETTINGS)
+    body = json.dumps(chat_body(stream=True)).encode()
+    sent: list[dict] = []
+
+    received = []
+
+    async def receive():  # the body once, then nothing (the client is silent; no disconnect message)
+        if not received:
+            received.append(True)
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+        if sum(m["type"] == "http.response.body" for m in sent) > 2:
+            raise OSError("connection closed")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def run():
+        with contextlib.suppress(OSError):  # 2.3: the send's error; 2.4: handled as a disconnect
+            await asyncio.wait_for(app(scope, receive, send), 10)
+        return Endless.closed
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(run()) == 1
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]

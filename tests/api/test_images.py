@@ -502,3 +502,19 @@ def test_requests_prepared_at_once_hold_at_most_the_pending_pixel_budget(prompt_
     assert len(prepared) == 6 and all(p.prompt.num_image_tokens > 0 for p in prepared)
     assert peak[0] == 2 * 64 * 64  # one request's images at a time: two would be 4 x 64 x 64 > 3 x 64 x 64
     assert preparer.pixel_budget.in_use == 0 and held[0] == 0
+
+
+def test_line_wrapped_base64_is_accepted_and_url_safe_base64_gets_a_hint():
+    """GNU ``base64`` wraps its output every 76 characters; browsers' data URLs (the Fetch standard's
+    forgiving-base64) ignore ASCII whitespace, so this does too (it was a bare "not valid base64"). The
+    URL-safe alphabet stays refused, with a hint."""
+    import base64 as b64
+    import textwrap
+
+    png = encode(random_image(3, (40, 56)), "PNG")
+    wrapped = "\n".join(textwrap.wrap(b64.b64encode(png).decode(), 76)) + "\n"
+    assert parse_data_url(f"data:image/png;base64,{wrapped}", LIMITS) == ("image/png", png)
+    assert _load(f"data:image/png;base64,{wrapped}").size == random_image(3, (40, 56)).size
+    url_safe = b64.urlsafe_b64encode(b"\xfb\xff" * 30 + png).decode()
+    with pytest.raises(APIError, match="URL-safe"):
+        parse_data_url(f"data:image/png;base64,{url_safe}", LIMITS)

@@ -228,3 +228,17 @@ def test_chunk_has_openai_shape():
 
 def test_message_image_urls_of_a_string_message_are_empty():
     assert ChatMessage(role="user", content="hi").image_urls == []
+
+
+@pytest.mark.parametrize("role", ["tool", "function"])
+def test_tool_and_function_messages_are_refused_by_name(role):
+    """A replayed tool result gets "not supported (no function calling)", not a bare list of the roles
+    that are accepted."""
+    from pydantic import ValidationError
+
+    from zipvl_ray.api.schemas import ChatCompletionRequest
+
+    with pytest.raises(
+        ValidationError, match=rf"'{role}' messages are not supported \(no function calling\)"
+    ):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": role, "content": "42"}]})

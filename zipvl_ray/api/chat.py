@@ -131,6 +131,29 @@ class InferenceBackend(Protocol):
         ...
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A ``StreamingResponse`` that closes its body iterator however the response ends.
+
+    When the server's ``send`` raises (a closed connection, on ASGI servers that report it so), Starlette
+    leaves the generator to the garbage collector: the request kept generating and holding its KV until it
+    ran out of tokens. Closing it runs the stream's ``finally``, which aborts the request. The send's
+    error (``ClientDisconnect`` under ASGI spec 2.4) is the client's doing: logged at INFO, not raised into
+    the server-error handler, which would log it as an unhandled error and try to send a 500 mid-stream.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        from starlette.requests import ClientDisconnect
+
+        try:
+            await super().__call__(scope, receive, send)
+        except (OSError, ClientDisconnect) as exc:  # the response started; nothing more can reach the client
+            logger.info("client disconnected mid-stream (%s)", type(exc).__name__)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 @dataclass
 class PreparedChat:
     """A validated request, ready for the backend."""
@@ -383,7 +406,7 @@ class ChatCompletionHandler:
                 f"generation failed: {first.error or 'engine error'}", status_code=500, code="engine_error"
             )
         if request.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 self._stream(chat, request, created, first, outputs),
                 media_type=SSE_MEDIA_TYPE,
                 headers=SSE_HEADERS,

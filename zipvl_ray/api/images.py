@@ -287,7 +287,9 @@ def parse_data_url(url: str, limits: ImageLimits, *, where: str = "image") -> tu
             param=where,
             code="unsupported_image_type",
         )
-    payload = payload.strip()
+    # ASCII whitespace is dropped, as the Fetch standard's forgiving-base64 decode (browsers) does: GNU
+    # ``base64`` and many libraries wrap their output every 76 characters.
+    payload = payload.translate(_BASE64_WHITESPACE)
     if len(payload) // 4 * 3 > limits.max_image_bytes + 3:
         raise APIError(
             f"{where}: the image is about {len(payload) // 4 * 3} bytes, over the limit of {limits.max_image_bytes}",
@@ -297,10 +299,19 @@ def parse_data_url(url: str, limits: ImageLimits, *, where: str = "image") -> tu
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
+        hint = (
+            " (URL-safe '-' / '_' characters: use the standard alphabet)"
+            if "-" in payload or "_" in payload
+            else ""
+        )
         raise APIError(
-            f"{where}: the data URL is not valid base64", param=where, code="invalid_image_data"
+            f"{where}: the data URL is not valid base64{hint}", param=where, code="invalid_image_data"
         ) from None
     return mime, data
+
+
+#: What :func:`parse_data_url` removes from a base64 payload (the Fetch standard's ASCII whitespace).
+_BASE64_WHITESPACE = str.maketrans("", "", " \t\n\f\r")
 
 
 def decode_image(

@@ -107,6 +107,13 @@ class ChatMessage(BaseModel):
         None, description="Accepted as null or [] only."
     )
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role_is_supported(cls, value: Any) -> Any:
+        if value in ("tool", "function"):
+            raise ValueError(f"{value!r} messages are not supported (no function calling)")
+        return value
+
     @field_validator("refusal", "tool_calls", "function_call", "audio", "annotations", mode="before")
     @classmethod
     def _only_none(cls, value: Any, info: ValidationInfo) -> Any:
