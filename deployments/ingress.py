@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.llm import GenerateRequest, StreamError
 from zipvl_ray import telemetry
 from zipvl_ray.api.errors import APIError
+from zipvl_ray.api.local import ENGINE_UNAVAILABLE
 from zipvl_ray.api.server import ServingSettings, build_openai_app
 from zipvl_ray.engine.types import RequestOutput, SamplingParams
 from zipvl_ray.multimodal import PreparedPrompt, PromptProcessor
@@ -60,7 +61,8 @@ class RayServeBackend:
     """:class:`~zipvl_ray.api.server.InferenceBackend` over the vision and LLM deployments' handles.
 
     A replica that dies under a request (its actor killed, its node lost) fails the handle call with a
-    ``RayActorError``. When no output has reached the caller yet (always the case for a non-streamed
+    ``RayActorError``; a replica whose engine has stopped refuses it (a ``StreamError`` with code
+    ``engine_unavailable``; its health check fails, and Serve replaces it). When no output has reached the caller yet (always the case for a non-streamed
     request, whose only output is the final one), the request runs again, up to
     ``replica_failure_retries`` times, on the replicas Serve still has; otherwise the caller gets an
     :class:`APIError` 503 (``replica_failed``, ``Retry-After``) that the HTTP layer answers in OpenAI's
@@ -127,6 +129,8 @@ class RayServeBackend:
                 try:
                     async for item in outputs:
                         if isinstance(item, StreamError):
+                            if item.code == ENGINE_UNAVAILABLE:  # that replica's engine stopped
+                                raise EngineUnavailable(item.message)
                             finished = True
                             raise APIError(item.message, status_code=item.status_code, code=item.code)
                         finished = item.finished
@@ -294,8 +298,14 @@ def cancel_quietly(response: Any) -> None:
         response.cancel()
 
 
+class EngineUnavailable(Exception):
+    """An LLM replica answered that its engine has stopped (its health check will fail and Serve replace
+    it): a replica failure, retried on another replica like a dead actor."""
+
+
 def is_replica_failure(exc: BaseException) -> bool:
-    """True when ``exc`` says a replica (or an actor it depended on) died or became unreachable.
+    """True when ``exc`` says a replica (or an actor it depended on) died or became unreachable, or that
+    its engine has stopped (:class:`EngineUnavailable`).
 
     Looks along the chain of causes: Ray's ``RayTaskError`` carries one in ``cause``, and Serve's router
     wraps the death of an *upstream* actor (the vision replica whose result the LLM call takes as an
@@ -306,7 +316,7 @@ def is_replica_failure(exc: BaseException) -> bool:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen and len(seen) < 8:
-        if isinstance(current, RayActorError):
+        if isinstance(current, RayActorError | EngineUnavailable):
             return True
         seen.add(id(current))
         cause = getattr(current, "cause", None)

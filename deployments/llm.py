@@ -26,10 +26,11 @@ from typing import Any
 from ray import serve
 
 from zipvl_ray import telemetry
-from zipvl_ray.api.local import make_encoded_prompt, stream_with_abort
+from zipvl_ray.api.local import ENGINE_UNAVAILABLE, make_encoded_prompt, stream_with_abort
 from zipvl_ray.config import EngineConfig, ZipVLConfig
 from zipvl_ray.engine.types import (  # noqa: F401 (POOL_OVERFLOW_ERROR: re-exported)
     POOL_OVERFLOW_ERROR,
+    EngineDeadError,
     RequestError,
     RequestMetrics,
     RequestOutput,
@@ -176,25 +177,31 @@ class LLMServer:
         final: RequestOutput | None = None
         error: BaseException | str | None = None
         try:
-            async for output in stream_with_abort(
-                self.engine, request.request_id, prompt, request.sampling, request.zipvl
-            ):
-                timing.observe(output)
-                if output.finished:
-                    if needs_more_than_the_pool(output):
-                        # Nothing was generated and nothing ever could be on this replica: the
-                        # client's request is too large, not a server failure (HTTP 400), and is
-                        # counted as refused like any other invalid request.
-                        message = pool_overflow_message(self.engine.stats().kv_bytes_capacity)
-                        error = RequestError(message)
-                        yield StreamError(status_code=400, message=message, code="kv_capacity_exceeded")
-                        continue  # the engine's last output: the stream ends here
-                    final = output
-                if request.stream or output.finished:
-                    yield slim_output(output)
+            # ``aclosing``: closing this generator closes the engine's stream now, so the abort has
+            # happened when ``aclose()`` returns (the event loop's finalizer would close it later).
+            async with contextlib.aclosing(
+                stream_with_abort(self.engine, request.request_id, prompt, request.sampling, request.zipvl)
+            ) as outputs:
+                async for output in outputs:
+                    timing.observe(output)
+                    if output.finished:
+                        if needs_more_than_the_pool(output):
+                            # Nothing was generated and nothing ever could be on this replica: the
+                            # client's request is too large, not a server failure (HTTP 400), and is
+                            # counted as refused like any other invalid request.
+                            message = pool_overflow_message(self.engine.stats().kv_bytes_capacity)
+                            error = RequestError(message)
+                            yield StreamError(status_code=400, message=message, code="kv_capacity_exceeded")
+                            continue  # the engine's last output: the stream ends here
+                        final = output
+                    if request.stream or output.finished:
+                        yield slim_output(output)
         except RequestError as exc:
             error = exc
             yield StreamError(status_code=400, message=str(exc))
+        except EngineDeadError as exc:  # this replica's engine has stopped: another replica may serve it
+            error = exc
+            yield StreamError(status_code=503, message=str(exc), code=ENGINE_UNAVAILABLE)
         except BaseException as exc:  # cancelled (client gone) or failed: recorded, then re-raised
             error = exc
             raise

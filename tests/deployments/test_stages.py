@@ -518,3 +518,100 @@ def test_vision_autoscaling_stats_count_what_is_queued_or_encoding():
     assert tuple(during) == VISION_AUTOSCALING_METRIC_NAMES
     assert during == {"pending_images": 3.0, "pending_requests": 2.0}
     assert after == {"pending_images": 0.0, "pending_requests": 0.0}
+
+
+@pytest.fixture(scope="module")
+def real_engine_server():
+    """An ``LLMServer`` over the real ``AsyncLLMEngine`` (tiny-llava, CPU)."""
+    from zipvl_ray.config import EngineConfig
+    from zipvl_ray.engine import AsyncLLMEngine
+
+    server = LLMServer.func_or_class.__new__(LLMServer.func_or_class)
+    server.engine = AsyncLLMEngine.from_pretrained(
+        "tiny-llava", device="cpu", engine=EngineConfig(max_model_len=1024, kv_cache_bytes=4 << 20)
+    )
+    yield server
+    server.engine.shutdown()
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+def test_a_request_left_early_is_aborted_once_and_freed_before_the_close_returns(real_engine_server, how, monkeypatch):
+    """The engine's stream aborts its request when closed; ``stream_with_abort`` used to send a second
+    abort, which waited behind a step for nothing. And the inner stream is closed with the outer one
+    (``aclosing``), so the KV is back in the pool when ``aclose()`` returns (the event loop's finalizer
+    used to close it later)."""
+    server = real_engine_server
+    core = server.engine.engine
+    aborts: list[str] = []
+    real_abort = core.abort_request
+    monkeypatch.setattr(core, "abort_request", lambda rid: aborts.append(rid) or real_abort(rid))
+    request = _request(f"left-{how}", max_tokens=500)
+    request = dataclasses.replace(request, sampling=SamplingParams(max_tokens=500, ignore_eos=True), stream=True)
+
+    async def run():
+        stream = server.generate(request)
+        if how == "aclose":
+            await anext(stream)
+            assert server.engine.stats().kv_bytes_used > 0
+            await stream.aclose()
+        else:
+
+            async def consume():
+                async for _ in stream:
+                    pass
+
+            task = asyncio.ensure_future(consume())
+            while server.engine.stats().kv_bytes_used == 0:
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return server.engine.stats(), dict(core.sequences)
+
+    stats, sequences = asyncio.run(run())
+    assert aborts == [request.request_id]
+    assert stats.kv_bytes_used == 0 and not sequences
+
+
+def test_a_replica_whose_engine_stopped_answers_503_and_the_ingress_retries_elsewhere():
+    """An LLM replica whose engine thread has stopped refused with an exception that reached the client as
+    a 500 (the in-process app said 503). It now answers ``StreamError(503, engine_unavailable)``, which
+    the ingress treats as a replica failure: run again on another replica (its health check fails and
+    Serve replaces it)."""
+    from deployments.ingress import RayServeBackend
+    from zipvl_ray.config import EngineConfig
+    from zipvl_ray.engine import AsyncLLMEngine
+
+    server = LLMServer.func_or_class.__new__(LLMServer.func_or_class)
+    server.engine = AsyncLLMEngine.from_pretrained(
+        "tiny-llava", device="cpu", engine=EngineConfig(max_model_len=1024, kv_cache_bytes=1 << 20)
+    )
+    server.engine.shutdown()
+
+    async def run():
+        return [item async for item in server.generate(_request("dead"))]
+
+    (item,) = asyncio.run(run())
+    assert isinstance(item, StreamError) and item.status_code == 503 and item.code == "engine_unavailable"
+
+    class Call(ScriptedCall):
+        async def _run(self):
+            if len(seen) == 1:  # the first replica's engine has stopped
+                yield item
+                return
+            yield RequestOutput(request_id=self.request.request_id, token_ids=[1], finished=True)
+
+    handle = FakeLLMHandle(Call)
+    seen = handle.request_ids
+    (out,) = generate_all(RayServeBackend(vision=None, llm=handle))
+    assert out.finished and seen == ["chatcmpl-1", "chatcmpl-1-retry1"]
+
+    class AlwaysDead(ScriptedCall):
+        async def _run(self):
+            yield item
+
+    from zipvl_ray.api.errors import APIError
+
+    with pytest.raises(APIError) as refused:  # every attempt refused: a 503 the client may retry
+        generate_all(RayServeBackend(vision=None, llm=FakeLLMHandle(AlwaysDead)))
+    assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "1"}

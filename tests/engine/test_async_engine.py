@@ -391,9 +391,13 @@ def test_an_abort_before_the_add_runs_ends_the_stream_without_running_it(engine)
         finally:
             engine._streams.pop("early", None)
 
+    before = engine.stats()
     out = asyncio.run(main())
     assert out.finished and out.finish_reason == "abort"
     assert "early" not in engine.engine.sequences and engine.stats().num_waiting == 0
+    # counted as an abort of a waiting request (it was not counted at all)
+    assert engine.stats().num_aborted == before.num_aborted + 1
+    assert engine.stats().num_aborted_waiting == before.num_aborted_waiting + 1
 
 
 def test_a_second_cancellation_does_not_free_the_id_before_the_abort_ran(engine, monkeypatch):

@@ -8,6 +8,7 @@ is what the Ray-free API tests run against (with fake engines).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,9 @@ from zipvl_ray.engine.types import (
 from zipvl_ray.multimodal import PreparedPrompt
 from zipvl_ray.routing.footprint import RoutingHints
 
+#: The error code of a request refused because the engine has stopped (HTTP 503; the Ray ingress retries it).
+ENGINE_UNAVAILABLE = "engine_unavailable"
+
 
 def make_encoded_prompt(token_ids: list[int], image_features: list[Any]) -> EncodedPrompt:
     """The engine's prompt form for a split deployment: token ids + precomputed image features."""
@@ -36,7 +40,9 @@ async def stream_with_abort(
     """Iterate ``engine.generate(...)``; if the consumer stops early (disconnect, cancel), abort the request.
 
     The abort runs when the generator is closed or cancelled before the final output, so the
-    request's KV blocks are freed whatever way the client left.
+    request's KV blocks are freed whatever way the client left. An engine whose stream aborts on its
+    own when closed (``aborts_on_close``, as :class:`~zipvl_ray.engine.AsyncLLMEngine`) is only closed:
+    a second abort would wait behind a step for nothing.
     """
     outputs = engine.generate(request_id, prompt, sampling, zipvl)
     finished = refused = False
@@ -46,13 +52,13 @@ async def stream_with_abort(
             yield output
             if finished:
                 return
-    except RequestError:
-        refused = True  # never queued (a bad request, or an id already in use): nothing of ours to abort
+    except (RequestError, EngineDeadError):
+        refused = True  # never queued (a bad request, an id in use, no engine): nothing of ours to abort
         raise
     finally:
-        if not finished and not refused:
+        if not finished and not refused and not getattr(engine, "aborts_on_close", False):
             await asyncio.shield(engine.abort(request_id))
-        await outputs.aclose()
+        await asyncio.shield(outputs.aclose())
 
 
 class LocalBackend:
@@ -91,15 +97,21 @@ class LocalBackend:
             features = await asyncio.to_thread(self.encoder.encode, prompt.images)
         encoded = make_encoded_prompt(prompt.token_ids, features)
         try:
-            async for output in stream_with_abort(self.engine, request_id, encoded, sampling, zipvl):
-                if needs_more_than_the_pool(output):  # the client's request is too large: 400, as on Ray
-                    raise APIError(
-                        pool_overflow_message(self.engine.stats().kv_bytes_capacity),
-                        code="kv_capacity_exceeded",
-                    )
-                yield output
+            # ``aclosing``: closing this generator closes the engine's stream (and aborts) before returning.
+            async with contextlib.aclosing(
+                stream_with_abort(self.engine, request_id, encoded, sampling, zipvl)
+            ) as outputs:
+                async for output in outputs:
+                    if needs_more_than_the_pool(output):  # the client's request is too large: 400, as on Ray
+                        raise APIError(
+                            pool_overflow_message(self.engine.stats().kv_bytes_capacity),
+                            code="kv_capacity_exceeded",
+                        )
+                    yield output
         except EngineDeadError as exc:  # shut down, or its thread failed: not the client's fault
-            raise APIError(str(exc), status_code=503, code="engine_unavailable") from None
+            raise APIError(
+                str(exc), status_code=503, code=ENGINE_UNAVAILABLE, headers={"Retry-After": "1"}
+            ) from None
 
     async def health(self) -> dict[str, str | None]:
         """The engine's and the encoder's own health checks (``check_health``, when they have one)."""

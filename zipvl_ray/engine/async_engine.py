@@ -64,6 +64,9 @@ class HandoffLock:
 class AsyncLLMEngine:
     """Asynchronous front of :class:`LLMEngine`.
 
+    A stream closed or cancelled before its final output aborts its request itself
+    (``aborts_on_close``): callers need not call :meth:`abort` as well.
+
     Parameters
     ----------
     engine : LLMEngine
@@ -73,6 +76,9 @@ class AsyncLLMEngine:
         such as a sticky CUDA error, that fails every request), so that Serve replaces the replica; a
         successful step resets the count.
     """
+
+    #: Closing or cancelling a :meth:`generate` stream aborts its request (see ``stream_with_abort``).
+    aborts_on_close = True
 
     def __init__(self, engine: LLMEngine, *, unhealthy_after_failed_steps: int = 3):
         self.engine = engine
@@ -210,6 +216,7 @@ class AsyncLLMEngine:
             pending = self._pending_adds.get(request_id)
             if pending is not None and pending[1] is entry:  # not added yet: ``_add`` will skip it
                 del self._pending_adds[request_id]
+                self._count_withdrawn()
                 return
         self._abort_locked(request_id)  # added already (or failed, then this finds nothing)
 
@@ -217,6 +224,7 @@ class AsyncLLMEngine:
         with self._lock:
             if deliver and request_id in self._pending_adds:  # aborted before its add ran: never add it
                 self._pending_adds.pop(request_id, None)
+                self._count_withdrawn()
                 out = RequestOutput(request_id=request_id, finished=True, finish_reason="abort")
             else:
                 out = self.engine.abort_request(request_id)
@@ -226,6 +234,12 @@ class AsyncLLMEngine:
                 # delivers those under the lock too): the stream never ends before its last delta.
                 self._deliver([out])
         return out
+
+    def _count_withdrawn(self) -> None:  # under the lock
+        count = getattr(self.engine, "count_withdrawn", None)
+        if count is not None:
+            count()
+            self._stats = self.engine.stats()
 
     async def abort(self, request_id: str) -> None:
         """Abort ``request_id``; returns once its KV blocks are back in the pool. Its stream (if any)

@@ -316,6 +316,12 @@ class LLMEngine:
         self._totals["aborted_waiting"] += was_waiting
         return self._output(seq)
 
+    def count_withdrawn(self) -> None:
+        """Count a request aborted before it was added (its caller left while the add waited for the
+        engine): an abort of a waiting request, as if it had been queued."""
+        self._totals["aborted"] += 1
+        self._totals["aborted_waiting"] += 1
+
     def fail_step(self, exc: BaseException) -> list[RequestOutput]:
         """After :meth:`step` raised: the outputs it had built and the requests it had finished (a request
         that reached its end before the failing row is answered, not lost), then every request still in
