@@ -202,10 +202,10 @@ class ReferenceBackend:
         self.processor = processor
         self.max_new_tokens = max_new_tokens
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        self._inputs: dict[tuple[str, int], dict] = {}
+        self._inputs: dict[tuple, dict] = {}  # by sample identity (split, partition, index, task, question)
 
     def inputs(self, sample: Sample) -> dict:
-        key = (sample.split, sample.index)
+        key = (sample.split, sample.partition, sample.index, sample.task, sample.question)
         if key not in self._inputs:
             prompt = self.processor.apply_chat_template(
                 sample.messages(), add_generation_prompt=True, tokenize=False

@@ -78,3 +78,30 @@ def test_a_template_that_writes_the_bos_gets_one_bos(rendered, expected):
     pp.tokenizer = _BosTokenizer()
     ids = pp.expand(rendered, [])
     assert ids[:1] == expected and ids[1] != 1
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2-vl"])
+def test_a_colour_keyed_rgb_png_is_composited_and_hashed_apart_from_its_plain_twin(name):
+    """An RGB PNG may mark one colour transparent (``tRNS``). The image processor composites it onto white;
+    ``to_rgb`` passed such an image through, so its content hash was its plain twin's and the encoder cache
+    served one request the other's features (a review: whichever came first decided both answers)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    _, processor = BUILTIN_MODELS[name]()
+    pixels = np.random.default_rng(1).integers(1, 255, (56, 84, 3), dtype=np.uint8)
+    pixels[:, :40] = 0  # the left part black: the keyed colour
+    plain = Image.fromarray(pixels, "RGB")
+    buffer = io.BytesIO()
+    plain.save(buffer, "PNG", transparency=(0, 0, 0))
+    keyed = Image.open(buffer)
+    keyed.load()
+    assert keyed.mode == "RGB" and keyed.info["transparency"] == (0, 0, 0)
+    pp = PromptProcessor(processor)
+    ours_plain, ours_keyed = pp.preprocess_image(plain), pp.preprocess_image(keyed)
+    assert ours_plain.content_hash != ours_keyed.content_hash
+    expected = processor.image_processor(images=[keyed], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours_keyed.pixel_values, expected)

@@ -115,8 +115,10 @@ def image_content_hash(image: Image.Image) -> str:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB as the models' image processors make it (``transformers.image_transforms.convert_to_rgb``):
-    transparency is composited onto white, not dropped (which would show what lies under it, often black)."""
-    if image.mode == "RGB":
+    transparency is composited onto white, not dropped (which would show what lies under it, often black).
+    An RGB PNG may key one colour as transparent (``tRNS``): composited too, as ``convert_to_rgb`` does, so
+    that the content hash (taken on this image) covers what the model sees."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
         return image
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")

@@ -535,7 +535,9 @@ def real_engine_server():
 
 
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
-def test_a_request_left_early_is_aborted_once_and_freed_before_the_close_returns(real_engine_server, how, monkeypatch):
+def test_a_request_left_early_is_aborted_once_and_freed_before_the_close_returns(
+    real_engine_server, how, monkeypatch
+):
     """The engine's stream aborts its request when closed; ``stream_with_abort`` used to send a second
     abort, which waited behind a step for nothing. And the inner stream is closed with the outer one
     (``aclosing``), so the KV is back in the pool when ``aclose()`` returns (the event loop's finalizer
@@ -546,7 +548,9 @@ def test_a_request_left_early_is_aborted_once_and_freed_before_the_close_returns
     real_abort = core.abort_request
     monkeypatch.setattr(core, "abort_request", lambda rid: aborts.append(rid) or real_abort(rid))
     request = _request(f"left-{how}", max_tokens=500)
-    request = dataclasses.replace(request, sampling=SamplingParams(max_tokens=500, ignore_eos=True), stream=True)
+    request = dataclasses.replace(
+        request, sampling=SamplingParams(max_tokens=500, ignore_eos=True), stream=True
+    )
 
     async def run():
         stream = server.generate(request)

@@ -159,3 +159,22 @@ def test_a_local_directory_named_like_a_built_in_model_is_loaded(tmp_path, monke
     assert load_processor("tiny-qwen2-vl").tokenizer("hi").input_ids == processor.tokenizer("hi").input_ids
     monkeypatch.chdir(tmp_path.parent)  # elsewhere the name is the built-in model again
     assert load_model("tiny-qwen2-vl")[0].dtype == torch.float32
+
+
+def test_only_a_plain_name_that_shadows_a_built_in_model_is_warned_about(
+    saved_tiny_llava, tmp_path, monkeypatch, caplog
+):
+    """The warning about a local directory shadowing a built-in model is for a plain name; every absolute
+    path drew it (the checkpoint directory joined with an absolute path is that path)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="zipvl_ray.models"):
+        load_model(str(saved_tiny_llava[2]))
+    assert "not the built-in model" not in caplog.text
+    model, processor = load_model("tiny-llava")
+    model.save_pretrained(tmp_path / "tiny-llava")
+    processor.save_pretrained(tmp_path / "tiny-llava")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="zipvl_ray.models"):
+        load_model("tiny-llava")
+    assert "not the built-in model" in caplog.text

@@ -81,7 +81,10 @@ def _is_local_checkpoint(name_or_path: str) -> bool:
     local = Path(name_or_path)
     if not (local.is_dir() and (local / "config.json").is_file()):
         return False
-    if name_or_path in BUILTIN_MODELS or (CHECKPOINT_DIR / name_or_path / "config.json").exists():
+    plain_name = not local.is_absolute() and len(local.parts) == 1  # an absolute path joined is itself
+    if plain_name and (
+        name_or_path in BUILTIN_MODELS or (CHECKPOINT_DIR / name_or_path / "config.json").exists()
+    ):
         logger.warning("loading the local directory %r, not the built-in model of that name", name_or_path)
     return True
 
