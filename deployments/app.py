@@ -16,6 +16,7 @@ annotation as a class to validate ``args`` with it.
 """
 
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -294,12 +295,35 @@ class AppArgs(BaseModel):
         self.llm.check_policy_metrics("llm", AUTOSCALING_METRIC_NAMES)
         return self
 
+    @model_validator(mode="after")
+    def _check_gpus_reserved(self) -> "AppArgs":
+        # Ray leaves CUDA visible to an actor that asked for no GPU (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO is
+        # off by default): replicas told to use CUDA without num_gpus would share GPU 0 unaccounted for.
+        if self.device is not None and self.device.startswith("cuda"):
+            for stage in ("vision", "llm"):
+                if not getattr(self, stage).num_gpus:
+                    raise ValueError(
+                        f"device {self.device!r} needs {stage}.num_gpus (1, or a fraction to share a GPU): "
+                        "Ray reserves only the GPUs a replica asks for"
+                    )
+        return self
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _check_dtype(cls, value: str | None) -> str | None:
         if value is not None and value.lower() not in DTYPE_NAMES:
             raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPE_NAMES)}")
-        return value
+        return value.lower() if value is not None else None
 
     @field_validator("engine_class", "encoder_class")
     @classmethod

@@ -86,16 +86,24 @@ def test_serve_config_is_the_config_file_with_only_the_documented_changes(varian
 @pytest.mark.parametrize(
     "config, expected_host, expected_changes",
     [
-        ({"http_options": {"host": "127.0.0.1", "port": 8000}}, "0.0.0.0", ["http_options.host"]),
-        ({"http_options": {"port": 8000}}, "0.0.0.0", ["http_options.host"]),
-        ({}, "0.0.0.0", ["http_options.host"]),
-        ({"http_options": {"host": "0.0.0.0"}}, "0.0.0.0", []),
+        (
+            {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000}},
+            "0.0.0.0",
+            ["http_options.host", "proxy_location"],
+        ),
+        ({"http_options": {"port": 8000}}, "0.0.0.0", ["http_options.host", "proxy_location"]),
+        ({}, "0.0.0.0", ["http_options.host", "proxy_location"]),
+        ({"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0"}}, "0.0.0.0", []),
     ],
 )
-def test_pod_serve_config_changes_only_the_proxy_host(config, expected_host, expected_changes):
+def test_pod_serve_config_changes_only_the_proxy_host_and_location(config, expected_host, expected_changes):
+    """The host must accept the Service's connections, and every node needs a proxy: KubeRay labels every
+    RayService worker pod for the serving Service and leaves traffic to the readiness probe (a HeadOnly
+    config sent requests to workers that refuse them; the probe now checks each worker's proxy)."""
     original = copy.deepcopy(config)
     result, changes = k8s.pod_serve_config(config)
     assert result["http_options"]["host"] == expected_host
+    assert result["proxy_location"] == "EveryNode"
     assert [c.path for c in changes] == expected_changes
     assert result["http_options"].get("port") == config.get("http_options", {}).get("port")
     assert config == original  # the caller's dict is left alone

@@ -61,6 +61,12 @@ POD_SERVE_CONFIG_CHANGES: tuple[tuple[str, Any, str], ...] = (
         "0.0.0.0",
         "the Serve proxy must accept connections from the <name>-serve-svc Service, not only from inside the pod",
     ),
+    (
+        "proxy_location",
+        "EveryNode",
+        "KubeRay labels every worker pod of a RayService for the <name>-serve-svc Service and leaves traffic to "
+        "the readiness probe: a worker without a Serve proxy (HeadOnly) would be sent requests it refuses",
+    ),
 )
 
 #: Tracing of every Ray container, as zipvl_ray.telemetry reads it (Ray 2.60's HTTP proxy, which starts

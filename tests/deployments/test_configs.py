@@ -115,6 +115,9 @@ def test_strict_check_walks_deployment_overrides():
         ({"images": {"max_image_bytes": 0}}, "max_image_bytes"),
         ({"images": {"allowed_url_hosts": ["http://x/"]}}, "allowed_url_hosts"),
         ({"dtype": "int8"}, "unknown dtype"),
+        ({"device": "gpu"}, "unknown device 'gpu'"),  # was torch's error at every replica's start
+        ({"device": "cuda"}, "vision.num_gpus"),  # Ray leaves GPU 0 visible, unreserved, to every replica
+        ({"device": "cuda", "vision": {"num_gpus": 0.25}}, "llm.num_gpus"),
         ({"engine_class": "zipvl_ray.engine.AsyncLLMEngine"}, "module:Attribute"),
         ({"llm": {"num_gpu": 1}}, "num_gpu"),
         ({"llm": {"autoscaling_config": {"min_replica": 1}}}, "autoscaling_config.min_replica"),
@@ -127,6 +130,18 @@ def test_strict_check_walks_deployment_overrides():
 def test_bad_args_fail_at_deploy_time_naming_the_key(args, fragment):
     with pytest.raises(ValidationError, match=fragment):
         AppArgs.model_validate(args)
+
+
+def test_dtype_and_device_are_normalised():
+    """``dtype: AUTO`` passed validation and failed at every replica's start (the loader compared "auto"
+    exactly); both are stored lower-case now, and the loader takes any case."""
+    from zipvl_ray.models import resolve_dtype
+
+    args = AppArgs.model_validate({"dtype": "AUTO", "device": "CPU"})
+    assert (args.dtype, args.device) == ("auto", "cpu")
+    assert resolve_dtype("AUTO") is None
+    gpu = AppArgs.model_validate({"device": "cuda:1", "vision": {"num_gpus": 0.5}, "llm": {"num_gpus": 1}})
+    assert gpu.device == "cuda:1"
 
 
 def test_stage_options_map_to_deployment_options():

@@ -46,7 +46,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None and ``"auto"`` -> None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
+    if dtype.lower() == "auto":
         return None
     try:
         return DTYPES[dtype.lower()]
