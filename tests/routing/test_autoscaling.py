@@ -100,7 +100,7 @@ def test_no_capacity_reported_means_no_decision():
 
 
 def context(
-    metrics: dict | None, *, current=2, target=2, queued=0.0, total=0.0, config=None, now=None
+    metrics: dict | None, *, current=2, target=2, queued=0.0, total=0.0, config=None, now=None, running=()
 ) -> AutoscalingContext:
     return AutoscalingContext(
         deployment_id=DeploymentID(name="llm"),
@@ -108,7 +108,7 @@ def context(
         app_name="default",
         current_num_replicas=current,
         target_num_replicas=target,
-        running_replicas=[],
+        running_replicas=list(running),
         total_num_requests=total,
         total_queued_requests=queued,
         aggregated_metrics=metrics,
@@ -349,3 +349,41 @@ def test_queue_policy_with_a_missing_metric_scales_on_the_handles_queue():
 def test_bad_policy_kwargs_are_rejected(policy, kwargs):
     with pytest.raises(ValidationError):
         policy(**kwargs)
+
+
+def test_a_running_replica_that_stopped_reporting_is_counted_as_needed():
+    """Serve's replica sends its report without the custom metrics when ``record_autoscaling_stats`` fails;
+    after a look-back window the busy replica drops out of the figures. Both policies scaled down on what
+    the others reported (4 replicas 70% full, 1 reporting: 2 wanted instead of 6); an unreported running
+    replica now counts as needed."""
+    busy = EngineStats(kv_bytes_capacity=10 * GIB, kv_bytes_used=7 * GIB, num_running=7)
+    all_four = metrics_of(busy, busy, busy, busy)
+    running = [f"replica-{i}" for i in range(4)]
+    one = {name: {"replica-0": by["replica-0"]} for name, by in all_four.items()}
+    policy = KVDemandPolicy(target_kv_utilization=0.5)
+    full, _ = policy(context(all_four, current=4, target=4, running=running))
+    partial, state = policy(context(one, current=4, target=4, running=running))
+    assert full == 6 and partial >= 4 and state["kv_unreported_replicas"] == 3
+    queue = QueueLengthPolicy(metric="pending_images", target_per_replica=4)
+    images = {"pending_images": {r: 4.0 for r in running}}
+    assert queue(context(images, current=4, target=4, running=running))[0] == 4
+    assert (
+        queue(context({"pending_images": {"replica-0": 4.0}}, current=4, target=4, running=running))[0] == 4
+    )
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"kv_bytes_capacity": {"a": 1e308, "b": 1e308}, "kv_bytes_demand": {"a": 1e308, "b": 1e308}},
+        {"kv_bytes_capacity": {"a": 1e-300}, "kv_bytes_demand": {"a": 1e9}, "num_running": {"a": 1}},
+        {"kv_bytes_capacity": {"a": 1.0}, "kv_bytes_demand": {"a": 1e308}, "num_running": {"a": 1e-300}},
+    ],
+)
+def test_huge_or_tiny_figures_never_raise_inside_the_controller(metrics):
+    """Finite but extreme figures used to overflow the sums (NaN from inf - inf) or the division, and the
+    policy raised in Serve's controller, which then skips every application's update on each tick."""
+    desired, _ = KVDemandPolicy()(context(metrics))
+    assert isinstance(desired, int) and 0 <= desired <= 10**9
+    with pytest.raises(ValueError):
+        KVDemandPolicyConfig(target_kv_utilization=1e-310)

@@ -64,7 +64,20 @@ def test_routing_stats_round_trips_into_the_profile_the_router_predicts_with():
         (None, False, None),
         ({}, False, None),
         ({"kv_bytes_capacity": 0, STATS_TIMESTAMP_KEY: 3.0}, False, 3.0),  # no pool: nothing to pack against
-        ({"kv_bytes_capacity": 4096}, True, None),  # no timestamp: the router treats it as stale
+        ({"kv_bytes_capacity": 4096, "block_bytes": 256}, True, None),  # no timestamp: treated as stale
+        # figures that would mis-predict every request on that replica (a review): refused
+        ({"kv_bytes_capacity": 4096, "block_bytes": 0, STATS_TIMESTAMP_KEY: 1.0}, False, 1.0),
+        (
+            {
+                "kv_bytes_capacity": 4096,
+                "block_bytes": 256,
+                "num_layers": 32,
+                "kept_fraction_per_layer": [0.5],
+            },
+            False,
+            None,
+        ),
+        ({"kv_bytes_capacity": 10**19, "block_bytes": 256}, False, None),
         ({"kv_bytes_capacity": "many", STATS_TIMESTAMP_KEY: 1.0}, False, 1.0),  # malformed
     ],
 )

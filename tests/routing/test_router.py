@@ -847,3 +847,27 @@ def test_a_snapshot_from_the_future_is_not_fresh_for_ever():
     assert (
         names(ranks) == ["a"] and router.counters.held_back == 0 and router.counters.stale_replica_views == 1
     )
+
+
+def test_a_routed_request_with_malformed_hints_is_never_failed_by_the_router():
+    """``on_request_routed`` runs after the replica accepted the request; an exception there reached the
+    caller while the replica ran the request. Hints given as a ``RoutingHints`` object were not checked
+    (a dict's were), and a bad one raised there. Now they are checked, and the hook never raises."""
+
+    async def scenario():
+        router = make_router(Clock())
+        a = StatsReplica("a", stats(40, 0))
+        bad = PendingRequest(
+            args=[{"prompt": "x"}],
+            kwargs={"routing_hints": RoutingHints(prompt_tokens="many", max_tokens=0)},  # type: ignore[arg-type]
+            metadata=RequestMetadata(request_id="bad", internal_request_id="bad"),
+        )
+        ranks = await router.choose_replicas([a], bad)
+        router.on_request_routed(bad, a.replica_id, None)  # used to raise TypeError
+        broken = pending("r2", 4)
+        await router.choose_replicas([a], broken)
+        router._routed_locked = None  # any failure inside the hook
+        router.on_request_routed(broken, a.replica_id, None)
+        return ranks
+
+    assert names(asyncio.run(scenario())) == ["a"]

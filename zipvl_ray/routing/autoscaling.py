@@ -41,7 +41,7 @@ class KVDemandPolicyConfig(BaseModel):
 
     target_kv_utilization: float = Field(
         default=0.5,
-        gt=0.0,
+        ge=0.01,
         le=1.0,
         description="Fraction of each replica's KV pool the fleet should run at: desired replicas = "
         "KV demand / (target_kv_utilization x per-replica capacity). The rest absorbs arrivals and decode "
@@ -178,7 +178,7 @@ def desired_replicas_for_kv(
     capacity_sum = held = priced = waiting = 0.0
     reporting = 0
     for r in replicas:
-        if r.capacity_bytes <= 0:
+        if r.capacity_bytes < 1:  # no pool (or a figure no pool has): nothing to divide by
             continue
         reporting += 1
         capacity_sum += r.capacity_bytes
@@ -228,12 +228,28 @@ def kv_metrics_from_context(
     ]
 
 
+#: The largest figure a replica metric is taken at (an exabyte, or 10^18 requests): sums and quotients
+#: of a few thousand such figures stay finite, so the decision never overflows.
+METRIC_CEILING = 1e18
+
+
 def _finite(value: Any) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
         return 0.0
-    return number if math.isfinite(number) else 0.0
+    return min(max(number, -METRIC_CEILING), METRIC_CEILING) if math.isfinite(number) else 0.0
+
+
+def unreported_running_replicas(ctx: AutoscalingContext, metric: str) -> int:
+    """Running replicas without a ``metric`` figure in ``ctx.aggregated_metrics``.
+
+    Serve's replica sends its report without the custom metrics when ``record_autoscaling_stats`` raises or
+    times out; once that lasts a look-back window, a busy replica drops out of the figures. Missing metrics
+    are no evidence that its load fell: the policies count each such replica as needed.
+    """
+    reported = (ctx.aggregated_metrics or {}).get(metric) or {}
+    return sum(1 for replica in ctx.running_replicas or () if replica not in reported)
 
 
 class Trend:
@@ -287,7 +303,10 @@ def _without_metrics(ctx: AutoscalingContext, queued_per_replica: float) -> tupl
 
 
 def _ceil(value: float) -> int:
-    # Aggregated floats land a hair above whole numbers (2.0000000001 must not become 3).
+    # Aggregated floats land a hair above whole numbers (2.0000000001 must not become 3). A figure too
+    # large for any fleet (or not a number) is capped: math.ceil raises on it, inside Serve's controller.
+    if not value <= 1e9:
+        return 10**9
     return max(0, math.ceil(value - 1e-6))
 
 
@@ -328,6 +347,10 @@ class KVDemandPolicy:
             rise = self._trend.rise_per_s(now, desired)
             desired += rise * self.config.forecast_s
             state["kv_rise_per_s"] = rise
+        unreported = unreported_running_replicas(ctx, "kv_bytes_capacity")
+        if unreported:  # their load is unknown: each is taken as needed (never a scale-down on its account)
+            desired += unreported
+            state["kv_unreported_replicas"] = unreported
         if demand.held_bytes > 0 or demand.waiting_requests > 0:
             desired += self.config.spare_replicas
         state["kv_desired_raw"] = desired
@@ -386,6 +409,8 @@ class QueueLengthPolicy:
                 return _without_metrics(ctx, per_replica)
             queued = _finite(ctx.total_queued_requests or 0.0)
             load = sum(_finite(v) for v in values.values()) + queued * self.config.queued_request_load
+            # A running replica without the figure (its record_autoscaling_stats failing): taken as full.
+            load += unreported_running_replicas(ctx, self.config.metric) * self.config.target_per_replica
         return _ceil(desired_replicas_for_queue(load, self.config)), {"queue_load": load}
 
 

@@ -144,6 +144,10 @@ def profile_from_routing_stats(data: dict[str, Any] | None) -> tuple[KVProfile |
     return profile, timestamp
 
 
+#: A KV pool larger than this (an exabyte) is a wrong report, not a GPU.
+MAX_PLAUSIBLE_BYTES = 10**18
+
+
 def _plausible(profile: KVProfile) -> bool:
     """Whether every figure the router computes with is in range (another engine class, or a version skew
     between replicas, could report anything; one bad report must not break routing to every replica)."""
@@ -159,6 +163,9 @@ def _plausible(profile: KVProfile) -> bool:
     return (
         profile.block_size >= 1
         and profile.num_layers >= 1
+        and profile.block_bytes >= 1  # 0 would predict every request at 0 bytes: the first choice always
+        and profile.capacity_bytes <= MAX_PLAUSIBLE_BYTES
+        and (not fractions or len(fractions) == profile.num_layers)  # else the prediction mis-sizes layers
         and all(c >= 0 for c in counts)
         and all(isinstance(f, int | float) and math.isfinite(f) and 0.0 <= f <= 1.0 for f in fractions)
         and (profile.zipvl_tau is None or 0.0 < profile.zipvl_tau <= 1.0)

@@ -636,7 +636,7 @@ def hints_from_kwargs(kwargs: dict[str, Any] | None) -> RoutingHints | None:
     """The request's :class:`RoutingHints` from the handle call's kwargs, ``None`` when absent or invalid."""
     raw = (kwargs or {}).get(ROUTING_HINTS_KWARG)
     if isinstance(raw, RoutingHints):
-        return raw
+        return raw if _valid_hints(raw) else None
     if not isinstance(raw, dict):
         return None
     try:
@@ -790,6 +790,14 @@ class KVPackingRouter(RequestRouter):
         """Confirm the hold on the replica Serve actually used (moving and re-predicting it if needed)."""
         if pending_request.metadata.call_method not in self.config.kv_routed_methods:
             return
+        try:
+            self._on_routed(pending_request, replica_id, result)
+        except Exception:
+            # The replica has accepted the request: an exception here would fail it in the caller while
+            # it runs. Its hold (if any) expires or is released on completion.
+            logger.exception("KVPackingRouter failed to confirm a routed request's hold")
+
+    def _on_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         with self._lock:
             hold = self._routed_locked(pending_request, replica_id)
             # Tie the hold to this accepted attempt: Serve's on_request_completed carries no attempt id,
