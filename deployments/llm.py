@@ -203,7 +203,8 @@ class LLMServer:
             error = exc
             yield StreamError(status_code=503, message=str(exc), code=ENGINE_UNAVAILABLE)
         except BaseException as exc:  # cancelled (client gone) or failed: recorded, then re-raised
-            error = exc
+            if not isinstance(error, RequestError):  # a refusal already yielded stays a refusal
+                error = exc
             raise
         finally:
             self._request_done(request, span, timing, final, error)

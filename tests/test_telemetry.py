@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from pydantic import ValidationError
 
 from zipvl_ray import telemetry
+from zipvl_ray.api.errors import APIError
 from zipvl_ray.api.middleware import (
     PROXY_CALLBACK_IMPORT_PATH,
     RequestIdMiddleware,
@@ -390,6 +391,7 @@ def test_a_failing_block_marks_its_span(spans):
         ("aborted", "cancelled"),
         (asyncio.CancelledError(), "cancelled"),
         (telemetry.ClientError("prompt too long"), "client_error"),
+        (APIError("messages[0]: the image is too large", status_code=400), "client_error"),
         ("engine error", "error"),
         (RuntimeError("CUDA out of memory"), "error"),
     ],
@@ -406,6 +408,8 @@ def test_cancellations_and_refusals_do_not_mark_spans_as_errors(spans, error, ou
     assert (ended.status.status_code is StatusCode.ERROR) == (outcome == "error")
     assert ended.attributes.get("zipvl.cancelled", False) == (outcome == "cancelled")
     assert ("zipvl.client_error" in ended.attributes) == (outcome == "client_error")
+    if outcome == "client_error":  # the message (it held the exception's type name)
+        assert ended.attributes["zipvl.client_error"] == str(error)
 
 
 def test_llm_deployment_traces_a_request_with_the_fake_engine(spans):

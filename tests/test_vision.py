@@ -142,3 +142,23 @@ def test_the_preprocessing_digest_names_the_image_processor_class():
         PromptProcessor(copy.deepcopy(processor)).preprocessing_digest
         == PromptProcessor(processor).preprocessing_digest
     )
+
+
+def test_a_forward_that_raises_counts_no_lookup():
+    """A batch whose forward raises is encoded again request by request (deployments/vision.py): its
+    lookups used to count as misses twice (a review: 4 distinct images, 2 encoded, 8 misses exported).
+    Lookups count once the call has served."""
+    import pytest
+
+    encoder = VisionEncoder.from_pretrained("tiny-llava", cache_size=8)
+    _, processor = load_model("tiny-llava")
+    images = PromptProcessor(processor).prepare(chat("x", 2), [make_image(3), make_image(4)]).images
+    real = encoder.adapter.encode_images
+    encoder.adapter.encode_images = lambda batch: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError):
+        encoder.encode(images)
+    assert (encoder.cache_stats()["hits"], encoder.cache_stats()["misses"]) == (0, 0)
+    encoder.adapter.encode_images = real
+    encoder.encode(images[:1])
+    encoder.encode(images)
+    assert (encoder.cache_stats()["hits"], encoder.cache_stats()["misses"]) == (1, 2)

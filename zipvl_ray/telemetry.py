@@ -508,7 +508,9 @@ def mark_span_outcome(span_: trace.Span | None, error: BaseException | str | Non
         span_.set_attribute("zipvl.cancelled", True)
     elif outcome == "client_error":
         status = getattr(error, "status_code", None)
-        span_.set_attribute("zipvl.client_error", str(error) if isinstance(error, str) else description)
+        # The message, as the client got it (API errors' messages are written to be shown to clients).
+        message = str(error) if isinstance(error, str) else (str(error) or description)
+        span_.set_attribute("zipvl.client_error", message[:300])
         if isinstance(status, int):
             span_.set_attribute("http.response.status_code", status)
     else:

@@ -90,15 +90,23 @@ class EncoderCache:
         self.misses = 0
         self.bytes = 0
 
-    def get(self, key: str) -> ImageFeatures | None:
+    def get(self, key: str, *, count: bool = True) -> ImageFeatures | None:
+        """The cached features of ``key`` (most recently used now), or None; counted as a hit or a miss
+        unless ``count`` is False (the caller counts once its lookups have served: :meth:`count`)."""
         with self._lock:
             item = self._items.get(key)
             if item is None:
-                self.misses += 1
+                self.misses += int(count)
                 return None
             self._items.move_to_end(key)
-            self.hits += 1
+            self.hits += int(count)
             return item
+
+    def count(self, hits: int, misses: int) -> None:
+        """Add lookups made with ``count=False``."""
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
 
     def put(self, key: str, value: ImageFeatures) -> None:
         size = _nbytes(value)
@@ -180,8 +188,11 @@ class VisionEncoder:
         found: dict[str, ImageFeatures | None] = {}
         for image in images:
             if (key := cache_key(image)) not in found:
-                found[key] = self.cache.get(key)
+                found[key] = self.cache.get(key, count=False)
         todo = {key: im for im in images if found[(key := cache_key(im))] is None}
+        # Counted once the call has served: a forward that raises counts nothing (its images are looked
+        # up again when the batch's requests are retried one by one, and would count twice).
+        counted = (len(found) - len(todo), len(todo))
         if todo:
             embeds = self.adapter.encode_images(list(todo.values()))
             for (key, image), emb in zip(todo.items(), embeds, strict=True):
@@ -193,6 +204,7 @@ class VisionEncoder:
                 )
                 self.cache.put(key, feature)
                 found[key] = feature
+        self.cache.count(*counted)
         return [found[cache_key(image)] for image in images]  # type: ignore[misc]
 
     def cache_stats(self) -> dict:

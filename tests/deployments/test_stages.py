@@ -125,6 +125,15 @@ def test_a_request_larger_than_the_pool_is_a_400_counted_as_refused():
     assert counts == {("zipvl_llm_requests_total", (("finish_reason", "refused"),)): 1.0}
     assert not any(key[0] == "zipvl_prompt_tokens_total" for key in sink.counters)
 
+    async def close_at_the_refusal():  # a consumer that stops at the StreamError: still a refusal, not an abort
+        stream = server.generate(_request(max_tokens=4))
+        assert isinstance(await anext(stream), StreamError)
+        await stream.aclose()
+
+    asyncio.run(close_at_the_refusal())
+    counts = {key: value for key, value in sink.counters.items() if key[0] == "zipvl_llm_requests_total"}
+    assert counts == {("zipvl_llm_requests_total", (("finish_reason", "refused"),)): 2.0}
+
 
 def test_closing_the_stream_aborts_the_request_and_frees_kv():
     server = llm_server(token_delay_s=0.01)
