@@ -176,6 +176,15 @@ class EngineConfig(BaseModel):
             "retained prompt footprint."
         ),
     )
+    max_prefills_between_decodes: int = Field(
+        4,
+        ge=1,
+        description=(
+            "Prefill steps in a row while sequences are running, before one decode step of them is forced. "
+            "Requests that finish in their prefill (max_tokens 1, an immediate end) never join the running "
+            "batch, so without this bound a stream of them kept the running sequences from decoding."
+        ),
+    )
     default_keep_fraction: float = Field(
         1.0,
         gt=0.0,

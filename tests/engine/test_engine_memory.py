@@ -82,7 +82,9 @@ def test_sampled_outputs_survive_preemption(tiny_llava):
     sampling = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
     big = run_all(engine(tiny_llava), prompts, sampling)
     # Two prompts fit after prefill (~44 blocks each) but not their decode growth: preemption must happen.
-    small_engine = engine(tiny_llava, kv_cache_bytes=100 * 4096, decode_headroom_tokens=0)
+    # (At 100 blocks the third prompt's prefill failed and preempted; a failed prefill preempts nothing
+    # since 2026-12-07, so the pool is sized for decode growth to do it: 110 blocks.)
+    small_engine = engine(tiny_llava, kv_cache_bytes=110 * 4096, decode_headroom_tokens=0)
     small = run_all(small_engine, prompts, sampling)
     assert small_engine.stats().num_preemptions > 0
     assert [o.token_ids for o in small] == [o.token_ids for o in big]
@@ -487,11 +489,11 @@ def test_dense_layers_are_never_predicted_under_a_cap(tiny_llava, overrides):
     assert predict_request_bytes(hints, profile) >= held  # the router's
 
 
-def test_an_unfittable_under_predicted_request_preempts_once_not_every_running_request(tiny_llava):
+def test_an_unfittable_under_predicted_request_preempts_nothing_and_fails_alone(tiny_llava):
     """The running kept fraction (learnt from well-pruned traffic) predicts a request far too small; its
-    prefill runs out of blocks. One sequence is preempted to make room, then the request is sized dense
-    (a failed prefill leaves no counts to learn from) and waits for an idle engine, where it fails alone,
-    instead of being readmitted on the same prediction and preempting one more sequence per attempt."""
+    prefill runs out of blocks. It is then sized dense (a failed prefill leaves no counts to learn from)
+    and waits for an idle engine, where it fails alone. It used to preempt one sequence per attempt (every
+    running one), then one: now none, since the preempted sequence only went in behind it (a review)."""
     import random
 
     from zipvl_ray.engine import EncodedPrompt
@@ -524,7 +526,7 @@ def test_an_unfittable_under_predicted_request_preempts_once_not_every_running_r
         for out in eng.step():
             if out.finished:
                 finished[out.request_id] = out
-    assert eng.scheduler.num_preemptions == 1
+    assert eng.scheduler.num_preemptions == 0
     assert finished["X"].finish_reason == "error" and "whole pool" in finished["X"].error
     assert all(finished[r].finish_reason == "length" and len(finished[r].token_ids) == 30 for r in "AB")
     assert eng.stats().kv_bytes_used == 0
@@ -551,3 +553,36 @@ def test_a_batched_prefill_reports_the_predictions_admission_used(tiny_llava):
     # Dense prompts at a predicted 0.5: the mean relative error is held / predicted - 1 of each.
     errors = [seqs[r].metrics.kv_bytes_after_prefill / admission[r] - 1 for r in seqs]
     assert eng.stats().prediction_error_mean == pytest.approx(0.9 * errors[0] + 0.1 * errors[1])
+
+
+@pytest.mark.parametrize("bound", [1, 4])
+def test_requests_that_end_in_their_prefill_do_not_starve_the_running_ones(tiny_llava, bound):
+    """Prefill runs first; a request that ends in its prefill (max_tokens 1) never joins the running batch,
+    so ``max_num_seqs`` never stops the admissions. A stream of them used to keep a running request from
+    decoding for as long as it lasted (a review: 301 steps without a token). At most
+    ``max_prefills_between_decodes`` prefill steps run in a row while sequences run."""
+    from zipvl_ray.engine import EncodedPrompt
+
+    model, processor = tiny_llava
+    eng = LLMEngine(
+        model,
+        processor,
+        zipvl=ZipVLConfig(tau=0.9),
+        engine=EngineConfig(kv_cache_bytes=8 << 20, max_prefills_between_decodes=bound),
+    )
+    eng.add_request(
+        "long",
+        EncodedPrompt([5 + i % 50 for i in range(30)], []),
+        SamplingParams(max_tokens=50, ignore_eos=True),
+    )
+    eng.step()  # its prefill: running now
+    gaps, since = [], 0
+    for i in range(60):
+        eng.add_request(
+            f"one{i}", EncodedPrompt([7 + i % 40 for _ in range(8)], []), SamplingParams(max_tokens=1)
+        )
+        before = len(eng.sequences["long"].output_token_ids)
+        eng.step()
+        since = 0 if len(eng.sequences["long"].output_token_ids) > before else since + 1
+        gaps.append(since)
+    assert max(gaps) == bound

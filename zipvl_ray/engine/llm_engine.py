@@ -419,7 +419,10 @@ class LLMEngine:
         for seq in seqs:
             seq.prefill_did_not_fit = True
         if self.scheduler.running:
-            self.scheduler.preempt_newest()
+            # Back to the front, sized dense from now on, to wait for memory. No running sequence is
+            # preempted for it: until 2026-12-07 the newest was, and then went in behind the batch, which
+            # broke FCFS (the older sequence waited for the younger request to run) and freed nothing the
+            # dense-sized batch could use before the running ones finished.
             self.scheduler.requeue(seqs)
             return []
         if len(seqs) > 1:

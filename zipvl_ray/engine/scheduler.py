@@ -43,6 +43,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prefill_cap: int | None = None  # set to 1 after a batch did not fit
+        self.prefills_in_a_row = 0  # prefill steps since the running sequences last decoded
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -81,10 +82,16 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------------------------
     def schedule(self) -> tuple[str, list[Sequence]] | None:
-        """The next step: ``("prefill", seqs)``, ``("decode", seqs)``, or None when idle."""
-        batch = self._admit()
+        """The next step: ``("prefill", seqs)``, ``("decode", seqs)``, or None when idle.
+
+        Prefill first, but at most ``max_prefills_between_decodes`` in a row while sequences run.
+        """
+        due = self.running and self.prefills_in_a_row >= self.config.max_prefills_between_decodes
+        batch = [] if due else self._admit()
         if batch:
+            self.prefills_in_a_row += int(bool(self.running))
             return "prefill", batch
+        self.prefills_in_a_row = 0
         if not self.running:
             return None
         return "decode", self.running[: self.config.max_num_seqs]
