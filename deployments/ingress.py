@@ -298,6 +298,20 @@ def cancel_quietly(response: Any) -> None:
         response.cancel()
 
 
+def log_auth_state(api_keys: Collection[Any], auth: Any) -> None:
+    """Say at start whether API keys are checked: a missing or misnamed key source with ``auth.required``
+    off opens every route, which deserves a warning, not silence."""
+    if api_keys:
+        logger.info("API-key authentication is on (%d keys)", len(api_keys))
+        return
+    logger.warning(
+        "API-key authentication is OFF: every route is open (no key found in env %r or file %r; set "
+        "auth.required: true to refuse to start without keys)",
+        auth.api_keys_env,
+        auth.api_keys_file,
+    )
+
+
 class EngineUnavailable(Exception):
     """An LLM replica answered that its engine has stopped (its health check will fail and Serve replace
     it): a replica failure, retried on another replica like a dead actor."""
@@ -534,8 +548,7 @@ class OpenAIIngress:
         self.settings = settings
         # Read the API keys first: a required but missing key source fails the deploy (fail closed).
         self.api_keys = settings.auth.load_keys()
-        if self.api_keys:
-            logger.info("API-key authentication is on (%d keys)", len(self.api_keys))
+        log_auth_state(self.api_keys, settings.auth)
         self.processor = PromptProcessor((processor_loader or load_processor)(processor_source))
         self.backend = RayServeBackend(vision, llm, health_timeout_s=settings.health_timeout_s)
         self._metrics = telemetry.setup_replica("ingress")

@@ -143,6 +143,12 @@ def test_host_allowlist(host, patterns, allowed):
         ("fe80::1", False),
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        # IPv6 forms that reach an embedded IPv4 address were judged as IPv6 (a review): now by that IPv4
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 to the cloud metadata address
+        ("64:ff9b::808:808", True),  # NAT64 to 8.8.8.8
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
+        ("::ffff:0:7f00:1", False),  # IPv4-translated 127.0.0.1
     ],
 )
 def test_ssrf_guard_address_classes(address, public):

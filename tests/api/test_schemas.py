@@ -242,3 +242,25 @@ def test_tool_and_function_messages_are_refused_by_name(role):
         ValidationError, match=rf"'{role}' messages are not supported \(no function calling\)"
     ):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": role, "content": "42"}]})
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        ({"stop": ["\ufffd"]}, r"U\+FFFD"),  # it turned off incremental detokenizing: quadratic per token
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "at most 512"),
+        ({"user": "u" * 257}, "user"),
+        ({"prompt_cache_key": "k" * 257}, "prompt_cache_key"),
+    ],
+)
+def test_ignored_and_costly_fields_are_bounded(extra, fragment):
+    """A review: ``metadata`` of 5M entries was accepted (9.7 s of parsing on the event loop), and a U+FFFD
+    stop string made every token's stop check decode the whole output again."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(ValidationError, match=fragment):
+        ChatCompletionRequest.model_validate(body)
+    ok = {"metadata": {f"k{i}": "v" * 512 for i in range(16)}, "user": "u" * 256, "stop": ["\n\n"]}
+    ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **ok}
+    )

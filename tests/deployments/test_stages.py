@@ -628,3 +628,18 @@ def test_a_replica_whose_engine_stopped_answers_503_and_the_ingress_retries_else
     with pytest.raises(APIError) as refused:  # every attempt refused: a 503 the client may retry
         generate_all(RayServeBackend(vision=None, llm=FakeLLMHandle(AlwaysDead)))
     assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "1"}
+
+
+def test_an_ingress_without_api_keys_warns_that_every_route_is_open(caplog):
+    """A missing or misnamed key source (``auth.required`` off, the default) opened every route silently."""
+    import logging
+
+    from deployments.ingress import log_auth_state
+    from zipvl_ray.api.auth import AuthSettings
+
+    with caplog.at_level(logging.INFO, logger="deployments.ingress"):
+        log_auth_state([], AuthSettings(api_keys_env="ZIPVL_API_KEYS"))
+        log_auth_state(["k1"], AuthSettings(api_keys_env="ZIPVL_API_KEYS"))
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "deployments.ingress"]
+    assert records[0][0] == logging.WARNING and "OFF" in records[0][1] and "ZIPVL_API_KEYS" in records[0][1]
+    assert records[1] == (logging.INFO, "API-key authentication is on (1 keys)")

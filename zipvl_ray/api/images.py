@@ -254,9 +254,31 @@ def host_allowed(host: str, patterns: list[str]) -> bool:
 def address_is_public(address: str) -> bool:
     """True for globally routable unicast addresses (what an SSRF guard lets through)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:  # judged by the IPv4 address it reaches
+            return address_is_public(str(embedded))
     return ip.is_global and not ip.is_multicast
+
+
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits and reach it: NAT64 (well-known and
+#: local-use prefixes), IPv4-compatible, and IPv4-translated addresses.
+_IPV4_CARRYING = tuple(
+    ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to (mapped, 6to4, NAT64...), or None."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in _IPV4_CARRYING) and int(ip) & 0xFFFFFFFF:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

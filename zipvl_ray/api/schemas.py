@@ -282,7 +282,9 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = Field(
         False, description="Generate max_tokens tokens even past end-of-sequence (extension)."
     )
-    user: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
+    user: UnicodeStr | None = Field(
+        None, max_length=256, description="Accepted for compatibility (at most 256 characters); ignored."
+    )
     frequency_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
     presence_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
     logprobs: bool | None = Field(None, description="Not supported: only false is accepted.")
@@ -306,11 +308,18 @@ class ChatCompletionRequest(BaseModel):
     )
     function_call: str | dict[str, Any] | None = Field(None, description="Legacy: only 'none' or 'auto'.")
     store: bool | None = Field(None, description="Storing completions is not supported: only false.")
-    metadata: dict[str, str] | None = Field(None, description="Accepted for compatibility; ignored.")
+    metadata: dict[str, str] | None = Field(
+        None,
+        max_length=16,
+        description="Accepted for compatibility (as OpenAI: at most 16 pairs, keys of at most 64 characters, "
+        "values of at most 512); ignored.",
+    )
     service_tier: Literal["auto", "default"] | None = Field(
         None, description="Accepted for compatibility ('auto' or 'default'); ignored."
     )
-    prompt_cache_key: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
+    prompt_cache_key: UnicodeStr | None = Field(
+        None, max_length=256, description="Accepted for compatibility (at most 256 characters); ignored."
+    )
     safety_identifier: UnicodeStr | None = Field(None, description="Accepted for compatibility; ignored.")
     # Options of other OpenAI models, which wrappers forward as null when unset.
     reasoning_effort: None = Field(None, description="Not supported (no reasoning): only null is accepted.")
@@ -337,7 +346,17 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError("stop strings must not be empty")
             if len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
+            if "\ufffd" in s:  # the replacement character: it would turn off incremental detokenizing
+                raise ValueError("stop strings must not contain U+FFFD (the replacement character)")
         return stops
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for key, item in (value or {}).items():
+            if len(key) > 64 or len(item) > 512:
+                raise ValueError("metadata keys must be at most 64 characters and values at most 512")
+        return value
 
     @field_validator("stream", "ignore_eos", mode="before")
     @classmethod
