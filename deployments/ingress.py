@@ -112,6 +112,7 @@ class RayServeBackend:
             sampling=sampling,
             zipvl=zipvl,
             stream=stream,
+            completion_id=request_id,
         )
         finished = False
         error: BaseException | str | None = None
@@ -158,6 +159,10 @@ class RayServeBackend:
                         if features is not None:
                             cancel_quietly(features)
                         request = dataclasses.replace(request, request_id=f"{request_id}-retry{attempt + 1}")
+                        if telemetry.recording(span):
+                            span.add_event(
+                                "zipvl.retry", {"attempt": attempt + 1, "reason": type(exc).__name__}
+                            )
                         continue
                     raise replica_failure_error(exc) from None
         except (BackPressureError, DeploymentUnavailableError) as exc:

@@ -60,6 +60,9 @@ class GenerateRequest:
     stream : bool
         False: send only the final output (the client waits for the whole answer anyway), which
         saves one object-store hop per token.
+    completion_id : str or None
+        The client's completion id when ``request_id`` is another (a retry runs under an id of its own);
+        spans and log lines carry it, so that a request is found by the id its client saw.
     """
 
     request_id: str
@@ -67,6 +70,14 @@ class GenerateRequest:
     sampling: SamplingParams
     zipvl: dict[str, Any] | None = None
     stream: bool = True
+    completion_id: str | None = None
+
+
+def _described(request: GenerateRequest) -> str:
+    """The completion id, and the engine's id when a retry runs under another."""
+    if request.completion_id and request.completion_id != request.request_id:
+        return f"{request.completion_id} (engine id {request.request_id})"
+    return request.request_id
 
 
 @dataclass
@@ -166,7 +177,8 @@ class LLMServer:
             span.set_attributes(
                 {
                     telemetry.ATTR_REQUEST_ID: telemetry.current_request_id() or "",
-                    telemetry.ATTR_COMPLETION_ID: request.request_id,
+                    telemetry.ATTR_COMPLETION_ID: request.completion_id or request.request_id,
+                    "zipvl.engine_request_id": request.request_id,
                     "zipvl.prompt_tokens": len(request.token_ids),
                     "zipvl.images": len(image_features or []),
                     "zipvl.max_tokens": request.sampling.max_tokens,
@@ -234,7 +246,7 @@ class LLMServer:
                 logger.info(
                     "request %s finished (%s): %d prompt tokens (%d image), %d output tokens, "
                     "ttft %s, mean kept ratio %.3f, KV %d of %d dense bytes",
-                    request.request_id,
+                    _described(request),
                     final.finish_reason,
                     m.prompt_tokens,
                     m.image_tokens,
@@ -249,13 +261,15 @@ class LLMServer:
             else:
                 if isinstance(error, RequestError):
                     reason, error = "refused", telemetry.ClientError(str(error))
+                elif isinstance(error, EngineDeadError):  # refused: this replica's engine had stopped
+                    reason = "unavailable"
                 elif error is None or telemetry.span_outcome(error) == "cancelled":
                     reason, error = "abort", "aborted"
                 else:  # the engine or the features failed (an OOM moving them to the device...)
                     reason = "error"
                 if self._metrics is not None:
                     self._metrics.inc("zipvl_llm_requests_total", 1, {"finish_reason": reason})
-                logger.info("request %s ended without a result (%s)", request.request_id, reason)
+                logger.info("request %s ended without a result (%s)", _described(request), reason)
             self._export_engine_stats()
         except Exception:  # telemetry must never break serving
             logger.exception("recording telemetry of request %s failed", request.request_id)

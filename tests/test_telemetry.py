@@ -496,7 +496,8 @@ def test_replica_counters_exist_at_zero_from_the_start():
         }
         assert not any(name.startswith("zipvl_router_") for name in names)
     assert {tags for name, tags in sink.counters if name == "zipvl_llm_requests_total"} == {
-        (("finish_reason", reason),) for reason in ("stop", "length", "error", "abort", "refused")
+        (("finish_reason", reason),)
+        for reason in ("stop", "length", "error", "abort", "refused", "unavailable")
     }
 
 

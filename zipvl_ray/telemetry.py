@@ -1326,7 +1326,7 @@ def replica_metrics_sink(stage: Stage) -> ServeMetricsSink | None:
 
 
 #: Every finish reason ``zipvl_llm_requests_total`` counts (its series exist from a replica's start).
-FINISH_REASONS = ("stop", "length", "error", "abort", "refused")
+FINISH_REASONS = ("stop", "length", "error", "abort", "refused", "unavailable")
 
 
 def initial_counter_series(stage: Stage) -> list[tuple[str, dict[str, str]]]:

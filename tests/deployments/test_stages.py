@@ -600,12 +600,18 @@ def test_a_replica_whose_engine_stopped_answers_503_and_the_ingress_retries_else
         "tiny-llava", device="cpu", engine=EngineConfig(max_model_len=1024, kv_cache_bytes=1 << 20)
     )
     server.engine.shutdown()
+    from zipvl_ray import telemetry
+
+    server._metrics = sink = telemetry.InMemoryMetricsSink()
 
     async def run():
-        return [item async for item in server.generate(_request("dead"))]
+        retried = dataclasses.replace(_request("dead-retry1"), completion_id="dead")
+        return [item async for item in server.generate(retried)]
 
     (item,) = asyncio.run(run())
     assert isinstance(item, StreamError) and item.status_code == 503 and item.code == "engine_unavailable"
+    counts = {key: value for key, value in sink.counters.items() if key[0] == "zipvl_llm_requests_total"}
+    assert counts == {("zipvl_llm_requests_total", (("finish_reason", "unavailable"),)): 1.0}
 
     class Call(ScriptedCall):
         async def _run(self):
@@ -614,10 +620,20 @@ def test_a_replica_whose_engine_stopped_answers_503_and_the_ingress_retries_else
                 return
             yield RequestOutput(request_id=self.request.request_id, token_ids=[1], finished=True)
 
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     handle = FakeLLMHandle(Call)
     seen = handle.request_ids
-    (out,) = generate_all(RayServeBackend(vision=None, llm=handle))
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with telemetry.use_tracer_provider(provider):
+        (out,) = generate_all(RayServeBackend(vision=None, llm=handle))
     assert out.finished and seen == ["chatcmpl-1", "chatcmpl-1-retry1"]
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "zipvl.ingress.generate"]
+    assert [e.name for e in span.events] == ["zipvl.retry"]  # the retry is on the client's trace
 
     class AlwaysDead(ScriptedCall):
         async def _run(self):
