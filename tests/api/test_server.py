@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -58,7 +59,6 @@ def test_disconnect_aborts_and_frees_kv(target, local_service, stream):
 def test_a_streaming_client_leaving_before_the_first_token_is_aborted_at_once(target, local_service):
     """The handler waits for the first output before the response stream exists: a client that leaves
     while its request is queued or in prefill is cancelled then, not when the first token is ready."""
-    import json
     import socket
 
     import httpx

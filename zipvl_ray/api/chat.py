@@ -74,6 +74,16 @@ class ServingSettings(BaseModel):
     max_request_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body, in bytes (413 above)."
     )
+    max_request_containers: int = Field(
+        200_000,
+        ge=1000,
+        description=(
+            "Most '{' and '[' characters in a request body (JSON objects and arrays, and those inside strings), "
+            "counted as the body arrives, before it is parsed (400 above). FastAPI parses and validates a body "
+            "on the event loop: 2.1M empty messages in a 62 MB body held it for 14 s. A conversation that fits "
+            "max_model_len has at most a few per token."
+        ),
+    )
     health_timeout_s: float = Field(5.0, gt=0, description="How long GET /health waits for each stage.")
     max_prompt_chars: int | None = Field(
         None,

@@ -68,12 +68,18 @@ class _BodyTooLarge(BaseException):
     """Raised from ``receive`` when the body passes the limit (BaseException: FastAPI must not wrap it)."""
 
 
-class BodySizeLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+class _TooManyContainers(BaseException):
+    """Raised from ``receive`` when the body holds too many JSON objects and arrays (as above)."""
 
-    def __init__(self, app, max_bytes: int):
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent, and bodies
+    with more than ``max_containers`` ``{`` / ``[`` characters with 400, before anything parses them."""
+
+    def __init__(self, app, max_bytes: int, max_containers: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_containers = max_containers
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -83,16 +89,21 @@ class BodySizeLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send)
             return
-        received = 0
+        received = containers = 0
         started = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, containers
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > self.max_bytes:
                     raise _BodyTooLarge()
+                if self.max_containers is not None:
+                    containers += chunk.count(b"{") + chunk.count(b"[")
+                    if containers > self.max_containers:
+                        raise _TooManyContainers()
             return message
 
         async def tracking_send(message):
@@ -106,6 +117,17 @@ class BodySizeLimitMiddleware:
         except _BodyTooLarge:
             if not started:
                 await self._refuse(send)
+        except _TooManyContainers:
+            if not started:
+                response = JSONResponse(
+                    status_code=400,
+                    content=error_payload(
+                        f"the request body holds more than {self.max_containers} JSON objects and arrays",
+                        type="invalid_request_error",
+                        code="request_too_complex",
+                    ),
+                )
+                await response({"type": "http"}, _no_receive, send)
 
     async def _refuse(self, send) -> None:
         response = JSONResponse(

@@ -109,7 +109,11 @@ def build_openai_app(
     counters = IngressCounters()
     keys = settings.auth.load_keys() if api_keys is None else frozenset(api_keys)
     # Starlette runs the middleware added last first.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        max_containers=settings.max_request_containers,
+    )
     if keys:
         app.add_middleware(APIKeyMiddleware, keys=keys, public_paths=settings.auth.public_paths)
     app.add_middleware(CountingMiddleware, counters=counters)
