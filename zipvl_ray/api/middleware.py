@@ -119,26 +119,18 @@ class BodySizeLimitMiddleware:
                 await self._refuse(send)
         except _TooManyContainers:
             if not started:
-                response = JSONResponse(
-                    status_code=400,
-                    content=error_payload(
-                        f"the request body holds more than {self.max_containers} JSON objects and arrays",
-                        type="invalid_request_error",
-                        code="request_too_complex",
-                    ),
-                )
-                await response({"type": "http"}, _no_receive, send)
+                message = f"the request body holds more than {self.max_containers} JSON objects and arrays"
+                await _send_error(send, 400, message, "request_too_complex")
 
     async def _refuse(self, send) -> None:
-        response = JSONResponse(
-            status_code=413,
-            content=error_payload(
-                f"the request body is over the limit of {self.max_bytes} bytes",
-                type="invalid_request_error",
-                code="request_too_large",
-            ),
-        )
-        await response({"type": "http"}, _no_receive, send)
+        message = f"the request body is over the limit of {self.max_bytes} bytes"
+        await _send_error(send, 413, message, "request_too_large")
+
+
+async def _send_error(send, status: int, message: str, code: str) -> None:
+    """An OpenAI-format error response sent straight to ``send`` (outside the application)."""
+    content = error_payload(message, type="invalid_request_error", code=code)
+    await JSONResponse(status_code=status, content=content)({"type": "http"}, _no_receive, send)
 
 
 class CountingMiddleware:
