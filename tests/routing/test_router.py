@@ -871,3 +871,31 @@ def test_a_routed_request_with_malformed_hints_is_never_failed_by_the_router():
         return ranks
 
     assert names(asyncio.run(scenario())) == ["a"]
+
+
+def test_a_snapshot_is_parsed_once_and_a_new_one_again(monkeypatch):
+    """Serve hands the router a new stats dict per snapshot; parsing and checking it for every decision
+    cost about 40% of a decision at 64 replicas. Each snapshot object is parsed once; a new one is read
+    afresh (a replica that filled up then ranks last)."""
+    import zipvl_ray.routing.router as router_module
+
+    calls = []
+    real = router_module.profile_from_routing_stats
+    monkeypatch.setattr(
+        router_module, "profile_from_routing_stats", lambda data: calls.append(data) or real(data)
+    )
+
+    async def scenario():
+        router = make_router(Clock())
+        a, b = StatsReplica("a", stats(40, 10)), StatsReplica("b", stats(40, 20))
+        router.update_replicas([a, b])
+        first = names(await router.choose_replicas([a, b], pending("r1", 4)))
+        second = names(await router.choose_replicas([a, b], pending("r2", 4)))
+        parsed_twice = len(calls)
+        b.stats = stats(40, 38)  # a new snapshot: b is nearly full now, the request fits only on a
+        third = names(await router.choose_replicas([a, b], pending("r3", 4)))
+        return first, second, third, parsed_twice, len(calls)
+
+    first, second, third, parsed_twice, parsed_after = asyncio.run(scenario())
+    assert parsed_twice == 2 and parsed_after == 3
+    assert first == second == ["b", "a"] and third == ["a", "b"]

@@ -680,6 +680,9 @@ class KVPackingRouter(RequestRouter):
         self._first_seen: dict[ReplicaID, int] = {}
         self._next_order = 0
         self._last_sweep = -math.inf
+        # Each replica's last routing-stats dict and what it parses to: a snapshot changes once per stats
+        # period, and parsing and checking it for every decision cost about 40% of a decision at 64 replicas.
+        self._parsed: dict[ReplicaID, tuple[Any, tuple[KVProfile | None, float | None]]] = {}
         # Serve calls the hooks on its router thread; telemetry() is read from the ingress's own loop.
         self._lock = threading.RLock()
 
@@ -702,6 +705,8 @@ class KVPackingRouter(RequestRouter):
         self.counters.dropped_dead += self._holds.drop_replicas(gone)
         for replica_id in [r for r in self._first_seen if r not in live]:
             del self._first_seen[replica_id]
+        for replica_id in [r for r in self._parsed if r not in live]:
+            del self._parsed[replica_id]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -909,7 +914,15 @@ class KVPackingRouter(RequestRouter):
                 stats = replica.routing_stats
             except Exception:  # a replica without a snapshot yet
                 stats = None
-            out[replica.replica_id] = profile_from_routing_stats(stats if isinstance(stats, dict) else None)
+            stats = stats if isinstance(stats, dict) else None
+            cached = self._parsed.get(replica.replica_id)
+            if cached is not None and cached[0] is stats and stats is not None:
+                out[replica.replica_id] = cached[1]  # the same snapshot object as last time
+                continue
+            parsed = profile_from_routing_stats(stats)
+            if stats is not None:
+                self._parsed[replica.replica_id] = (stats, parsed)
+            out[replica.replica_id] = parsed
         return out
 
     def _views(self, replicas: list[RunningReplica], now: float) -> list[ReplicaView]:
