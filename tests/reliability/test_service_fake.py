@@ -606,11 +606,10 @@ def test_llm_replica_killed_mid_load(main, record_figures):
                 if sum(v > 0 for v in running.values()) == LLM_REPLICAS or time.monotonic() > deadline:
                     break
             victim = max(running, key=running.get)
-            router_before = await asyncio.to_thread(lambda: main.stats().get("router"))
             ray.kill(replicas[victim], no_restart=True)
-            return victim, running, router_before, await asyncio.gather(*tasks)
+            return victim, running, await asyncio.gather(*tasks)
 
-    victim, running, router_before, outcomes = asyncio.run(load_and_kill())
+    victim, running, outcomes = asyncio.run(load_and_kill())
     assert running[victim] > 0
     stream_results, whole_results = outcomes[: requests // 2], outcomes[requests // 2 :]
     # Non-streamed requests see nothing before the end: the ingress ran the victim's again elsewhere.
@@ -643,9 +642,9 @@ def test_llm_replica_killed_mid_load(main, record_figures):
     # The router in the ingress holds nothing for the dead replica any more.
     router = stats["router"]
     assert victim not in router["held_bytes"]
-    assert router["counters"]["dropped_dead"] >= 1 or victim not in (router_before or {}).get(
-        "held_bytes", {}
-    )
+    # (How they went is a race: dropped when Serve removed the replica, or released first by the failed
+    # attempts' results, whose done-callbacks fire as the actor dies; `dropped_dead` counts only the former,
+    # and asserting it failed once on a loaded machine. The test above is the invariant: none is left.)
     main.wait_llm_idle()
     record_figures(
         "replica_killed",
