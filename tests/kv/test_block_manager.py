@@ -287,3 +287,39 @@ def test_append_slots_edge_cases(layout):
         kv.append_slots(["a", "a"])
     assert kv.num_free_blocks == free and kv.seqs["a"].lengths == [4] * layout.num_layers
     assert kv.lengths(["a"]) == [[4]] * layout.num_layers
+
+
+def test_extend_gives_the_slots_that_appends_would_and_is_all_or_nothing(layout):
+    """``extend_slots(c)`` (a preempted sequence's replay) grows every layer as ``c`` appends would (the
+    same lengths and block counts; block ids may differ) and returns the slots of the new positions, in
+    order; out of blocks it changes nothing."""
+    appended = KVCacheManager(layout, num_blocks=20, max_num_seqs=4, max_model_len=64)
+    extended = KVCacheManager(layout, num_blocks=20, max_num_seqs=4, max_model_len=64)
+    for kv in (appended, extended):
+        kv.open("a")
+        for layer, kept in enumerate([4, 3, 1]):
+            kv.allocate_tokens("a", layer, kept)
+    for _ in range(6):
+        appended.append_slots(["a"])
+    at_once = extended.extend_slots("a", 6)
+    assert at_once.shape == (3, 6)
+    assert extended.seqs["a"].lengths == appended.seqs["a"].lengths == [10, 9, 7]
+    assert (
+        [len(t) for t in extended.seqs["a"].tables]
+        == [len(t) for t in appended.seqs["a"].tables]
+        == [3, 3, 2]
+    )
+    for layer, start in enumerate([4, 3, 1]):
+        assert torch.equal(at_once[layer], extended.layer_slots("a", layer, start, start + 6))
+    assert len(set(at_once.reshape(-1).tolist())) == 18
+    extended.check_consistency()
+
+    before = ([list(t) for t in extended.seqs["a"].tables], list(extended.seqs["a"].lengths))
+    free = extended.num_free_blocks
+    with pytest.raises(OutOfBlocks, match="needs"):
+        extended.extend_slots("a", 20)  # 5 more blocks in each of 3 layers, 12 free
+    with pytest.raises(OutOfBlocks, match="max_model_len"):
+        extended.extend_slots("a", 64)
+    assert ([list(t) for t in extended.seqs["a"].tables], list(extended.seqs["a"].lengths)) == before
+    assert extended.num_free_blocks == free
+    extended.check_consistency()

@@ -108,6 +108,7 @@ class LLMEngine:
             "aborted_waiting": 0,
             "prefill_tokens": 0,
             "decode_tokens": 0,
+            "replayed_tokens": 0,
             "max_batch": 0,
         }
         self._prediction_error = 0.0
@@ -412,8 +413,28 @@ class LLMEngine:
             self._record_prefill(seq, seg, predicted[row])
             if not seq.output_token_ids:  # a first prefill; a recomputation only rebuilds the cache
                 to_sample.append((row, seq))
+        for seq in seqs:
+            self._replay(seq)
         outputs = self._sample_and_append(logits, to_sample)
         return outputs
+
+    def _replay(self, seq: Sequence) -> None:
+        """Feed a recomputed sequence's generated tokens back (all but the last, which the next decode step
+        feeds and samples after), a few forwards of up to ``max_num_batched_tokens`` tokens instead of one
+        decode row per step (up to 1.9x the decode rows under KV pressure, and a stall of one step per
+        token, until 2026-12-07). A chunk ends at each ``decode_compress_interval`` boundary, where decode
+        compresses. Out of blocks, the rest is fed back by the decode steps as before (they preempt)."""
+        interval = seq.zipvl.decode_compress_interval
+        while seq.replay_backlog() > 0:
+            count = min(seq.replay_backlog(), self.config.max_num_batched_tokens)
+            if interval:
+                count = min(count, interval - seq.num_fed % interval)
+            try:
+                self.runner.replay(seq, count)
+            except OutOfBlocks:
+                return
+            seq.num_fed += count
+            self._totals["replayed_tokens"] += count
 
     def _prefill_did_not_fit(self, seqs: list[Sequence]) -> list[RequestOutput]:
         for seq in seqs:
@@ -626,6 +647,7 @@ class LLMEngine:
             num_aborted_waiting=self._totals["aborted_waiting"],
             prefill_tokens=self._totals["prefill_tokens"],
             decode_tokens=self._totals["decode_tokens"],
+            replayed_tokens=self._totals["replayed_tokens"],
             kv_bytes_saved=max(0, saved),
             prediction_error_mean=self._prediction_error,
             max_concurrent_seqs=self._totals["max_batch"],

@@ -9,7 +9,10 @@ attention to the :class:`StepKV` of the current step (it arrives as ``past_key_v
 * **decode**: one token per sequence (``(B, 1, hidden)``); its key / value goes into the slot the
   block manager reserved, then it attends to that layer's blocks: flash-attn's paged kernel on CUDA
   (block_size a multiple of 256), else a gather of its whole blocks into a padded tensor with a length
-  mask and SDPA.
+  mask and SDPA;
+* **replay**: a preempted sequence's generated tokens, ``(1, c, hidden)``, after its prompt was
+  recomputed; each attends to what its layer holds plus the chunk's tokens up to itself (a gather and
+  SDPA with a causal offset mask), as its decode step did.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class StepKV(Cache):
         new_slots=None,
         lengths=None,
         compress=None,
+        extend=None,
     ):
         super().__init__(layers=[])
         self.runner = runner
@@ -73,6 +77,9 @@ class StepKV(Cache):
         self.new_slots = new_slots
         self.lengths = lengths
         self.compress = compress or []  # (row, ZipVLConfig) of sequences due for decode compression
+        self.extend = (
+            extend  # a replay: (prior lengths per layer, ZipVLConfig if compression is due else None)
+        )
         self.rows: torch.Tensor | None = None  # block-table rows of seq_ids, computed by the first layer
 
     # transformers' Cache interface: nothing is stored here, positions are given explicitly.
@@ -88,6 +95,8 @@ class StepKV(Cache):
     def zipvl_attention(self, layer_idx, query, key, value, attention_mask, scaling, config) -> torch.Tensor:
         if self.segments is not None:
             return self._prefill(layer_idx, query, key, value, scaling)
+        if self.extend is not None:
+            return self._extend(layer_idx, query, key, value, scaling)
         return self._decode(layer_idx, query, key, value, scaling)
 
     # -- prefill ---------------------------------------------------------------------------------
@@ -168,6 +177,35 @@ class StepKV(Cache):
         )
         for row, cfg in due:
             self._compress_recent(layer, row, query[row, :, 0], k[row, : lengths[row]], scaling, cfg)
+        return out.transpose(1, 2)
+
+    # -- replay ------------------------------------------------------------------------------------
+    def _extend(self, layer: int, query, key, value, scaling: float) -> torch.Tensor:
+        """``c`` generated tokens of one sequence fed back at once: what ``c`` decode steps would compute.
+
+        ``query``: ``(1, H, c, d)``; ``key`` / ``value``: ``(1, Hkv, c, d)``. Token ``i`` attends to the
+        layer's ``L0`` held tokens and to chunk tokens ``0..i``, as its own decode step did; when the last
+        token is due for decode compression, it runs on that token's query as in :meth:`_decode`.
+        """
+        runner = self.runner
+        prior, cfg = self.extend
+        seq_id = self.seq_ids[0]
+        c = query.shape[2]
+        runner.pool.write(self.new_slots[layer], key[0].transpose(0, 1), value[0].transpose(0, 1))
+        length = prior[layer] + c
+        k, v = runner.pool.gather(runner.kv.layer_slots(seq_id, layer, 0, length))  # (length, Hkv, d)
+        allowed = torch.ones(c, length, dtype=torch.bool, device=query.device).tril(diagonal=prior[layer])
+        group = query.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(
+            query,
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=allowed[None, None],
+            scale=scaling,
+            enable_gqa=group > 1,
+        )
+        if cfg is not None and not cfg.is_dense_layer(layer):
+            self._compress_recent(layer, 0, query[0, :, -1], k, scaling, cfg)
         return out.transpose(1, 2)
 
     def _compress_recent(self, layer: int, row: int, query, keys, scaling: float, cfg: ZipVLConfig) -> None:
@@ -355,6 +393,35 @@ class ModelRunner:
             inputs_embeds=embeds, position_ids=position_ids, past_key_values=context, use_cache=True
         ).last_hidden_state[:, -1]
         return self.adapter.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def replay(self, seq, num_tokens: int) -> None:
+        """Feed ``output_token_ids[num_fed : num_fed + num_tokens]`` of a recomputed (preempted) sequence
+        back in one forward, writing their KV as ``num_tokens`` decode steps would (no logits: they were
+        sampled before). ``num_tokens`` must not cross a ``decode_compress_interval`` boundary except at
+        its last token. Raises :class:`OutOfBlocks` before anything changes."""
+        interval = seq.zipvl.decode_compress_interval
+        if interval and (seq.num_fed % interval) + num_tokens > interval:
+            raise ValueError(f"a replay of {num_tokens} tokens crosses a compression boundary")
+        prior = self.kv.lengths([seq.request_id])  # [layer][0]
+        new_slots = self.kv.extend_slots(seq.request_id, num_tokens)
+        first = seq.num_fed
+        token_ids = torch.tensor(seq.output_token_ids[first : first + num_tokens], device=self.device)
+        embeds = self.adapter.embed(token_ids, [])[None]  # (1, c, hidden)
+        pos = torch.arange(seq.decode_position(), seq.decode_position() + num_tokens, device=self.device)[
+            None
+        ]
+        position_ids = pos[None].expand(3, -1, -1) if self.adapter.uses_mrope else pos
+        due = interval and (first + num_tokens) % interval == 0
+        context = StepKV(
+            self,
+            seq_ids=[seq.request_id],
+            new_slots=new_slots,
+            extend=([length[0] for length in prior], seq.zipvl if due else None),
+        )
+        self.adapter.language_model(
+            inputs_embeds=embeds, position_ids=position_ids, past_key_values=context, use_cache=True
+        )
 
     def dense_bytes(self, num_tokens: int) -> int:
         """Block-rounded bytes ``num_tokens`` tokens would hold in every layer without eviction."""

@@ -40,8 +40,9 @@ class Sequence:
         Tokens generated so far.
     num_fed : int
         How many of ``output_token_ids`` have their KV in the cache. After a preemption the engine
-        recomputes the prompt and feeds the generated tokens back one by one before sampling again,
-        so the request returns exactly the tokens it would have returned.
+        recomputes the prompt and feeds the generated tokens back (a replay forward, or decode steps
+        when the pool cannot hold them at once) before sampling again, so the request returns exactly
+        the tokens it would have returned.
     """
 
     request_id: str

@@ -253,7 +253,10 @@ class EngineStats:
         Of ``num_aborted``, the requests aborted while in the waiting queue (never scheduled, or
         preempted and not yet resumed): their clients left before the engine had room for them.
     prefill_tokens, decode_tokens : int
-        Totals since start.
+        Totals since start (``decode_tokens``: tokens fed by decode steps).
+    replayed_tokens : int
+        Total since start of the generated tokens that preempted sequences fed back in replay forwards
+        after their recomputed prefill (not counted in ``decode_tokens``).
     kv_bytes_saved : int
         Dense-equivalent bytes minus held bytes, over the sequences held now.
     prediction_error_mean : float
@@ -293,6 +296,7 @@ class EngineStats:
     num_aborted_waiting: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    replayed_tokens: int = 0
     kv_bytes_saved: int = 0
     prediction_error_mean: float = 0.0
     max_concurrent_seqs: int = 0

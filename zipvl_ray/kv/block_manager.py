@@ -226,6 +226,49 @@ class KVCacheManager:
         blocks_of_token = self.block_tables[layers, rows[None, :], position // bs].long()
         return blocks_of_token * bs + position % bs
 
+    def extend_slots(self, seq_id: str, num_tokens: int) -> torch.Tensor:
+        """Reserve room for ``num_tokens`` more tokens in every layer of one sequence (a preempted
+        sequence's generated tokens fed back in one forward). All or nothing: :class:`OutOfBlocks` is
+        raised before anything changes.
+
+        Returns
+        -------
+        torch.LongTensor
+            ``(num_layers, num_tokens)`` flat slots of the new tokens, per layer, in order.
+        """
+        if num_tokens < 1:
+            raise ValueError(f"cannot extend by {num_tokens} tokens")
+        seq, bs = self.seqs[seq_id], self.block_size
+        new_blocks = [
+            -(-(length + num_tokens) // bs) - len(table)
+            for length, table in zip(seq.lengths, seq.tables, strict=True)
+        ]
+        if any(
+            len(table) + n > self.max_blocks_per_layer
+            for table, n in zip(seq.tables, new_blocks, strict=True)
+        ):
+            raise OutOfBlocks(f"{seq_id!r} would exceed max_model_len in a layer")
+        needed = sum(new_blocks)
+        if needed > self.allocator.num_free:
+            raise OutOfBlocks(
+                f"extending {seq_id!r} by {num_tokens} tokens needs {needed} KV blocks, "
+                f"{self.allocator.num_free} free"
+            )
+        blocks = self.allocator.allocate(needed)
+        slots = []
+        for layer, n in enumerate(new_blocks):
+            table = seq.tables[layer]
+            taken, blocks = blocks[:n], blocks[n:]
+            if taken:
+                self.block_tables[layer, seq.row, len(table) : len(table) + n] = torch.tensor(
+                    taken, dtype=torch.int32, device=self.block_tables.device
+                )
+                table.extend(taken)
+            start = seq.lengths[layer]
+            seq.lengths[layer] = start + num_tokens
+            slots.append(self.layer_slots(seq_id, layer, start, start + num_tokens))
+        return torch.stack(slots)
+
     def layer_slots(self, seq_id: str, layer: int, start: int, end: int) -> torch.Tensor:
         """Flat slots of tokens ``[start, end)`` of one layer of one sequence, ``(end - start,)``."""
         table = torch.tensor(self.seqs[seq_id].tables[layer], dtype=torch.long)

@@ -1,0 +1,94 @@
+"""A preempted sequence's generated tokens are fed back in one forward (a replay), which must write the KV
+that its decode steps wrote: the invariant behind "a preempted request returns exactly its tokens"."""
+
+import pytest
+import torch
+
+from zipvl_ray.config import EngineConfig, ZipVLConfig
+from zipvl_ray.engine import LLMEngine, SamplingParams
+from zipvl_ray.kv import OutOfBlocks
+from zipvl_ray.models import load_model
+
+from ..conftest import TINY_ARCHS
+from .conftest import mixed_prompts
+
+CONFIGS = {
+    "dense": ZipVLConfig(tau=1.0),
+    "tau0.9": ZipVLConfig(tau=0.9, probe_recent=8, probe_random=8),
+    "max_keep_ratio0.3": ZipVLConfig(max_keep_ratio=0.3),
+    "decode_compress4": ZipVLConfig(tau=0.6, probe_recent=8, probe_random=8, decode_compress_interval=4),
+}
+GENERATED = 14  # 13 fed back: three compression boundaries at interval 4, and a partial chunk
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def arch(request):
+    return load_model(request.param)
+
+
+def held_kv(engine, request_id):
+    """Per layer, the keys and values ``request_id`` holds, ``(L_l, Hkv, d)`` each."""
+    runner = engine.runner
+    seq = runner.kv.seqs[request_id]
+    return [
+        runner.pool.gather(runner.kv.layer_slots(request_id, layer, 0, length))
+        for layer, length in enumerate(seq.lengths)
+    ]
+
+
+def run_until(engine, request_id, generated):
+    while len(engine.sequences[request_id].output_token_ids) < generated:
+        engine.step()
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_a_replay_writes_the_kv_its_decode_steps_wrote(arch, config_name):
+    model, processor = arch
+    engine = LLMEngine(
+        model, processor, zipvl=CONFIGS[config_name], engine=EngineConfig(kv_cache_bytes=8 << 20)
+    )
+    engine.add_request("r", mixed_prompts(n_images=(2,))[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    run_until(engine, "r", GENERATED)
+    seq = engine.sequences["r"]
+    assert seq.num_fed == GENERATED - 1
+    decoded = held_kv(engine, "r")
+    lengths = list(engine.runner.kv.seqs["r"].lengths)
+    tokens = list(seq.output_token_ids)
+
+    assert engine.scheduler.preempt_newest() is seq and seq.num_fed == 0
+    engine.step()  # the recomputed prefill, and the replay in the same step
+    assert seq.num_fed == GENERATED - 1 and seq.output_token_ids == tokens  # nothing sampled, nothing left
+    assert engine.runner.kv.seqs["r"].lengths == lengths
+    for (k_dec, v_dec), (k_rep, v_rep) in zip(decoded, held_kv(engine, "r"), strict=True):
+        torch.testing.assert_close(k_rep, k_dec, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v_rep, v_dec, rtol=1e-4, atol=1e-4)
+    assert engine.stats().replayed_tokens == GENERATED - 1
+    engine.runner.kv.check_consistency()
+
+
+def test_a_replay_out_of_blocks_falls_back_to_the_decode_steps(tiny_llava, monkeypatch):
+    """When the pool cannot hold the whole backlog at once, the decode steps feed the rest back one by one
+    (and preempt if they must), as before replays existed: the answer is unchanged."""
+    model, processor = tiny_llava
+    prompt, sampling = mixed_prompts(n_images=(2,))[0], SamplingParams(max_tokens=20, ignore_eos=True)
+
+    def answer(refuse_replays):
+        engine = LLMEngine(
+            model, processor, zipvl=CONFIGS["tau0.9"], engine=EngineConfig(kv_cache_bytes=8 << 20)
+        )
+        if refuse_replays:
+
+            def extend_slots(seq_id, num_tokens):
+                raise OutOfBlocks("refused by the test")
+
+            monkeypatch.setattr(engine.runner.kv, "extend_slots", extend_slots)
+        engine.add_request("r", prompt, sampling)
+        run_until(engine, "r", 8)
+        engine.scheduler.preempt_newest()
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        assert engine.stats().replayed_tokens == (0 if refuse_replays else 7)
+        return outs[-1].token_ids
+
+    assert answer(refuse_replays=True) == answer(refuse_replays=False)
