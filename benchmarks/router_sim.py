@@ -99,6 +99,12 @@ class ReplicaModel:
         as ``zipvl_ray.engine.scheduler`` does since f57acc6. False models the engine before that fix,
         which predicted it like a new request; under KV pressure such a sequence was readmitted, did not
         fit and was preempted again (thrashing).
+    prefill_failure_preempts : bool
+        A prefill that did not fit while sequences ran preempted the newest running one and was retried,
+        as ``LLMEngine._prefill_did_not_fit`` did before 2026-12-07. False (today's engine): the batch
+        goes back to the front of the queue and preempts nothing, and its sequences are sized dense
+        (an upper bound) until a prefill of them fits; a sequence prefilled before is sized by what
+        that prefill kept (``LLMEngine._predict_seq_bytes``).
     """
 
     num_layers: int = 32
@@ -119,6 +125,7 @@ class ReplicaModel:
     decode_chunk: int = 8
     max_ongoing_requests: int = 64
     readmit_counts_generated: bool = True
+    prefill_failure_preempts: bool = False
 
     @property
     def block_bytes(self) -> int:
@@ -385,7 +392,16 @@ def make_trace(trace: TraceModel, retention: RetentionModel, seed: int) -> list[
 class Seq:
     """A request inside an engine: kept tokens per layer and blocks held as it generates."""
 
-    __slots__ = ("req", "generated", "base_blocks", "tail", "blocks", "num_layers")
+    __slots__ = (
+        "req",
+        "generated",
+        "base_blocks",
+        "tail",
+        "blocks",
+        "num_layers",
+        "prefilled",
+        "did_not_fit",
+    )
 
     def __init__(self, req: Request, block_size: int):
         self.req = req
@@ -398,6 +414,8 @@ class Seq:
         rems = [k % block_size for k in kept]
         self.tail = [sum(-(-(r + s) // block_size) for r in rems) for s in range(block_size)]
         self.blocks = 0
+        self.prefilled = False  # a prefill of it fitted: readmissions are sized by what it kept
+        self.did_not_fit = False  # a prefill of it ran out of blocks: sized dense until one fits
 
     def blocks_at(self, generated: int, block_size: int) -> int:
         q, s = divmod(generated, block_size)
@@ -456,7 +474,14 @@ class Replica:
         bs = self.model.block_size
         blocks = sum(s.blocks_at(s.req.max_tokens, bs) for s in self.running)
         blocks += sum(s.blocks_at(s.req.max_tokens, bs) for s in self.prefilling)
-        blocks += sum(predict_bytes(s.req.prompt_tokens, fractions, s.remaining, bs, 1) for s in self.waiting)
+        legacy = self.model.prefill_failure_preempts
+        dense = [1.0] * self.model.num_layers
+        for s in self.waiting:  # as ``LLMEngine._predict_seq_bytes`` sizes them
+            if s.prefilled and not legacy:
+                blocks += s.blocks_at(s.req.max_tokens, bs)
+            else:
+                f = dense if s.did_not_fit and not legacy else fractions
+                blocks += predict_bytes(s.req.prompt_tokens, f, s.remaining, bs, 1)
         return blocks
 
     def engine_stats(self) -> EngineStats:
@@ -876,7 +901,16 @@ class Simulation:
             # The engine predicts a readmitted (preempted) sequence with the tokens it already generated and
             # will re-feed; without ``readmit_counts_generated`` (the engine before f57acc6) like a new one.
             decode = replica.headroom(seq) + (seq.generated if m.readmit_counts_generated else 0)
-            need = predict_bytes(n, fractions, decode, m.block_size, m.block_bytes) // m.block_bytes
+            if seq.prefilled and not m.prefill_failure_preempts:
+                need = seq.blocks_at(decode, m.block_size)  # what its prefill kept: exact
+            else:
+                dense = seq.did_not_fit and not m.prefill_failure_preempts
+                need = (
+                    predict_bytes(
+                        n, [1.0] * m.num_layers if dense else fractions, decode, m.block_size, m.block_bytes
+                    )
+                    // m.block_bytes
+                )
             if committed + need > m.capacity_blocks and (batch or replica.running):
                 break
             replica.waiting.popleft()
@@ -892,8 +926,12 @@ class Simulation:
         needed = sum(seq.blocks_at(seq.generated, m.block_size) for seq in batch)
         if replica.used_blocks + needed > m.capacity_blocks:
             replica.prefill_requeues += 1
-            if replica.running:  # free the newest running sequence and try the batch again
+            for seq in batch:
+                seq.did_not_fit = True
+            if replica.running and m.prefill_failure_preempts:  # the engine before 2026-12-07
                 self.preempt_newest(replica)
+                replica.waiting.extendleft(reversed(batch))
+            elif replica.running:  # back to the front, sized dense, to wait for memory
                 replica.waiting.extendleft(reversed(batch))
             elif len(batch) > 1:  # alone next time
                 replica.waiting.extendleft(reversed(batch))
@@ -908,6 +946,7 @@ class Simulation:
                 seq.req.ttft = now
                 seq.generated = 1
             seq.blocks = seq.blocks_at(seq.generated, m.block_size)
+            seq.prefilled = True
             replica.used_blocks += seq.blocks
             replica.running.append(seq)
             replica.kept_ema = (
@@ -1573,6 +1612,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "it had generated (thrashing under KV pressure)",
     )
     parser.add_argument(
+        "--prefill-failure-preempts",
+        action="store_true",
+        help="model the engine before 2026-12-07, whose prefill that did not fit preempted the newest running "
+        "sequence (and was sized by the running mean again)",
+    )
+    parser.add_argument(
         "--measure-retention",
         type=Path,
         default=None,
@@ -1621,7 +1666,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.resummarize is not None:
         return resummarize(args.resummarize, args.out_dir, args.name)
 
-    model = ReplicaModel(readmit_counts_generated=not args.readmit_as_new)
+    model = ReplicaModel(
+        readmit_counts_generated=not args.readmit_as_new,
+        prefill_failure_preempts=args.prefill_failure_preempts,
+    )
     if args.kv_pool_gib is not None:
         model = ReplicaModel(**{**model.__dict__, "kv_pool_gib": args.kv_pool_gib})
     scaling = ScalingModel()
