@@ -44,7 +44,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from zipvl_ray.routing.footprint import KVProfile, RoutingHints, predict_request_bytes
+from zipvl_ray.routing.footprint import (
+    KVProfile,
+    RoutingHints,
+    predict_request_bytes,
+    predict_request_bytes_many,
+)
 from zipvl_ray.routing.replica_stats import profile_from_routing_stats
 
 logger = logging.getLogger(__name__)
@@ -597,11 +602,16 @@ def rank_replicas(views: Sequence[ReplicaView], hints: RoutingHints, config: KVR
         ordered = sorted(views, key=lambda v: (v.num_holds, v.order))
         return Ranking([v.key for v in ordered], dict.fromkeys((v.key for v in views), 0), False, 0, True)
 
-    predicted: dict[Hashable, int] = {}
     free: dict[Hashable, float] = {}
     fits: dict[Hashable, bool] = {}
+    known = [v for v in views if v.profile is not None]
+    predicted: dict[Hashable, int] = dict.fromkeys((v.key for v in views), 0)
+    predicted.update(
+        zip(
+            (v.key for v in known), predict_request_bytes_many(hints, [v.profile for v in known]), strict=True
+        )
+    )
     for v in views:
-        predicted[v.key] = predict_request_bytes(hints, v.profile) if v.profile is not None else 0
         free[v.key] = v.capacity_bytes * config.max_fill_fraction - v.committed_bytes
         fits[v.key] = free[v.key] - predicted[v.key] >= 0
 
