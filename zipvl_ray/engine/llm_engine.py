@@ -413,28 +413,36 @@ class LLMEngine:
             self._record_prefill(seq, seg, predicted[row])
             if not seq.output_token_ids:  # a first prefill; a recomputation only rebuilds the cache
                 to_sample.append((row, seq))
-        for seq in seqs:
-            self._replay(seq)
         outputs = self._sample_and_append(logits, to_sample)
+        self._replay([seq for seq in seqs if seq in self.scheduler.running])
         return outputs
 
-    def _replay(self, seq: Sequence) -> None:
-        """Feed a recomputed sequence's generated tokens back (all but the last, which the next decode step
-        feeds and samples after), a few forwards of up to ``max_num_batched_tokens`` tokens instead of one
-        decode row per step (up to 1.9x the decode rows under KV pressure, and a stall of one step per
-        token, until 2026-12-07). A chunk ends at each ``decode_compress_interval`` boundary, where decode
-        compresses. Out of blocks, the rest is fed back by the decode steps as before (they preempt)."""
-        interval = seq.zipvl.decode_compress_interval
-        while seq.replay_backlog() > 0:
-            count = min(seq.replay_backlog(), self.config.max_num_batched_tokens)
-            if interval:
-                count = min(count, interval - seq.num_fed % interval)
-            try:
-                self.runner.replay(seq, count)
-            except OutOfBlocks:
-                return
-            seq.num_fed += count
-            self._totals["replayed_tokens"] += count
+    def _replay(self, seqs: list[Sequence]) -> None:
+        """Feed recomputed sequences' generated tokens back (all but the last, which the next decode step
+        feeds and samples after) in replay forwards, instead of one decode row per token and step (until
+        2026-12-07: up to 1.9x the decode rows under KV pressure, and a sequence that produced nothing for
+        as many steps as it had generated tokens).
+
+        At most ``max_num_batched_tokens`` tokens per step, as a prefill step (the rest continues at the next
+        decode step, so a long backlog does not stall the running sequences for longer than a prefill);
+        a chunk ends at each ``decode_compress_interval`` boundary, where decode compresses, and is cut to
+        :meth:`ModelRunner.max_replay_tokens` (the attention's score matrix). Out of blocks, the rest waits:
+        the decode steps feed it back one token per step (and preempt) as before.
+        """
+        budget = self.config.max_num_batched_tokens
+        for seq in seqs:
+            interval = seq.zipvl.decode_compress_interval
+            while seq.replay_backlog() > 0 and budget > 0:
+                count = min(seq.replay_backlog(), budget, self.runner.max_replay_tokens(seq))
+                if interval and interval > 1:
+                    count = min(count, interval - seq.num_fed % interval)
+                try:
+                    self.runner.replay(seq, count)
+                except OutOfBlocks:
+                    break
+                seq.num_fed += count
+                budget -= count
+                self._totals["replayed_tokens"] += count
 
     def _prefill_did_not_fit(self, seqs: list[Sequence]) -> list[RequestOutput]:
         for seq in seqs:
@@ -479,6 +487,7 @@ class LLMEngine:
             self._seen_prefills += 1
 
     def _decode_step(self) -> list[RequestOutput]:
+        self._replay([seq for seq in self.scheduler.running if seq.replay_backlog() > 0])  # what a step left
         outputs = []
         for seq in self.scheduler.ensure_decode_room():
             # Alone in the pool and no room for one more token: the replica's context is full. What it

@@ -394,14 +394,26 @@ class ModelRunner:
         ).last_hidden_state[:, -1]
         return self.adapter.lm_head(hidden).float()
 
+    #: Bytes one replay chunk's attention scores may take, ``num_heads x chunk x layer length x 4``: with a
+    #: mask and grouped KV heads, CUDA's SDPA falls back to its math kernel, which materialises them (a 7B
+    #: model's 8,000-token chunk over 10,000 held tokens would take ~9 GB per copy).
+    REPLAY_SCORE_BYTES = 256 << 20
+
+    def max_replay_tokens(self, seq) -> int:
+        """The longest replay chunk for ``seq`` under :attr:`REPLAY_SCORE_BYTES` (at least 1)."""
+        longest = max(self.kv.seqs[seq.request_id].lengths) + seq.replay_backlog()
+        return max(1, self.REPLAY_SCORE_BYTES // (4 * self.geometry.num_heads * max(1, longest)))
+
     @torch.no_grad()
     def replay(self, seq, num_tokens: int) -> None:
         """Feed ``output_token_ids[num_fed : num_fed + num_tokens]`` of a recomputed (preempted) sequence
         back in one forward, writing their KV as ``num_tokens`` decode steps would (no logits: they were
         sampled before). ``num_tokens`` must not cross a ``decode_compress_interval`` boundary except at
-        its last token. Raises :class:`OutOfBlocks` before anything changes."""
+        its last token. Raises :class:`OutOfBlocks` before anything changes; any other error leaves the
+        layers grown past what was written, and the caller must fail the sequence (the engine's
+        ``fail_step`` frees it)."""
         interval = seq.zipvl.decode_compress_interval
-        if interval and (seq.num_fed % interval) + num_tokens > interval:
+        if interval and interval > 1 and (seq.num_fed % interval) + num_tokens > interval:
             raise ValueError(f"a replay of {num_tokens} tokens crosses a compression boundary")
         prior = self.kv.lengths([seq.request_id])  # [layer][0]
         new_slots = self.kv.extend_slots(seq.request_id, num_tokens)
