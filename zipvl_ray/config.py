@@ -164,7 +164,8 @@ class EngineConfig(BaseModel):
         ge=1,
         description=(
             "Most prompt tokens prefilled in one step. A single prompt longer than this is still prefilled alone "
-            "(ZipVL selects over the whole prompt, so prompts are never split)."
+            "(ZipVL selects over the whole prompt, so prompts are never split). Also the most generated tokens "
+            "that preempted sequences feed back (replay) in one step; the rest follow at the next steps."
         ),
     )
     max_model_len: int = Field(32768, ge=2, description="Longest prompt + generation, in tokens.")
