@@ -179,3 +179,24 @@ def test_in_bf16_a_replay_matches_decode_up_to_rounding(config_name):
         assert k_rep.dtype == torch.bfloat16
         torch.testing.assert_close(k_rep, k_dec, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(v_rep, v_dec, rtol=2e-2, atol=2e-2)
+
+
+def test_replay_chunks_are_cut_to_the_score_budget(tiny_llava, monkeypatch):
+    """``REPLAY_SCORE_BYTES`` bounds ``heads x chunk x layer length x 4``: a budget for 5 tokens replays a
+    13-token backlog in chunks of 5, 5 and 3, which still write the decoded KV."""
+    model, processor = tiny_llava
+    engine = LLMEngine(model, processor, zipvl=CONFIGS["tau0.9"], engine=EngineConfig(kv_cache_bytes=8 << 20))
+    engine.add_request("r", mixed_prompts(n_images=(2,))[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    run_until(engine, "r", GENERATED)
+    decoded = held_kv(engine, "r")
+    longest = max(engine.runner.kv.seqs["r"].lengths)  # kept + 13 fed: what the replay will reach
+    seq = engine.scheduler.preempt_newest()
+    heads = engine.runner.geometry.num_heads
+    monkeypatch.setattr(engine.runner, "REPLAY_SCORE_BYTES", 4 * heads * longest * 5)
+    chunks, real_replay = [], engine.runner.replay
+    monkeypatch.setattr(engine.runner, "replay", lambda s, n: (chunks.append(n), real_replay(s, n)))
+    engine.step()
+    assert chunks == [5, 5, 3] and seq.num_fed == GENERATED - 1
+    for (k_dec, v_dec), (k_rep, v_rep) in zip(decoded, held_kv(engine, "r"), strict=True):
+        torch.testing.assert_close(k_rep, k_dec, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v_rep, v_dec, rtol=1e-4, atol=1e-4)
