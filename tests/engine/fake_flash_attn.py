@@ -42,7 +42,10 @@ def flash_attn_with_kvcache(
     causal=False,
     **_,
 ):
-    """q: (B, 1, H, d); k_cache, v_cache: (num_blocks, page, Hkv, d); block_table: int32 (B, max_blocks)."""
+    """q: (B, Sq, H, d); k_cache, v_cache: (num_blocks, page, Hkv, d); block_table: int32 (B, max_blocks).
+
+    With ``causal`` and ``Sq > 1`` the mask is aligned to the bottom right, as flash-attn documents: query
+    ``i`` sees the first ``seqlen - Sq + i + 1`` keys."""
     assert k is None and v is None  # the engine writes the new token itself
     assert block_table.dtype == torch.int32 and cache_seqlens.dtype == torch.int32
     page = k_cache.shape[1]
@@ -53,10 +56,15 @@ def flash_attn_with_kvcache(
         blocks = block_table[b, : -(-n // page)].long()
         keys = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:n]
         values = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:n]
+        sq = q.shape[1]
+        mask = None
+        if causal and sq > 1:
+            mask = torch.ones(sq, n, dtype=torch.bool).tril(diagonal=n - sq)
         o = F.scaled_dot_product_attention(
             q[b].transpose(0, 1),
             keys.transpose(0, 1),
             values.transpose(0, 1),
+            attn_mask=mask,
             scale=softmax_scale,
             enable_gqa=q.shape[2] != k_cache.shape[2],
         )

@@ -37,3 +37,60 @@ def generate(tiny_llava, block_size, flash: bool):
 def test_flash_paths_give_the_sdpa_tokens(tiny_llava, fake_flash, block_size):
     """block_size 16: flash varlen prefill + gather decode; 256: flash varlen prefill + paged flash decode."""
     assert generate(tiny_llava, block_size, flash=True) == generate(tiny_llava, block_size, flash=False)
+
+
+def test_a_replay_under_paged_flash_writes_the_decoded_kv(tiny_llava, fake_flash, monkeypatch):
+    """Under paged flash-attn a replay chunk attends through ``flash_attn_with_kvcache`` (causal, aligned to
+    the bottom right, no score matrix): the KV it writes is the KV the decode steps wrote, and the answer
+    is the one an uninterrupted run gives."""
+    import torch
+
+    from zipvl_ray.engine import LLMEngine
+
+    model, processor = tiny_llava
+    prompt, sampling = mixed_prompts(n_images=(2,))[0], SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def engine():
+        eng = LLMEngine(
+            model,
+            processor,
+            zipvl=ZipVLConfig(tau=0.9, probe_recent=8, probe_random=8),
+            engine=EngineConfig(kv_cache_bytes=16 << 20, block_size=256),
+        )
+        eng.runner.backend, eng.runner.paged_flash = "flash", True
+        eng.add_request("r", prompt, sampling)
+        return eng
+
+    def held(eng):
+        runner = eng.runner
+        return [
+            runner.pool.gather(runner.kv.layer_slots("r", layer, 0, length))
+            for layer, length in enumerate(runner.kv.seqs["r"].lengths)
+        ]
+
+    uninterrupted = engine()
+    while uninterrupted.has_unfinished():
+        outs = uninterrupted.step()
+    expected = outs[-1].token_ids
+
+    eng = engine()
+    while len(eng.sequences["r"].output_token_ids) < 14:
+        eng.step()
+    decoded = held(eng)
+    seq = eng.scheduler.preempt_newest()
+    chunks = []
+    real = fake_flash_attn.flash_attn_with_kvcache
+
+    def spy(q, *args, **kwargs):
+        chunks.append(q.shape[1])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(fake_flash_attn, "flash_attn_with_kvcache", spy)
+    eng.step()
+    assert seq.num_fed == 13 and set(chunks) == {13}  # one 13-token chunk per layer, through flash
+    for (k_dec, v_dec), (k_rep, v_rep) in zip(decoded, held(eng), strict=True):
+        torch.testing.assert_close(k_rep, k_dec, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v_rep, v_dec, rtol=1e-4, atol=1e-4)
+    while eng.has_unfinished():
+        outs = eng.step()
+    assert outs[-1].token_ids == expected

@@ -11,8 +11,9 @@ attention to the :class:`StepKV` of the current step (it arrives as ``past_key_v
   (block_size a multiple of 256), else a gather of its whole blocks into a padded tensor with a length
   mask and SDPA;
 * **replay**: a preempted sequence's generated tokens, ``(1, c, hidden)``, after its prompt was
-  recomputed; each attends to what its layer holds plus the chunk's tokens up to itself (a gather and
-  SDPA with a causal offset mask), as its decode step did.
+  recomputed; each attends to what its layer holds plus the chunk's tokens up to itself (flash-attn's
+  paged kernel with a bottom-right causal mask, else a gather and SDPA with a causal offset mask), as its
+  decode step did.
 """
 
 from __future__ import annotations
@@ -193,6 +194,20 @@ class StepKV(Cache):
         c = query.shape[2]
         runner.pool.write(self.new_slots[layer], key[0].transpose(0, 1), value[0].transpose(0, 1))
         length = prior[layer] + c
+        compress = cfg is not None and not cfg.is_dense_layer(layer)
+        if runner.paged_flash and not compress:
+            # flash-attn aligns a causal mask to the bottom right: query i sees the first prior + i + 1 keys.
+            from flash_attn import flash_attn_with_kvcache
+
+            return flash_attn_with_kvcache(
+                query.transpose(1, 2),
+                runner.pool.keys,
+                runner.pool.values,
+                cache_seqlens=torch.tensor([length], dtype=torch.int32, device=query.device),
+                block_table=runner.kv.block_table([seq_id], layer, length),
+                softmax_scale=scaling,
+                causal=True,
+            )
         k, v = runner.pool.gather(runner.kv.layer_slots(seq_id, layer, 0, length))  # (length, Hkv, d)
         allowed = torch.ones(c, length, dtype=torch.bool, device=query.device).tril(diagonal=prior[layer])
         group = query.shape[1] // k.shape[1]
@@ -204,7 +219,7 @@ class StepKV(Cache):
             scale=scaling,
             enable_gqa=group > 1,
         )
-        if cfg is not None and not cfg.is_dense_layer(layer):
+        if compress:
             self._compress_recent(layer, 0, query[0, :, -1], k, scaling, cfg)
         return out.transpose(1, 2)
 
@@ -400,7 +415,11 @@ class ModelRunner:
     REPLAY_SCORE_BYTES = 256 << 20
 
     def max_replay_tokens(self, seq) -> int:
-        """The longest replay chunk for ``seq`` under :attr:`REPLAY_SCORE_BYTES` (at least 1)."""
+        """The longest replay chunk for ``seq`` under :attr:`REPLAY_SCORE_BYTES` (at least 1); unbounded under
+        paged flash-attn, which never materialises the scores (a chunk ending at a compression boundary
+        takes the gather path, but is at most ``decode_compress_interval`` long)."""
+        if self.paged_flash:
+            return max(1, seq.replay_backlog())
         longest = max(self.kv.seqs[seq.request_id].lengths) + seq.replay_backlog()
         return max(1, self.REPLAY_SCORE_BYTES // (4 * self.geometry.num_heads * max(1, longest)))
 
