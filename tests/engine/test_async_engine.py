@@ -40,6 +40,31 @@ def test_streaming_deltas_add_up(engine):
     assert final.metrics.ttft_s is not None and final.metrics.ttft_s > 0
 
 
+def test_outputs_that_queued_behind_a_slow_consumer_go_out_as_one(engine):
+    """A consumer slower than the engine gets what queued meanwhile as one output (deltas concatenated,
+    the latest state), as vLLM's output collector does: one Ray streaming item and one SSE event for many
+    tokens. Here the consumer reads the first output, then waits until the request has finished: the
+    other 19 come as one, and the deltas still add up to the answer."""
+
+    async def main():
+        stream = engine.generate(
+            "slow", mixed_prompts(n_images=(1,))[0], SamplingParams(max_tokens=20, ignore_eos=True)
+        )
+        outs = [await anext(stream)]
+        while engine.stats().num_finished == finished_before:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the last step's outputs reach this loop's queue
+        outs += [out async for out in stream]
+        return outs
+
+    finished_before = engine.stats().num_finished
+    outs = asyncio.run(main())
+    assert len(outs) == 2 and outs[-1].finished and outs[-1].finish_reason == "length"
+    assert [len(o.delta_token_ids) for o in outs] == [1, 19]
+    assert sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
+    assert "".join(o.delta_text for o in outs) == outs[-1].text
+
+
 def test_concurrent_requests_each_get_their_own_answer(engine):
     prompts = mixed_prompts(n_images=(0, 1, 2, 3, 1, 2, 0, 3))
     sampling = SamplingParams(max_tokens=6, ignore_eos=True)

@@ -61,6 +61,13 @@ class HandoffLock:
             time.sleep(0.0001)
 
 
+def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """``later`` (the newer cumulative state) carrying both outputs' deltas."""
+    later.delta_token_ids = earlier.delta_token_ids + later.delta_token_ids
+    later.delta_text = earlier.delta_text + later.delta_text
+    return later
+
+
 class AsyncLLMEngine:
     """Asynchronous front of :class:`LLMEngine`.
 
@@ -163,6 +170,12 @@ class AsyncLLMEngine:
         try:
             while True:
                 out = await queue.get()
+                while not out.finished and not queue.empty():
+                    # Outputs that arrived while the consumer was busy go out as one (as vLLM's output
+                    # collector merges them): the deltas concatenated, the latest cumulative state. A
+                    # consumer slower than the engine (a loaded ingress, a slow client) then pays its
+                    # per-item cost (a Ray streaming item, an SSE event) once per batch of tokens.
+                    out = _merged(out, queue.get_nowait())
                 # Before the yield: a consumer that closes the stream on its final output (as
                 # ``stream_with_abort`` does) must not send an abort for a request that has ended.
                 finished = out.finished
