@@ -81,7 +81,8 @@ class ZipVLConfig(BaseModel):
         ge=0,
         description=(
             "Every this many generated tokens, re-score the most recent window of that many generated tokens "
-            "with the current query and evict the unimportant ones (tau applies to the window). 0 turns it off."
+            "with the current query and evict the unimportant ones (tau applies to the window). 0 turns it off; "
+            "1 (a window of one token, the one just fed) evicts nothing either."
         ),
     )
     seed: int | None = Field(

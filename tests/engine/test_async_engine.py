@@ -43,8 +43,8 @@ def test_streaming_deltas_add_up(engine):
 def test_outputs_that_queued_behind_a_slow_consumer_go_out_as_one(engine):
     """A consumer slower than the engine gets what queued meanwhile as one output (deltas concatenated,
     the latest state), as vLLM's output collector does: one Ray streaming item and one SSE event for many
-    tokens. Here the consumer reads the first output, then waits until the request has finished: the
-    other 19 come as one, and the deltas still add up to the answer."""
+    tokens. Here the consumer reads the first output, then waits until the request has finished: the rest
+    come as one (the first may hold two or more if this loop lagged), and the deltas add up to the answer."""
 
     async def main():
         stream = engine.generate(
@@ -59,8 +59,8 @@ def test_outputs_that_queued_behind_a_slow_consumer_go_out_as_one(engine):
 
     finished_before = engine.stats().num_finished
     outs = asyncio.run(main())
-    assert len(outs) == 2 and outs[-1].finished and outs[-1].finish_reason == "length"
-    assert [len(o.delta_token_ids) for o in outs] == [1, 19]
+    assert len(outs) <= 2 and outs[-1].finished and outs[-1].finish_reason == "length"
+    assert all(o.delta_token_ids for o in outs) and len(outs[-1].delta_token_ids) >= 10
     assert sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
     assert "".join(o.delta_text for o in outs) == outs[-1].text
 
@@ -110,7 +110,8 @@ def test_one_step_wakes_a_loop_once_however_many_streams_it_advances(engine, mon
     results = asyncio.run(main())
     for outs in results:
         assert outs[-1].finished and sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
-    assert sum(batches) == sum(len(outs) for outs in results)  # every output came in a batch
+    # Every output came in a batch; a stream may merge outputs that queued behind a lagging loop.
+    assert sum(batches) >= sum(len(outs) for outs in results)
     assert len(batches) <= len([n for n in steps if n]) < sum(batches)  # at most one wake-up per step
     assert max(batches) > 1
 

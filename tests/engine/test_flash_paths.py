@@ -94,3 +94,48 @@ def test_a_replay_under_paged_flash_writes_the_decoded_kv(tiny_llava, fake_flash
     while eng.has_unfinished():
         outs = eng.step()
     assert outs[-1].token_ids == expected
+
+
+def test_an_interval_of_one_compresses_nothing_and_keeps_the_flash_paths(tiny_llava, fake_flash, monkeypatch):
+    """``decode_compress_interval: 1`` would re-score a window of one token (a no-op): it must not send
+    decode and replay to the gather path (where a replay chunk's scores are materialised) under paged
+    flash-attn. Every attention goes through flash_attn_with_kvcache, and the answer is unchanged."""
+    from zipvl_ray.engine import LLMEngine
+
+    model, processor = tiny_llava
+    prompt, sampling = mixed_prompts(n_images=(2,))[0], SamplingParams(max_tokens=20, ignore_eos=True)
+    config = ZipVLConfig(tau=0.9, probe_recent=8, probe_random=8, decode_compress_interval=1)
+
+    def run(flash):
+        eng = LLMEngine(
+            model, processor, zipvl=config, engine=EngineConfig(kv_cache_bytes=16 << 20, block_size=256)
+        )
+        if flash:
+            eng.runner.backend, eng.runner.paged_flash = "flash", True
+        eng.add_request("r", prompt, sampling)
+        while len(eng.sequences["r"].output_token_ids) < 10:
+            eng.step()
+        eng.scheduler.preempt_newest()
+        while eng.has_unfinished():
+            outs = eng.step()
+        return outs[-1].token_ids
+
+    calls = []
+    real = fake_flash_attn.flash_attn_with_kvcache
+    monkeypatch.setattr(
+        fake_flash_attn,
+        "flash_attn_with_kvcache",
+        lambda q, *a, **k: (calls.append(q.shape[1]), real(q, *a, **k))[1],
+    )
+    gathered = []
+    import zipvl_ray.kv.pool as pool_module
+
+    real_gather = pool_module.KVPool.gather_blocks
+    monkeypatch.setattr(
+        pool_module.KVPool,
+        "gather_blocks",
+        lambda self, *a, **k: (gathered.append(1), real_gather(self, *a, **k))[1],
+    )
+    with_flash = run(flash=True)
+    assert calls and 9 in calls and not gathered  # decode steps (1) and the 9-token replay, all through flash
+    assert with_flash == run(flash=False)

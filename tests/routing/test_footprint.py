@@ -79,3 +79,27 @@ def test_absurd_counts_fall_back_to_python_integers():
         kept_fraction_per_layer=[0.5, 1.0],
     )
     assert predict_request_bytes_many(hints, [profile]) == [predict_request_bytes(hints, profile)]
+
+
+@pytest.mark.parametrize("block_bytes", [10**16, 2**64])
+def test_a_geometry_past_int64_is_predicted_with_python_integers(block_bytes):
+    """One bogus report (a huge ``block_bytes``) must neither wrap around (a full replica would look empty)
+    nor raise inside the router: that geometry falls back to the scalar path."""
+    hints = RoutingHints(prompt_tokens=5000, image_tokens=0, max_tokens=100)
+    sane = KVProfile(
+        capacity_bytes=1 << 30,
+        block_size=16,
+        block_bytes=4096,
+        num_layers=80,
+        kept_fraction_per_layer=[0.5] * 80,
+    )
+    bogus = KVProfile(
+        capacity_bytes=1 << 30,
+        block_size=16,
+        block_bytes=block_bytes,
+        num_layers=80,
+        kept_fraction_per_layer=[0.5] * 80,
+    )
+    got = predict_request_bytes_many(hints, [sane, bogus])
+    assert got == [predict_request_bytes(hints, sane), predict_request_bytes(hints, bogus)]
+    assert got[1] > 1 << 63

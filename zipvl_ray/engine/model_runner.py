@@ -401,7 +401,9 @@ class ModelRunner:
         compress = [
             (row, s.zipvl)
             for row, s in enumerate(seqs)
-            if s.zipvl.decode_compress_interval and (s.num_fed + 1) % s.zipvl.decode_compress_interval == 0
+            # An interval of 1 would compress a window of one token, i.e. nothing (and force the gather path).
+            if s.zipvl.decode_compress_interval > 1
+            and (s.num_fed + 1) % s.zipvl.decode_compress_interval == 0
         ]
         context = StepKV(self, seq_ids=seq_ids, new_slots=new_slots, lengths=lengths, compress=compress)
         hidden = self.adapter.language_model(
@@ -416,10 +418,10 @@ class ModelRunner:
 
     def max_replay_tokens(self, seq) -> int:
         """The longest replay chunk for ``seq`` under :attr:`REPLAY_SCORE_BYTES` (at least 1); unbounded under
-        paged flash-attn, which never materialises the scores (a chunk ending at a compression boundary
-        takes the gather path, but is at most ``decode_compress_interval`` long)."""
-        if self.paged_flash:
-            return max(1, seq.replay_backlog())
+        paged flash-attn without decode compression, which never materialises the scores (with it, a chunk
+        ending at a compression boundary takes the gather path, so the cap stays)."""
+        if self.paged_flash and seq.zipvl.decode_compress_interval <= 1:
+            return max(1, seq.replay_backlog())  # every chunk attends through flash: no scores are kept
         longest = max(self.kv.seqs[seq.request_id].lengths) + seq.replay_backlog()
         return max(1, self.REPLAY_SCORE_BYTES // (4 * self.geometry.num_heads * max(1, longest)))
 
@@ -443,7 +445,7 @@ class ModelRunner:
             None
         ]
         position_ids = pos[None].expand(3, -1, -1) if self.adapter.uses_mrope else pos
-        due = interval and (first + num_tokens) % interval == 0
+        due = interval > 1 and (first + num_tokens) % interval == 0  # an interval of 1 compresses nothing
         context = StepKV(
             self,
             seq_ids=[seq.request_id],

@@ -258,6 +258,10 @@ def predict_request_bytes_many(hints: RoutingHints, profiles: Sequence[KVProfile
     tau, cap_override = hints.tau, hints.max_keep_ratio
     for (width, block_size, block_bytes), rows in groups.items():
         group = [profiles[i] for i in rows]
+        if width * (-(-(n + growth) // block_size) + 1) * block_bytes >= 1 << 62:  # int64 would overflow
+            for i in rows:
+                out[i] = predict_request_bytes(hints, profiles[i])
+            continue
         if hints.zipvl_enabled is False:
             fractions = np.ones((len(group), width))
         else:
