@@ -949,11 +949,12 @@ class Simulation:
             seq.prefilled = True
             replica.used_blocks += seq.blocks
             replica.running.append(seq)
-            replica.kept_ema = (
-                [(1 - w) * e + w * f for e, f in zip(replica.kept_ema, seq.req.kept, strict=True)]
-                if replica.kept_ema
-                else list(seq.req.kept)
-            )
+            if seq.req.preemptions == 0:  # a recomputation teaches nothing new (LLMEngine._record_prefill)
+                replica.kept_ema = (
+                    [(1 - w) * e + w * f for e, f in zip(replica.kept_ema, seq.req.kept, strict=True)]
+                    if replica.kept_ema
+                    else list(seq.req.kept)
+                )
             if seq.remaining <= 0:
                 self.complete(replica, seq, now)
 
