@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from zipvl_ray.config import EngineConfig, ZipVLConfig
-from zipvl_ray.engine import AsyncLLMEngine, LLMEngine, RequestError, SamplingParams
+from zipvl_ray.engine import AsyncLLMEngine, LLMEngine, RequestError, RequestOutput, SamplingParams
+from zipvl_ray.engine.async_engine import _merged
 
 from .conftest import mixed_prompts
 
@@ -63,6 +64,26 @@ def test_outputs_that_queued_behind_a_slow_consumer_go_out_as_one(engine):
     assert all(o.delta_token_ids for o in outs) and len(outs[-1].delta_token_ids) >= 10
     assert sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
     assert "".join(o.delta_text for o in outs) == outs[-1].text
+
+
+def test_merging_a_backlog_keeps_every_delta_in_order_and_the_latest_state():
+    outs = [
+        RequestOutput(
+            "m",
+            token_ids=[1, 2, 3][: i + 1],
+            text="abc"[: i + 1],
+            delta_token_ids=[i + 1],
+            delta_text="abc"[i],
+            finished=i == 2,
+            finish_reason="length" if i == 2 else None,
+        )
+        for i in range(3)
+    ]
+    merged = _merged(outs)
+    assert merged is outs[-1] and merged.finished and merged.finish_reason == "length"
+    assert merged.delta_token_ids == [1, 2, 3] and merged.delta_text == "abc"
+    single = RequestOutput("s", token_ids=[7], delta_token_ids=[7], delta_text="x")
+    assert _merged([single]) is single and single.delta_token_ids == [7]
 
 
 def test_concurrent_requests_each_get_their_own_answer(engine):

@@ -781,6 +781,7 @@ def test_frozen_stats_never_hold_requests_at_the_handle():
         {"kv_bytes_used": float("inf")},
         {"num_waiting": -4},
         {"zipvl_tau": float("nan")},
+        {"block_bytes": 101 * KIB},  # a block larger than the whole pool
     ],
 )
 def test_one_replicas_implausible_stats_do_not_break_routing(bad):

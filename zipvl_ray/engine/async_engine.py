@@ -61,11 +61,16 @@ class HandoffLock:
             time.sleep(0.0001)
 
 
-def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """``later`` (the newer cumulative state) carrying both outputs' deltas."""
-    later.delta_token_ids = earlier.delta_token_ids + later.delta_token_ids
-    later.delta_text = earlier.delta_text + later.delta_text
-    return later
+def _merged(outputs: list[RequestOutput]) -> RequestOutput:
+    """The last of ``outputs`` (the newest cumulative state) carrying every output's delta, in order.
+
+    One join over the backlog: concatenating pairwise would copy the deltas O(k^2) times over k outputs.
+    """
+    last = outputs[-1]
+    if len(outputs) > 1:
+        last.delta_token_ids = [t for out in outputs for t in out.delta_token_ids]
+        last.delta_text = "".join(out.delta_text for out in outputs)
+    return last
 
 
 class AsyncLLMEngine:
@@ -169,13 +174,14 @@ class AsyncLLMEngine:
         finished = False
         try:
             while True:
-                out = await queue.get()
-                while not out.finished and not queue.empty():
+                backlog = [await queue.get()]
+                while not backlog[-1].finished and not queue.empty():
                     # Outputs that arrived while the consumer was busy go out as one (as vLLM's output
                     # collector merges them): the deltas concatenated, the latest cumulative state. A
                     # consumer slower than the engine (a loaded ingress, a slow client) then pays its
                     # per-item cost (a Ray streaming item, an SSE event) once per batch of tokens.
-                    out = _merged(out, queue.get_nowait())
+                    backlog.append(queue.get_nowait())
+                out = _merged(backlog)
                 # Before the yield: a consumer that closes the stream on its final output (as
                 # ``stream_with_abort`` does) must not send an abort for a request that has ended.
                 finished = out.finished

@@ -164,6 +164,7 @@ def _plausible(profile: KVProfile) -> bool:
         profile.block_size >= 1
         and profile.num_layers >= 1
         and profile.block_bytes >= 1  # 0 would predict every request at 0 bytes: the first choice always
+        and profile.block_bytes <= profile.capacity_bytes  # a pool holds at least one block
         and profile.capacity_bytes <= MAX_PLAUSIBLE_BYTES
         and (not fractions or len(fractions) == profile.num_layers)  # else the prediction mis-sizes layers
         and all(c >= 0 for c in counts)
