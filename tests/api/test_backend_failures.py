@@ -273,8 +273,9 @@ def test_a_stream_whose_send_fails_is_closed_and_its_request_aborted(prompt_proc
 
 
 def test_a_body_of_too_many_json_objects_is_refused_before_it_is_parsed(prompt_processor):
-    """FastAPI parses and validates a body on the event loop: 2.1M empty messages in a 62 MB body (under the
-    byte limit) held it for 14 s in a review. Bodies with more than ``max_request_containers`` ``{`` / ``[``
+    """FastAPI parsed and validated a body on the event loop: 2.1M empty messages in a 62 MB body (under the
+    byte limit) held it for 14 s in a review (a large body is parsed in a worker thread now, which still costs
+    the replica that CPU). Bodies with more than ``max_request_containers`` ``{`` / ``[``
     are refused as they arrive, chunked or not, without parsing."""
     import json
     import time

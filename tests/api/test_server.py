@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from tests.api import service_checks as checks
 from tests.api.conftest import MAX_MODEL_LEN
 from tests.api.helpers import image_data_url
+from zipvl_ray.api import server as server_module
+from zipvl_ray.api.schemas import ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +151,84 @@ def test_request_body_over_the_limit_is_413(target, local_service):
         assert "content-length" not in chunked.request.headers
         assert chunked.status_code == 413
         assert client.get("/health").status_code == 200
+
+
+JSON = "application/json"
+BAD_BODIES = {
+    "truncated JSON": (b'{"model": "tiny-llava", "messages": [', JSON),
+    "invalid UTF-8": (b'{"model": "tiny-llava\xff", "messages": []}', JSON),
+    "an array": (b"[1, 2]", JSON),
+    "a JSON body declared as text": (b'{"model": "tiny-llava", "messages": []}', "text/plain"),
+    "no content type": (b'{"model": "tiny-llava", "messages": []}', None),
+    "out of range": (
+        b'{"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
+        JSON,
+    ),
+    "unknown field": (
+        b'{"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}',
+        JSON,
+    ),
+    "a number for text": (b'{"model": "tiny-llava", "messages": [{"role": "user", "content": 5}]}', JSON),
+    "nested too deep": (b"[" * 5000 + b"]" * 5000, JSON),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_a_large_body_is_refused_as_a_small_one_is(target, case):
+    """Bodies over ``INLINE_BODY_BYTES`` are parsed in a worker thread: the same body with trailing JSON
+    whitespace gets the same 4xx and message as when it is parsed on the event loop."""
+    content, content_type = BAD_BODIES[case]
+    padded = content + b" " * (server_module.INLINE_BODY_BYTES + 1)
+    headers = {"content-type": content_type} if content_type else {}
+    with target.client() as client:
+        small, large = (
+            client.post("/v1/chat/completions", content=c, headers=headers) for c in (content, padded)
+        )
+        assert 400 <= small.status_code < 500, small.text
+        assert (large.status_code, large.json()) == (small.status_code, small.json())
+        assert client.get("/health").status_code == 200
+
+
+def test_a_large_body_is_validated_off_the_event_loop(target, monkeypatch):
+    """A large body is parsed and validated in a worker thread: the server answers other requests
+    meanwhile (FastAPI's own parsing held the loop, and every stream on it, for about a second for 200,000
+    messages). Validation is slowed here to make the window certain."""
+    validate = ChatCompletionRequest.model_validate
+    calls, done = [], threading.Event()
+
+    def slow_validate(value, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            calls.append("on the event loop")
+        except RuntimeError:
+            calls.append("off the loop")
+        time.sleep(1.0)
+        try:
+            return validate(value, **kwargs)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(ChatCompletionRequest, "model_validate", slow_validate)
+    body = json.dumps(target.body("What is this?")).encode() + b" " * (server_module.INLINE_BODY_BYTES + 1)
+    assert len(body) > server_module.INLINE_BODY_BYTES
+    result = {}
+
+    def post():
+        with target.client() as client:
+            result["chat"] = client.post("/v1/chat/completions", content=body, headers={"content-type": JSON})
+
+    poster = threading.Thread(target=post)
+    poster.start()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with target.client() as client:
+        models = client.get("/v1/models")
+    answered_while_validating = not done.is_set()
+    poster.join(timeout=30)
+    assert calls == ["off the loop"]
+    assert models.status_code == 200 and answered_while_validating
+    checks.content(result["chat"])
 
 
 def test_stats_report_ingress_llm_and_vision(target):
