@@ -99,11 +99,13 @@ class StreamError:
 def slim_output(output: RequestOutput) -> RequestOutput:
     """What crosses the process boundary: deltas only until the final output, which carries everything.
 
-    Cumulative ``token_ids`` / ``text`` in every update would make a stream of n tokens cost O(n^2).
+    Cumulative ``token_ids`` / ``text`` / ``logprobs`` in every update would make a stream of n tokens cost
+    O(n^2).
     """
     if output.finished:
         return output
-    return dataclasses.replace(output, token_ids=[], text="", metrics=RequestMetrics())
+    logprobs = None if output.logprobs is None else []  # the deltas are in delta_logprobs
+    return dataclasses.replace(output, token_ids=[], text="", logprobs=logprobs, metrics=RequestMetrics())
 
 
 @serve.deployment(name=LLM_DEPLOYMENT)

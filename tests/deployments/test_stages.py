@@ -184,6 +184,10 @@ def test_replica_stats_for_router_and_autoscaler():
 def test_slim_output_drops_cumulative_fields_until_the_end():
     partial = RequestOutput("r", token_ids=[1, 2], text="ab", delta_token_ids=[2], delta_text="b")
     assert slim_output(partial).token_ids == [] and slim_output(partial).delta_text == "b"
+    entries = [{"token_id": t, "logprob": -1.0, "top": []} for t in (1, 2)]
+    with_logprobs = dataclasses.replace(partial, logprobs=entries, delta_logprobs=entries[1:])
+    slim = slim_output(with_logprobs)
+    assert slim.logprobs == [] and slim.delta_logprobs == entries[1:]
     final = RequestOutput("r", token_ids=[1, 2], text="ab", finished=True, finish_reason="stop")
     assert slim_output(final) is final
 

@@ -41,6 +41,25 @@ def test_streaming_deltas_add_up(engine):
     assert final.metrics.ttft_s is not None and final.metrics.ttft_s > 0
 
 
+def test_streamed_logprob_deltas_add_up_to_the_final_entries(engine):
+    outs = asyncio.run(
+        collect(
+            engine,
+            "lp",
+            mixed_prompts(n_images=(1,))[0],
+            SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2),
+        )
+    )
+    final = outs[-1]
+    assert len(final.logprobs) == len(final.token_ids) == 8
+    assert sum((o.delta_logprobs for o in outs), []) == final.logprobs
+    assert [e["token_id"] for e in final.logprobs] == final.token_ids
+    plain = asyncio.run(
+        collect(engine, "plain", mixed_prompts(n_images=(1,))[0], SamplingParams(max_tokens=2))
+    )
+    assert all(o.logprobs is None and o.delta_logprobs is None for o in plain)
+
+
 def test_outputs_that_queued_behind_a_slow_consumer_go_out_as_one(engine):
     """A consumer slower than the engine gets what queued meanwhile as one output (deltas concatenated,
     the latest state), as vLLM's output collector does: one Ray streaming item and one SSE event for many
@@ -82,6 +101,12 @@ def test_merging_a_backlog_keeps_every_delta_in_order_and_the_latest_state():
     merged = _merged(outs)
     assert merged is outs[-1] and merged.finished and merged.finish_reason == "length"
     assert merged.delta_token_ids == [1, 2, 3] and merged.delta_text == "abc"
+    entries = [{"token_id": i, "logprob": -float(i), "top": []} for i in (1, 2, 3)]
+    with_logprobs = [
+        RequestOutput("l", delta_token_ids=[e["token_id"]], logprobs=entries[: i + 1], delta_logprobs=[e])
+        for i, e in enumerate(entries)
+    ]
+    assert _merged(with_logprobs).delta_logprobs == entries
     single = RequestOutput("s", token_ids=[7], delta_token_ids=[7], delta_text="x")
     assert _merged([single]) is single and single.delta_token_ids == [7]
 

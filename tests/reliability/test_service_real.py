@@ -124,6 +124,29 @@ def test_validation_matrix_leaves_the_kv_pool_at_baseline(service, record_figure
     )
 
 
+def test_logprobs_cross_the_stages_whole_and_streamed(service):
+    """``logprobs`` through the Ray stages: a stream's entries (the LLM replica sends each update's own, not
+    the list so far) are the non-streamed answer's, one per generated token, with an image in the prompt."""
+    import json
+
+    body = _two_image_body(service, 90, max_tokens=24, ignore_eos=True, logprobs=True, top_logprobs=2)
+    with service.client() as client:
+        whole = client.post("/v1/chat/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert streamed.status_code == 200, streamed.text
+    content = whole.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == whole.json()["usage"]["completion_tokens"] == 24
+    assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in content)
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    entries = []
+    for event in events[:-1]:
+        choices = json.loads(event)["choices"]
+        if choices and choices[0]["logprobs"] is not None:
+            entries += choices[0]["logprobs"]["content"]
+    assert entries == content
+
+
 def test_a_request_larger_than_the_whole_kv_pool_is_a_client_error(service):
     images = [image_data_url(900 + i, size=(32, 32)) for i in range(12)]
     body = service.body("too big for the pool", images, zipvl={"enabled": False}, max_tokens=8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -34,7 +35,10 @@ from zipvl_ray.api.schemas import (
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     ZipVLReport,
 )
@@ -191,6 +195,8 @@ class ChatPreparer:
         self.settings = settings
         # Tokenizers are not safe to share between threads; images are processed concurrently.
         self._tokenizer_lock = threading.Lock()
+        #: Each token id's text, decoded alone (``logprobs``); at most the vocabulary.
+        self._token_texts: dict[int, str] = {}
         #: Decoded pixels of the requests being prepared (``ImageLimits.max_pending_pixels``).
         self.pixel_budget = PixelBudget(settings.images.pending_pixel_budget)
 
@@ -338,11 +344,45 @@ class ChatPreparer:
                 seed=request.seed,
                 stop=list(request.stop or []),
                 ignore_eos=request.ignore_eos,
+                logprobs=(request.top_logprobs or 0) if request.logprobs else None,
                 # A non-streamed answer is sent whole: the engine builds no output before the last.
                 output_kind="stream" if request.stream else "final_only",
             )
         except RequestError as exc:
             raise APIError(str(exc), code="invalid_value") from None
+
+    async def logprobs(self, entries: list[dict], top: int) -> ChoiceLogprobs:
+        """OpenAI's ``logprobs`` object for engine entries (``{"token_id", "logprob", "top"}``).
+
+        A token's text is the tokenizer's decoding of it alone (as vLLM reports it), cached per id; ids not
+        decoded yet are decoded in a thread under the tokenizer lock, which the preparation holds.
+        """
+        ids = {e["token_id"] for e in entries} | {i for e in entries for i, _ in e.get("top", ())[:top]}
+        missing = [i for i in ids if i not in self._token_texts]
+        if missing:
+            await asyncio.to_thread(self._decode_tokens, missing)
+        texts = self._token_texts
+
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = texts[token_id]
+            # -inf / NaN are not JSON: OpenAI and vLLM report an impossible token at -9999.0
+            value = float(logprob) if math.isfinite(logprob) else -9999.0
+            return {"token": text, "logprob": max(value, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+        return ChoiceLogprobs(
+            content=[
+                TokenLogprob(
+                    **item(e["token_id"], e["logprob"]),
+                    top_logprobs=[TopLogprob(**item(i, lp)) for i, lp in e.get("top", ())[:top]],
+                )
+                for e in entries
+            ]
+        )
+
+    def _decode_tokens(self, token_ids: list[int]) -> None:
+        with self._tokenizer_lock:
+            for token_id in token_ids:
+                self._token_texts[token_id] = self.processor.tokenizer.decode([token_id])
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Validate ``request`` and turn it into a :class:`PreparedChat` (raises :class:`APIError`)."""
@@ -442,7 +482,11 @@ class ChatCompletionHandler:
             model=self.model_name,
             choices=[
                 ChatCompletionChoice(
-                    message=AssistantMessage(content=final.text), finish_reason=_finish_reason(final)
+                    message=AssistantMessage(content=final.text),
+                    finish_reason=_finish_reason(final),
+                    logprobs=await self.preparer.logprobs(final.logprobs or [], request.top_logprobs or 0)
+                    if request.logprobs
+                    else None,
                 )
             ],
             usage=_usage(chat, final),
@@ -462,7 +506,11 @@ class ChatCompletionHandler:
         include_usage = request.include_usage
         chunk_usage: dict[str, Any] = {"usage": None} if include_usage else {}
 
-        def chunk(
+        # With logprobs: the entries of tokens whose text has not been sent yet (a token may add no visible
+        # text, a partial character or a possible stop string held back); they go with the next text.
+        unsent: list[dict] = []
+
+        async def chunk(
             delta: DeltaMessage, finish_reason: str | None = None, zipvl: ZipVLReport | None = None
         ) -> str:
             body = ChatCompletionChunk(
@@ -474,17 +522,23 @@ class ChatCompletionHandler:
             ).model_dump(mode="json", exclude_none=True)
             body["choices"][0].setdefault("finish_reason", None)
             body["choices"][0]["logprobs"] = None
+            if unsent and (delta.content or finish_reason is not None):
+                rendered = await self.preparer.logprobs(unsent, request.top_logprobs or 0)
+                body["choices"][0]["logprobs"] = rendered.model_dump(mode="json")
+                unsent.clear()
             return sse_event({**body, **chunk_usage})
 
         # True once the generation ended (normally or with an error event); False in the finally
         # clause means the client went away mid-stream (the stream was closed or cancelled).
         ended = False
         try:
-            yield chunk(DeltaMessage(role="assistant", content=""))
+            yield await chunk(DeltaMessage(role="assistant", content=""))
             output = first
             while True:
+                if request.logprobs:
+                    unsent.extend(output.delta_logprobs or ())
                 if output.delta_text:
-                    yield chunk(DeltaMessage(content=output.delta_text))
+                    yield await chunk(DeltaMessage(content=output.delta_text))
                 if output.finished:
                     break
                 output = await anext(outputs)
@@ -498,7 +552,9 @@ class ChatCompletionHandler:
                     )
                 )
             else:
-                yield chunk(DeltaMessage(), _finish_reason(output), ZipVLReport.from_metrics(output.metrics))
+                yield await chunk(
+                    DeltaMessage(), _finish_reason(output), ZipVLReport.from_metrics(output.metrics)
+                )
                 if include_usage:
                     body = ChatCompletionChunk(
                         id=chat.request_id,

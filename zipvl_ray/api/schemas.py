@@ -25,6 +25,8 @@ from pydantic import (
 
 #: Most stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
+#: Most alternatives ``top_logprobs`` may ask for (OpenAI's and the engine's limit).
+MAX_TOP_LOGPROBS = 20
 #: Longest stop string, in characters.
 MAX_STOP_CHARS = 256
 #: Largest seed (a signed 64-bit integer; torch generators take it as is).
@@ -287,8 +289,17 @@ class ChatCompletionRequest(BaseModel):
     )
     frequency_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
     presence_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
-    logprobs: bool | None = Field(None, description="Not supported: only false is accepted.")
-    top_logprobs: int | None = Field(None, description="Not supported: only 0 is accepted.")
+    logprobs: bool | None = Field(
+        None,
+        description="Return the log-probability of each generated token (choices[].logprobs.content), "
+        "from the model's raw next-token distribution (before temperature, top-k and top-p).",
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description=f"With logprobs: also the 0-{MAX_TOP_LOGPROBS} most likely tokens at each position.",
+    )
     logit_bias: dict[str, float] | None = Field(
         None, description="Not supported: only an empty map is accepted."
     )
@@ -378,8 +389,6 @@ class ChatCompletionRequest(BaseModel):
     @field_validator(
         "frequency_penalty",
         "presence_penalty",
-        "logprobs",
-        "top_logprobs",
         "logit_bias",
         "response_format",
         "tools",
@@ -394,8 +403,6 @@ class ChatCompletionRequest(BaseModel):
         ok, why = {
             "frequency_penalty": (value in (None, 0, 0.0), "must be 0 (penalties are not supported)"),
             "presence_penalty": (value in (None, 0, 0.0), "must be 0 (penalties are not supported)"),
-            "logprobs": (not value, "is not supported; send false or leave it out"),
-            "top_logprobs": (value in (None, 0), "is not supported; send 0 or leave it out"),
             "logit_bias": (not value, "is not supported; send {} or leave it out"),
             "response_format": (
                 value is None or value == {"type": "text"},
@@ -445,6 +452,13 @@ class ChatCompletionRequest(BaseModel):
         }[info.field_name]
         if not ok:
             raise ValueError(f"{info.field_name} {why}")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
         return value
 
     @field_validator("stream_options")
@@ -538,13 +552,36 @@ class AssistantMessage(BaseModel):
     content: str = Field(description="The generated text.")
 
 
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position."""
+
+    token: str = Field(description="The token's text (U+FFFD where it holds part of a character).")
+    logprob: float = Field(description="Its log-probability (-9999.0 for an impossible token).")
+    bytes: list[int] | None = Field(description="The UTF-8 bytes of ``token``.")
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, its log-probability and the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(
+        description="The top_logprobs most likely tokens, most likely first."
+    )
+
+
+class ChoiceLogprobs(BaseModel):
+    """Log-probabilities of a choice's tokens (``logprobs: true``)."""
+
+    content: list[TokenLogprob] | None = Field(description="One entry per generated token, in order.")
+    refusal: None = Field(None, description="Always null.")
+
+
 class ChatCompletionChoice(BaseModel):
     """One choice of a non-streamed answer (zipvl-ray always returns exactly one)."""
 
     index: int = Field(0, description="Always 0.")
     message: AssistantMessage = Field(description="The generated message.")
     finish_reason: str | None = Field(description="'stop' (end of sequence or stop string) or 'length'.")
-    logprobs: None = Field(None, description="Always null (log-probabilities are not supported).")
+    logprobs: ChoiceLogprobs | None = Field(None, description="With logprobs: true; else null.")
 
 
 def _now() -> int:
@@ -577,7 +614,10 @@ class ChatCompletionChunkChoice(BaseModel):
     index: int = Field(0, description="Always 0.")
     delta: DeltaMessage = Field(description="New content.")
     finish_reason: str | None = Field(None, description="Set in the last content chunk.")
-    logprobs: None = Field(None, description="Always null.")
+    logprobs: ChoiceLogprobs | None = Field(
+        None,
+        description="With logprobs: true, the entries of the tokens this chunk's text comes from; else null.",
+    )
 
 
 class ChatCompletionChunk(BaseModel):

@@ -70,6 +70,8 @@ def _merged(outputs: list[RequestOutput]) -> RequestOutput:
     if len(outputs) > 1:
         last.delta_token_ids = [t for out in outputs for t in out.delta_token_ids]
         last.delta_text = "".join(out.delta_text for out in outputs)
+        if last.delta_logprobs is not None:
+            last.delta_logprobs = [lp for out in outputs for lp in out.delta_logprobs or ()]
     return last
 
 

@@ -595,6 +595,8 @@ class LLMEngine:
         delta_text = text[seq.sent_text_len : visible] if visible > seq.sent_text_len else ""
         seq.sent_text_len = max(seq.sent_text_len, visible)
         delta_tokens = seq.output_token_ids[seq.sent_tokens :]
+        wants_logprobs = seq.sampling.logprobs is not None
+        delta_logprobs = seq.output_logprobs[seq.sent_tokens :] if wants_logprobs else None
         seq.sent_tokens = len(seq.output_token_ids)
         out = RequestOutput(
             request_id=seq.request_id,
@@ -604,7 +606,8 @@ class LLMEngine:
             delta_text=delta_text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
-            logprobs=list(seq.output_logprobs) if seq.sampling.logprobs is not None else None,
+            logprobs=list(seq.output_logprobs) if wants_logprobs else None,
+            delta_logprobs=delta_logprobs,
             metrics=seq.metrics,
             error=seq.error,
         )

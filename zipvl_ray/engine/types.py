@@ -207,7 +207,11 @@ class RequestOutput:
     finished : bool
     finish_reason : {"stop", "length", "abort", "error"} or None
     logprobs : list[dict] or None
-        Per generated token: ``{"token_id", "logprob", "top": [(token_id, logprob), ...]}``.
+        Per generated token: ``{"token_id", "logprob", "top": [(token_id, logprob), ...]}`` (None unless
+        :attr:`SamplingParams.logprobs` is set).
+    delta_logprobs : list[dict] or None
+        The entries of ``logprobs`` for ``delta_token_ids`` (streaming); the one field a non-final output
+        carries across a process boundary (cumulative lists in every update would cost O(n^2)).
     metrics : RequestMetrics
     error : str or None
         Message when ``finish_reason == "error"``.
@@ -223,6 +227,7 @@ class RequestOutput:
     logprobs: list[dict] | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     error: str | None = None
+    delta_logprobs: list[dict] | None = None
 
 
 @dataclass
