@@ -306,7 +306,7 @@ def bad_requests(target: Target) -> list[tuple[str, Any, int, str]]:
         ("n > 1", target.body() | {"n": 2}, 400, "n=1"),
         ("unsupported parameter", target.body() | {"best_of": 2}, 400, "unsupported parameter 'best_of'"),
         ("tools", target.body() | {"tools": [{"type": "function"}]}, 400, "tools are not supported"),
-        ("penalty", target.body() | {"presence_penalty": 0.5}, 400, "presence_penalty"),
+        ("penalty", target.body() | {"presence_penalty": 2.5}, 400, "presence_penalty"),
         ("prompt too long", target.body("x" * (target.max_model_len + 10)), 400, "max_model_len"),
         ("unknown model", target.body() | {"model": "gpt-17"}, 404, "not served here"),
     ]

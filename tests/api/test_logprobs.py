@@ -121,3 +121,21 @@ def test_a_stop_string_ends_the_entries_with_the_token_that_completed_it(app):
     stopped = post(app, body(logprobs=True, stop=[word[1:]])).json()["choices"][0]
     assert (stopped["finish_reason"], stopped["message"]["content"]) == ("stop", word[:1])
     assert stopped["logprobs"]["content"] == free["logprobs"]["content"][:1]
+
+
+def test_penalties_reach_the_engine(app):
+    """``presence_penalty`` / ``frequency_penalty`` through the API: each greedy token is the best of the
+    top 20 raw log-probabilities less the penalty of the tokens before it (zipvl-tiny repeats its
+    end-of-turn token after the answer, so the penalty has something to change)."""
+    weight = 1.5
+    content = post(app, body(logprobs=True, top_logprobs=20, frequency_penalty=weight)).json()["choices"][0]
+    entries = content["logprobs"]["content"]
+    tokens = [e["token"] for e in entries]
+    for t, entry in enumerate(entries):
+        before = tokens[:t]
+        best = max(a["logprob"] - weight * before.count(a["token"]) for a in entry["top_logprobs"])
+        assert entry["logprob"] - weight * before.count(entry["token"]) >= best - 1e-4
+    plain = [e["token"] for e in post(app, body(logprobs=True)).json()["choices"][0]["logprobs"]["content"]]
+    assert tokens != plain
+    refused = post(app, body(presence_penalty=2.5))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "presence_penalty"

@@ -28,6 +28,7 @@ def request(**fields) -> dict:
         {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "response_format": {"type": "text"}},
         {"logprobs": True, "top_logprobs": 20},
         {"logprobs": True},
+        {"frequency_penalty": 0.5, "presence_penalty": -2, "repetition_penalty": 1.2},
         {"stream": True, "stream_options": {"include_usage": True}},
         {"zipvl": {"tau": 1.0, "max_keep_ratio": 0.0, "enabled": False}},
         {"zipvl": {}},
@@ -82,8 +83,9 @@ def test_null_booleans_minus_one_top_k_and_negative_seeds_mean_what_vllm_means()
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("frequency_penalty", 0.5),
-        ("presence_penalty", -1.0),
+        ("frequency_penalty", 2.5),  # out of range
+        ("presence_penalty", -3.0),
+        ("repetition_penalty", 0.0),
         ("top_logprobs", 3),  # without logprobs
         ("logit_bias", {"1": 5}),
         ("response_format", {"type": "json_object"}),
@@ -150,7 +152,10 @@ def test_refused_unsupported_fields_name_themselves_as_the_error_param(field, va
         ({"n": 3}, "only n=1"),
         ({"stream": "yes"}, "valid boolean"),
         ({"stream_options": {"include_usage": True}}, "only allowed when stream is true"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty must be 0"),
+        ({"frequency_penalty": 2.5}, "less than or equal to 2"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "greater than 0"),
+        ({"repetition_penalty": 11}, "less than or equal to 10"),
         ({"top_logprobs": 2}, "top_logprobs requires logprobs to be true"),
         ({"logprobs": True, "top_logprobs": 21}, "less than or equal to 20"),
         ({"logprobs": True, "top_logprobs": -1}, "greater than or equal to 0"),

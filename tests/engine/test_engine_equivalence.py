@@ -112,3 +112,30 @@ def test_offline_generate_asks_for_final_outputs_only(tiny_llava):
     while streamed.has_unfinished():
         per_step += streamed.step()
     assert [o.token_ids for o in per_step][-1] == outs[0].token_ids and len(per_step) == 3
+
+
+@pytest.mark.parametrize("penalty", ["frequency_penalty", "presence_penalty"])
+def test_greedy_decoding_with_a_penalty_picks_the_best_penalized_token(tiny_llava, penalty):
+    """In a batch with an unpenalized request, each token of the penalized one is the argmax of the raw
+    log-probabilities (the reported ones) less the penalty of the tokens generated before it, checked over
+    the top 20; and the penalty changes some choice (a random model repeats itself)."""
+    model, processor = tiny_llava
+    llm = LLM(model, processor=processor, engine=EngineConfig(kv_cache_bytes=8 << 20))
+    prompts = mixed_prompts(n_images=(1, 0))
+    weight = 2.0
+    penalized = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=20, **{penalty: weight})
+    plain = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=20)
+    out, other = llm.generate(prompts, [penalized, plain])
+    assert other.token_ids == llm.generate(prompts[1:], [plain])[0].token_ids  # the batch-mate is untouched
+    changed = 0
+    for t, entry in enumerate(out.logprobs):
+        before = out.token_ids[:t]
+
+        def score(token: int, logprob: float, before: list[int] = before) -> float:
+            count = before.count(token)
+            return logprob - (weight * count if penalty == "frequency_penalty" else weight * (count > 0))
+
+        best = max(score(i, lp) for i, lp in entry["top"])
+        assert score(entry["token_id"], entry["logprob"]) >= best - 1e-4, t
+        changed += entry["token_id"] != entry["top"][0][0]
+    assert changed >= 1

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zipvl_ray.engine.sampler import make_generator, sample
+from zipvl_ray.engine.sampler import apply_penalties, make_generator, sample
 from zipvl_ray.engine.types import RequestError, SamplingParams
 
 
@@ -86,6 +86,12 @@ def test_a_row_whose_distribution_is_not_finite_falls_back_to_its_argmax():
         ({"seed": 2**64}, "seed"),  # torch's generator takes [-2**63, 2**64)
         ({"seed": -(2**63) - 1}, "seed"),
         ({"seed": 1.5}, "seed"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"repetition_penalty": 11.0}, "repetition_penalty"),
     ],
 )
 def test_sampling_params_the_sampler_cannot_use_are_refused_up_front(kwargs, message):
@@ -98,3 +104,33 @@ def test_sampling_params_the_sampler_cannot_use_are_refused_up_front(kwargs, mes
 def test_the_whole_seed_range_seeds_a_generator():
     for seed in (-(2**63), 0, 2**64 - 1):
         torch.Generator().manual_seed(SamplingParams(seed=seed, temperature=1.0).seed)
+
+
+def test_penalties_follow_the_formulas_of_openai_and_transformers():
+    """Repetition (prompt and output tokens; positive logits divided, negative multiplied), then frequency
+    (x the count in the output) and presence (once), subtracted."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.1)
+    got = apply_penalties(logits, p, prompt_ids=[1], output_ids=[3, 3, 2])
+    assert got.tolist() == pytest.approx([2.0, -2.0, 0.25 - 0.5 - 0.1, 1.5 - 1.0 - 0.1])
+    assert logits.tolist() == [2.0, -1.0, 0.5, 3.0]  # a new tensor
+    # Frequency and presence look at the output only; repetition at the prompt too.
+    assert apply_penalties(logits, SamplingParams(frequency_penalty=1.0), [0], []).tolist() == logits.tolist()
+    assert apply_penalties(logits, SamplingParams(repetition_penalty=2.0), [0], [])[0].item() == 1.0
+
+
+def test_a_penalty_changes_the_choice_and_not_the_reported_logprobs():
+    logits = torch.tensor([[0.0, 5.0, 4.9], [0.0, 5.0, 4.9]])
+    params = [SamplingParams(frequency_penalty=0.5, logprobs=1), SamplingParams(logprobs=1)]
+    tokens, logprobs = sample(logits, params, [None, None], histories=[([], [1]), ([], [1])])
+    assert tokens == [2, 1]  # the penalized row only
+    raw = torch.log_softmax(logits[0], -1)
+    assert logprobs[0]["logprob"] == pytest.approx(raw[2].item()) and logprobs[0]["top"][0][0] == 1
+    # Sampled rows draw from the penalized distribution: a large penalty removes a token.
+    p = SamplingParams(temperature=1.0, presence_penalty=2.0, seed=0)
+    g = make_generator(0)
+    big = torch.tensor([[0.0, 3.0, 3.0]])
+    drawn = [sample(big, [p], [g], histories=[([], [1])])[0][0] for _ in range(400)]
+    assert drawn.count(1) < 0.3 * drawn.count(2)  # e^-2 = 0.14 as likely; unpenalized, as likely
+    with pytest.raises(ValueError, match="histories"):
+        sample(logits[:1], params[:1], [None])

@@ -385,7 +385,8 @@ def cases(
             "top_logprobs requires logprobs to be true",
         ),
         Case("too many top_logprobs", _with(service, logprobs=True, top_logprobs=21), 400, "top_logprobs"),
-        Case("presence penalty", _with(service, presence_penalty=0.5), 400, "presence_penalty must be 0"),
+        Case("presence penalty", _with(service, presence_penalty=2.5), 400, "presence_penalty"),
+        Case("repetition penalty", _with(service, repetition_penalty=0), 400, "repetition_penalty"),
         Case("JSON mode", _with(service, response_format={"type": "json_object"}), 400, "response_format"),
         Case("unknown model", _with(service, model="gpt-17"), 404, "not served here", code="model_not_found"),
         # -- remote URLs: off, SSRF guard, hostile hosts (no traffic leaves the machine)

@@ -345,6 +345,11 @@ class ChatPreparer:
                 stop=list(request.stop or []),
                 ignore_eos=request.ignore_eos,
                 logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+                presence_penalty=float(request.presence_penalty or 0.0),
+                frequency_penalty=float(request.frequency_penalty or 0.0),
+                repetition_penalty=1.0
+                if request.repetition_penalty is None
+                else float(request.repetition_penalty),
                 # A non-streamed answer is sent whole: the engine builds no output before the last.
                 output_kind="stream" if request.stream else "final_only",
             )

@@ -27,6 +27,8 @@ from pydantic import (
 MAX_STOP_STRINGS = 4
 #: Most alternatives ``top_logprobs`` may ask for (OpenAI's and the engine's limit).
 MAX_TOP_LOGPROBS = 20
+#: Largest ``repetition_penalty`` (the engine's ``MAX_REPETITION_PENALTY``).
+MAX_REPETITION_PENALTY = 10.0
 #: Longest stop string, in characters.
 MAX_STOP_CHARS = 256
 #: Largest seed (a signed 64-bit integer; torch generators take it as is).
@@ -287,8 +289,25 @@ class ChatCompletionRequest(BaseModel):
     user: UnicodeStr | None = Field(
         None, max_length=256, description="Accepted for compatibility (at most 256 characters); ignored."
     )
-    frequency_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
-    presence_penalty: float | None = Field(None, description="Not supported: only 0 is accepted.")
+    frequency_penalty: float | None = Field(
+        None,
+        ge=-2.0,
+        le=2.0,
+        description="Lowers each token's logit by this x the times it was generated so far (default 0).",
+    )
+    presence_penalty: float | None = Field(
+        None,
+        ge=-2.0,
+        le=2.0,
+        description="Lowers the logit of each token generated so far by this (default 0).",
+    )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0.0,
+        le=MAX_REPETITION_PENALTY,
+        description="Divides the positive logits of the prompt's and the output's tokens by this and multiplies "
+        "the negative ones (vLLM's extension; default 1, off).",
+    )
     logprobs: bool | None = Field(
         None,
         description="Return the log-probability of each generated token (choices[].logprobs.content), "
@@ -387,8 +406,6 @@ class ChatCompletionRequest(BaseModel):
         return value
 
     @field_validator(
-        "frequency_penalty",
-        "presence_penalty",
         "logit_bias",
         "response_format",
         "tools",
@@ -401,8 +418,6 @@ class ChatCompletionRequest(BaseModel):
     def _check_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         """Fields accepted only at their neutral value (a field validator, so the error names the field)."""
         ok, why = {
-            "frequency_penalty": (value in (None, 0, 0.0), "must be 0 (penalties are not supported)"),
-            "presence_penalty": (value in (None, 0, 0.0), "must be 0 (penalties are not supported)"),
             "logit_bias": (not value, "is not supported; send {} or leave it out"),
             "response_format": (
                 value is None or value == {"type": "text"},

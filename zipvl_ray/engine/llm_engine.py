@@ -523,8 +523,14 @@ class LLMEngine:
         if not rows:
             return []
         index = torch.tensor([r for r, _ in rows], device=logits.device)
+        params = [s.sampling for _, s in rows]
+        histories = (
+            [(s.prompt_token_ids, s.output_token_ids) for _, s in rows]
+            if any(p.penalized for p in params)
+            else None
+        )
         tokens, logprobs = sample(
-            logits.index_select(0, index), [s.sampling for _, s in rows], [s.generator for _, s in rows]
+            logits.index_select(0, index), params, [s.generator for _, s in rows], histories
         )
         now = time.perf_counter()
         outputs = []

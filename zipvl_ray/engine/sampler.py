@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs."""
+"""Token sampling: penalties, greedy, temperature, top-k, top-p, per-request seeded generators, logprobs."""
 
 from __future__ import annotations
 
@@ -21,10 +21,50 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> torch.Tensor:
+    """``logits`` with ``params``' penalties applied (a new tensor).
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(V,)`` fp32 next-token logits of one row.
+    params : SamplingParams
+        Its ``repetition_penalty`` (tokens of the prompt or the output: positive logits divided by it,
+        negative ones multiplied, as in transformers and vLLM), then ``frequency_penalty`` (x each token's
+        count in the output) and ``presence_penalty`` (once per token in the output), subtracted as in
+        OpenAI's API.
+    prompt_ids, output_ids : list[int]
+        The request's prompt and generated tokens so far.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(V,)``.
+    """
+    logits = logits.clone()
+    vocab = logits.shape[0]
+    repetition = getattr(params, "repetition_penalty", 1.0)
+    if repetition != 1.0:
+        seen = torch.tensor(prompt_ids + output_ids, dtype=torch.long, device=logits.device)
+        seen = seen[(seen >= 0) & (seen < vocab)].unique()
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / repetition, values * repetition)
+    frequency = getattr(params, "frequency_penalty", 0.0)
+    presence = getattr(params, "presence_penalty", 0.0)
+    if output_ids and (frequency or presence):
+        counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab]
+        counts = counts.to(device=logits.device, dtype=logits.dtype)
+        logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    histories: list[tuple[list[int], list[int]]] | None = None,
 ) -> tuple[list[int], list[dict | None]]:
     """Draw one token per row.
 
@@ -36,27 +76,39 @@ def sample(
         One per row.
     generators : list[torch.Generator or None]
         One per row (CPU generators; ``None`` uses the global RNG).
+    histories : list[tuple[list[int], list[int]]], optional
+        Per row, the prompt's and the output's token ids, which penalties need (rows whose parameters
+        set a penalty require them).
 
     Returns
     -------
     tokens : list[int]
     logprobs : list[dict or None]
-        ``{"token_id", "logprob", "top": [(id, logprob), ...]}`` for rows that asked for logprobs.
+        ``{"token_id", "logprob", "top": [(id, logprob), ...]}`` for rows that asked for logprobs, from the
+        raw logits (before penalties, temperature, top-k and top-p: vLLM's default).
     """
     logits = logits.float()
+    scores = logits  # what tokens are drawn from: the logits after penalties
+    for i, p in enumerate(params):
+        if p.penalized:
+            if histories is None:
+                raise ValueError("penalties need the rows' token histories")
+            if scores is logits:
+                scores = logits.clone()
+            scores[i] = apply_penalties(logits[i], p, *histories[i])
     tokens: list[int] = []
     logprobs: list[dict | None] = []
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
-    greedy = logits[greedy_rows].argmax(dim=-1).tolist() if greedy_rows else []
+    greedy = scores[greedy_rows].argmax(dim=-1).tolist() if greedy_rows else []
     greedy_by_row = dict(zip(greedy_rows, greedy, strict=True))
     for i, p in enumerate(params):
         if i in greedy_by_row:
             token = greedy_by_row[i]
         else:
-            row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+            row = _filter_top_k_top_p(scores[i] / p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(row, dim=-1).cpu()
             if not bool(torch.isfinite(probs).all()):  # a degenerate row must not fail the whole step
-                token = int(logits[i].argmax())
+                token = int(scores[i].argmax())
             else:
                 token = int(torch.multinomial(probs, 1, generator=generators[i]).item())
         tokens.append(token)

@@ -22,6 +22,14 @@ GREEDY_TEMPERATURE = 1e-5
 """Sampling at a lower temperature is greedy decoding (vLLM's ``_SAMPLING_EPS``)."""
 
 
+#: Largest ``repetition_penalty`` (vLLM sets none; past about 2 a model stops forming words).
+MAX_REPETITION_PENALTY = 10.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How tokens are drawn for one request.
@@ -46,6 +54,13 @@ class SamplingParams:
         Keep generating past EOS (benchmarks).
     logprobs : int or None
         Return the log-probability of each chosen token and the ``logprobs`` most likely ones (0-20).
+        They are the model's raw distribution: before penalties, temperature, top-k and top-p.
+    presence_penalty, frequency_penalty : float
+        OpenAI's penalties in [-2, 2]: a token's logit is lowered by ``presence_penalty`` once it appears
+        in the output and by ``frequency_penalty`` x the times it appears (generated tokens only).
+    repetition_penalty : float
+        vLLM's and transformers' (> 0, 1 is off): the logit of every token of the prompt or the output is
+        divided by it where positive, multiplied where negative.
     output_kind : {"stream", "final_only"}
         ``"stream"``: an output after every new token (cumulative, plus the delta since the previous
         one). ``"final_only"``: only the finished output (vLLM's ``RequestOutputKind.FINAL_ONLY``), for
@@ -63,6 +78,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     output_kind: Literal["stream", "final_only"] = "stream"
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,6 +113,18 @@ class SamplingParams:
                 ),
                 "seed must be an integer in [-2**63, 2**64)",
             ),
+            *(
+                (
+                    _is_number(getattr(self, name)) and -2.0 <= getattr(self, name) <= 2.0,
+                    f"{name} must be in [-2, 2]",
+                )
+                for name in ("presence_penalty", "frequency_penalty")
+            ),
+            (
+                _is_number(self.repetition_penalty)
+                and 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}]",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings"),
             (len(self.stop) <= 16, "stop may hold at most 16 strings"),
             (self.output_kind in ("stream", "final_only"), "output_kind must be 'stream' or 'final_only'"),
@@ -102,6 +132,16 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits. ``getattr``: parameters pickled by an older ingress
+        during a rolling update lack the fields."""
+        return (
+            getattr(self, "presence_penalty", 0.0) != 0.0
+            or getattr(self, "frequency_penalty", 0.0) != 0.0
+            or getattr(self, "repetition_penalty", 1.0) != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
