@@ -273,3 +273,25 @@ def test_ignored_and_costly_fields_are_bounded(extra, fragment):
     ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], **ok}
     )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"messages": [{"role": "robot", "content": "hi"}] * 10_000},
+        {"messages": [{"role": "user", "content": [{"type": "video"}] * 10_000}]},
+        {"stop": [1] * 10_000},
+        {"logit_bias": {str(i): "x" for i in range(10_000)}},
+        {"metadata": {str(i): 1 for i in range(10_000)}},
+        {"tools": [1] * 10_000},
+        {"functions": [1] * 10_000},
+    ],
+)
+def test_a_list_of_bad_items_is_one_error(fields):
+    """Validation stops at a list's or a map's first bad item: every error becomes a dict for the response,
+    and 400,000 of them held the GIL for 1.6 s (a body of 200,000 bad messages)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(request(**fields))
+    assert info.value.error_count() <= 3

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import httpx
 import pytest
 
 from tests.api import service_checks as checks
@@ -170,13 +171,21 @@ BAD_BODIES = {
     ),
     "a number for text": (b'{"model": "tiny-llava", "messages": [{"role": "user", "content": 5}]}', JSON),
     "nested too deep": (b"[" * 5000 + b"]" * 5000, JSON),
+    "a malformed JSON type": (b'{"model": "tiny-llava", "messages": []}', "application/x/y+json"),
+    "a JSON type with parameters": (
+        b'{"model": "tiny-llava", "messages": []}',
+        "Application/JSON; charset=utf-8",
+    ),
+    "a vendor JSON type": (b"[1]", "application/vnd.api+json"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_BODIES))
-def test_a_large_body_is_refused_as_a_small_one_is(target, case):
-    """Bodies over ``INLINE_BODY_BYTES`` are parsed in a worker thread: the same body with trailing JSON
-    whitespace gets the same 4xx and message as when it is parsed on the event loop."""
+def test_a_large_body_is_refused_as_a_small_one_is(target, case, monkeypatch):
+    """Bodies over ``INLINE_BODY_BYTES`` with many JSON objects are parsed in a worker thread (here every
+    body over the size): the same body with trailing JSON whitespace gets the same 4xx and message as when
+    it is parsed on the event loop."""
+    monkeypatch.setattr(server_module, "INLINE_BODY_CONTAINERS", -1)
     content, content_type = BAD_BODIES[case]
     padded = content + b" " * (server_module.INLINE_BODY_BYTES + 1)
     headers = {"content-type": content_type} if content_type else {}
@@ -189,10 +198,54 @@ def test_a_large_body_is_refused_as_a_small_one_is(target, case):
         assert client.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_body_parser_answers_as_fastapi_does(monkeypatch, padded):
+    """``chat_request_body`` against FastAPI's own parsing of a ``body: ChatCompletionRequest`` parameter,
+    both behind the service's error handlers: the same status and message for every bad body (and a valid
+    one), inline and (padded, every body to the thread) in the worker thread."""
+    from fastapi import Depends, FastAPI
+
+    from zipvl_ray.api.errors import install_error_handlers
+    from zipvl_ray.api.server import chat_request_body
+
+    monkeypatch.setattr(server_module, "INLINE_BODY_CONTAINERS", -1)
+    reference, ours = FastAPI(), FastAPI()
+    for app in (reference, ours):
+        install_error_handlers(app)
+
+    @reference.post("/c")
+    async def fastapi_parses(body: ChatCompletionRequest):
+        return {"model": body.model}
+
+    @ours.post("/c")
+    async def we_parse(body: ChatCompletionRequest = Depends(chat_request_body)):
+        return {"model": body.model}
+
+    valid = (json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(), JSON)
+
+    async def answers(app, content, content_type):
+        headers = {"content-type": content_type} if content_type else {}
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/c", content=content, headers=headers)
+        return response.status_code, response.json()
+
+    for name, (content, content_type) in {**BAD_BODIES, "valid": valid}.items():
+        if padded:
+            content += b" " * (server_module.INLINE_BODY_BYTES + 1)
+        expected = asyncio.run(answers(reference, content, content_type))
+        assert asyncio.run(answers(ours, content, content_type)) == expected, name
+
+
+def metadata_of_braces(pairs: int = 16) -> dict[str, str]:
+    """``metadata`` (accepted, ignored) holding 512 ``{`` per value: JSON objects as the ingress counts them."""
+    return {f"k{i}": "{" * 512 for i in range(pairs)}
+
+
 def test_a_large_body_is_validated_off_the_event_loop(target, monkeypatch):
-    """A large body is parsed and validated in a worker thread: the server answers other requests
-    meanwhile (FastAPI's own parsing held the loop, and every stream on it, for about a second for 200,000
-    messages). Validation is slowed here to make the window certain."""
+    """A large body of many JSON objects is parsed and validated in a worker thread: the server answers
+    other requests meanwhile (FastAPI's own parsing held the loop, and every stream on it, for about a second
+    for 200,000 messages). Validation is slowed here to make the window certain."""
     validate = ChatCompletionRequest.model_validate
     calls, done = [], threading.Event()
 
@@ -209,8 +262,9 @@ def test_a_large_body_is_validated_off_the_event_loop(target, monkeypatch):
             done.set()
 
     monkeypatch.setattr(ChatCompletionRequest, "model_validate", slow_validate)
-    body = json.dumps(target.body("What is this?")).encode() + b" " * (server_module.INLINE_BODY_BYTES + 1)
-    assert len(body) > server_module.INLINE_BODY_BYTES
+    payload = target.body("What is this?", metadata=metadata_of_braces())
+    body = json.dumps(payload).encode() + b" " * (server_module.INLINE_BODY_BYTES + 1)
+    assert body.count(b"{") > server_module.INLINE_BODY_CONTAINERS
     result = {}
 
     def post():
@@ -229,6 +283,108 @@ def test_a_large_body_is_validated_off_the_event_loop(target, monkeypatch):
     assert calls == ["off the loop"]
     assert models.status_code == 200 and answered_while_validating
     checks.content(result["chat"])
+
+
+def test_a_large_body_of_few_objects_is_parsed_on_the_loop(target, monkeypatch):
+    """Parsing costs by the JSON object: a body of pictures (one string each) is parsed where it arrives,
+    however large; one of many objects goes to the worker thread."""
+    validate = ChatCompletionRequest.model_validate
+    where = []
+
+    def recording_validate(value, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            where.append("loop")
+        except RuntimeError:
+            where.append("thread")
+        return validate(value, **kwargs)
+
+    monkeypatch.setattr(ChatCompletionRequest, "model_validate", recording_validate)
+    pad = b" " * (server_module.INLINE_BODY_BYTES + 1)
+    with target.client() as client:
+        for payload in (
+            target.body("What is this?"),
+            target.body("What is this?", metadata=metadata_of_braces(4)),
+        ):
+            body = json.dumps(payload).encode() + pad
+            response = client.post("/v1/chat/completions", content=body, headers={"content-type": JSON})
+            checks.content(response)
+    assert where == ["loop", "thread"]
+
+
+def test_a_client_that_leaves_during_the_upload_is_no_server_error(prompt_processor, caplog):
+    """A body that never finishes arriving (the client went away) is FastAPI's 400, nobody reads it; it was
+    a 500 logged as an unhandled error with its traceback."""
+    import logging
+
+    from tests.deployments.fakes import FakeEngine
+    from zipvl_ray.api.local import LocalBackend
+    from zipvl_ray.api.server import ServingSettings, build_openai_app
+
+    app = build_openai_app(
+        LocalBackend(FakeEngine()),
+        prompt_processor,
+        ServingSettings(served_model_name="tiny-llava", model_source="tiny-llava", max_model_len=512),
+    )
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"model": "tiny-llava", ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_the_body_parser_is_made_again_in_a_forked_child():
+    """An executor copied across a fork believes its parent's idle threads are there and never runs a job:
+    a child forked after the parent parsed a large body makes its own."""
+    import multiprocessing
+
+    pool = server_module._body_parser_pool()
+    assert pool.submit(lambda: 1).result(timeout=10) == 1
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+
+    def child():
+        try:
+            fresh = server_module._body_parser_pool()
+            results.put(fresh is not pool and fresh.submit(lambda: 2).result(timeout=5) == 2)
+        except Exception as exc:  # pragma: no cover - reported to the parent
+            results.put(repr(exc))
+
+    process = context.Process(target=child)
+    process.start()
+    try:
+        assert results.get(timeout=30) is True
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():  # pragma: no cover
+            process.kill()
 
 
 def test_stats_report_ingress_llm_and_vision(target):

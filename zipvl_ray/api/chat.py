@@ -514,6 +514,15 @@ class ChatCompletionHandler:
         # With logprobs: the entries of tokens whose text has not been sent yet (a token may add no visible
         # text, a partial character or a possible stop string held back); they go with the next text.
         unsent: list[dict] = []
+        received = 0  # entries received so far
+
+        def new_entries(output: RequestOutput) -> list[dict]:
+            nonlocal received
+            # An LLM replica older than delta_logprobs (a rolling update) sends the whole list every time.
+            delta = getattr(output, "delta_logprobs", None)
+            entries = delta if delta is not None else (output.logprobs or [])[received:]
+            received += len(entries)
+            return entries
 
         async def chunk(
             delta: DeltaMessage, finish_reason: str | None = None, zipvl: ZipVLReport | None = None
@@ -541,7 +550,7 @@ class ChatCompletionHandler:
             output = first
             while True:
                 if request.logprobs:
-                    unsent.extend(output.delta_logprobs or ())
+                    unsent.extend(new_entries(output))
                 if output.delta_text:
                     yield await chunk(DeltaMessage(content=output.delta_text))
                 if output.finished:

@@ -8,6 +8,7 @@ with status 400 instead of FastAPI's 422 (OpenAI answers invalid requests with 4
 
 from __future__ import annotations
 
+import email.message
 import json
 import logging
 from typing import Any
@@ -36,11 +37,17 @@ ERROR_TYPES = {
 
 
 def _declares_json(content_type: str | None) -> bool:
-    """Whether FastAPI parses a body of this content type as JSON (``application/json``, ``*/*+json``)."""
+    """Whether FastAPI parses a body of this content type as JSON (``application/json``,
+    ``application/*+json``), decided as FastAPI decides it (the ``email`` package's parsing: a malformed type,
+    such as one with two slashes, reads as ``text/plain``)."""
     if not content_type:
         return False
-    mime = content_type.split(";")[0].strip().lower()
-    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    message = email.message.Message()
+    message["content-type"] = content_type
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
 
 
 #: FastAPI's detail when the body is not parseable at all (bad UTF-8, too deep, huge number).

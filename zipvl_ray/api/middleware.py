@@ -72,6 +72,10 @@ class _TooManyContainers(BaseException):
     """Raised from ``receive`` when the body holds too many JSON objects and arrays (as above)."""
 
 
+#: Where :class:`BodySizeLimitMiddleware` leaves the count of ``{`` / ``[`` of the body read so far.
+BODY_CONTAINERS_SCOPE_KEY = "zipvl.body_containers"
+
+
 class BodySizeLimitMiddleware:
     """Refuse request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent, and bodies
     with more than ``max_containers`` ``{`` / ``[`` characters with 400, before anything parses them."""
@@ -102,6 +106,7 @@ class BodySizeLimitMiddleware:
                     raise _BodyTooLarge()
                 if self.max_containers is not None:
                     containers += chunk.count(b"{") + chunk.count(b"[")
+                    scope[BODY_CONTAINERS_SCOPE_KEY] = containers
                     if containers > self.max_containers:
                         raise _TooManyContainers()
             return message

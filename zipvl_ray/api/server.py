@@ -17,7 +17,10 @@ request body size limit.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
+import os
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +36,7 @@ from zipvl_ray.api.auth import APIKeyMiddleware
 from zipvl_ray.api.chat import ChatCompletionHandler, ChatPreparer, InferenceBackend, ServingSettings
 from zipvl_ray.api.errors import FASTAPI_BODY_PARSE_ERROR, APIError, _declares_json, install_error_handlers
 from zipvl_ray.api.middleware import (
+    BODY_CONTAINERS_SCOPE_KEY,
     BodySizeLimitMiddleware,
     CountingMiddleware,
     IngressCounters,
@@ -211,14 +215,35 @@ def build_openai_app(
     return app
 
 
-#: Bodies up to this size are parsed and validated on the event loop (microseconds); larger ones in
-#: :data:`_BODY_PARSER`. A body of 200,000 messages held the loop, and every stream of the replica, for
-#: about a second in FastAPI's own parsing.
+#: Bodies up to this size are parsed and validated on the event loop (microseconds), larger ones with many
+#: JSON objects (:data:`INLINE_BODY_CONTAINERS`) in a worker thread. A body of 200,000 messages held the
+#: loop, and every stream of the replica, for about a second in FastAPI's own parsing.
 INLINE_BODY_BYTES = 64 * 1024
 
-#: Where large bodies are parsed: two threads, apart from the default executor that prepares prompts and
-#: decodes images, so that a flood of large bodies queues here instead of starving those.
-_BODY_PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zipvl-body")
+#: Bodies with up to this many ``{`` / ``[`` are parsed on the event loop: parsing costs by the JSON
+#: object, and an image is one string, so a body of pictures parses in microseconds however large it is.
+INLINE_BODY_CONTAINERS = 2_000
+
+_body_parser: ThreadPoolExecutor | None = None
+
+
+def _body_parser_pool() -> ThreadPoolExecutor:
+    """Where large bodies are parsed: two threads, apart from the default executor that prepares prompts
+    and decodes images, so that a flood of large bodies queues here instead of starving those. Made on first
+    use, and again in a forked child (an executor copied across a fork believes its parent's idle threads
+    are there and never runs a job)."""
+    global _body_parser
+    if _body_parser is None:
+        _body_parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zipvl-body")
+    return _body_parser
+
+
+def _forget_body_parser() -> None:
+    global _body_parser
+    _body_parser = None
+
+
+os.register_at_fork(after_in_child=_forget_body_parser)
 
 
 def parse_chat_body(body: bytes, content_type: str | None) -> ChatCompletionRequest:
@@ -263,11 +288,21 @@ def parse_chat_body(body: bytes, content_type: str | None) -> ChatCompletionRequ
 async def chat_request_body(request: Request) -> ChatCompletionRequest:
     """The request's :class:`ChatCompletionRequest`, parsed off the event loop when the body is large
     (a FastAPI dependency; :func:`parse_chat_body` says what it accepts)."""
-    body = await request.body()
+    try:
+        body = await request.body()
+    except Exception as e:  # the client left during the upload: FastAPI's answer, a 400 (nobody reads it)
+        raise StarletteHTTPException(status_code=400, detail=FASTAPI_BODY_PARSE_ERROR) from e
     content_type = request.headers.get("content-type")
     if len(body) <= INLINE_BODY_BYTES:
         return parse_chat_body(body, content_type)
-    return await asyncio.get_running_loop().run_in_executor(_BODY_PARSER, parse_chat_body, body, content_type)
+    containers = request.scope.get(BODY_CONTAINERS_SCOPE_KEY)
+    if containers is None:
+        containers = body.count(b"{") + body.count(b"[")
+    if containers <= INLINE_BODY_CONTAINERS:
+        return parse_chat_body(body, content_type)
+    # The request's context (its id on log lines, its span) goes along into the thread.
+    work = functools.partial(contextvars.copy_context().run, parse_chat_body, body, content_type)
+    return await asyncio.get_running_loop().run_in_executor(_body_parser_pool(), work)
 
 
 async def _unless_disconnected(work, request: Request):
