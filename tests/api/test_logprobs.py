@@ -139,3 +139,48 @@ def test_penalties_reach_the_engine(app):
     assert tokens != plain
     refused = post(app, body(presence_penalty=2.5))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "presence_penalty"
+
+
+def test_a_stream_from_an_llm_replica_older_than_delta_logprobs_still_carries_every_entry(prompt_processor):
+    """During a rolling update a new ingress may stream from an old LLM replica, whose updates carry the
+    whole list so far and no ``delta_logprobs``: the ingress takes the new entries from the list."""
+    from zipvl_ray.engine.types import RequestOutput
+
+    entries = [{"token_id": 100 + i, "logprob": -0.5 * i, "top": [(100 + i, -0.5 * i)]} for i in range(3)]
+
+    def old_style(i: int, finished: bool = False) -> RequestOutput:
+        out = RequestOutput(
+            "r", delta_token_ids=[100 + i], delta_text="abc"[i], logprobs=entries[: i + 1], finished=finished
+        )
+        out.delta_logprobs = None  # what an old replica's pickled output reads as
+        if finished:
+            out.finish_reason = "length"
+            out.token_ids = [100, 101, 102]
+            out.text = "abc"
+        return out
+
+    class OldReplica:
+        async def generate(self, *args, **kwargs):
+            for i in range(3):
+                yield old_style(i, finished=i == 2)
+
+        async def health(self):
+            return {}
+
+        async def stats(self):
+            return {}
+
+    app = build_openai_app(
+        OldReplica(),
+        prompt_processor,
+        ServingSettings(served_model_name="tiny-llava", model_source="tiny-llava", max_model_len=512),
+    )
+    request = chat_body("hi", max_tokens=3, logprobs=True, top_logprobs=1, stream=True)
+    streamed = [
+        entry
+        for event in stream_events(post(app, request))
+        if event["choices"] and event["choices"][0]["logprobs"] is not None
+        for entry in event["choices"][0]["logprobs"]["content"]
+    ]
+    assert [e["logprob"] for e in streamed] == [0.0, -0.5, -1.0]
+    assert [len(e["top_logprobs"]) for e in streamed] == [1, 1, 1]
