@@ -247,7 +247,7 @@ def scripted_engine(tiny_llava, monkeypatch, incremental: bool):
     model, processor = tiny_llava
     scripts = {}
 
-    def scripted_sample(logits, params, generators):
+    def scripted_sample(logits, params, generators, histories=None):
         return [next(scripts[id(p)]) for p in params], [None] * len(params)
 
     monkeypatch.setattr(llm_engine, "sample", scripted_sample)
