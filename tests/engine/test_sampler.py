@@ -117,6 +117,9 @@ def test_penalties_follow_the_formulas_of_openai_and_transformers():
     # Frequency and presence look at the output only; repetition at the prompt too.
     assert apply_penalties(logits, SamplingParams(frequency_penalty=1.0), [0], []).tolist() == logits.tolist()
     assert apply_penalties(logits, SamplingParams(repetition_penalty=2.0), [0], [])[0].item() == 1.0
+    # The engine passes the prompt's distinct ids as a tensor, computed once per request.
+    as_tensor = apply_penalties(logits, p, prompt_ids=torch.tensor([1, 1]), output_ids=[3, 3, 2])
+    assert as_tensor.tolist() == got.tolist()
 
 
 def test_a_penalty_changes_the_choice_and_not_the_reported_logprobs():

@@ -525,7 +525,7 @@ class LLMEngine:
         index = torch.tensor([r for r, _ in rows], device=logits.device)
         params = [s.sampling for _, s in rows]
         histories = (
-            [(s.prompt_token_ids, s.output_token_ids) for _, s in rows]
+            [(s.distinct_prompt_ids(), s.output_token_ids) for _, s in rows]
             if any(p.penalized for p in params)
             else None
         )

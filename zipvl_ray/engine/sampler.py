@@ -22,7 +22,10 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 def apply_penalties(
-    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: list[int] | torch.Tensor,
+    output_ids: list[int],
 ) -> torch.Tensor:
     """``logits`` with ``params``' penalties applied (a new tensor).
 
@@ -35,8 +38,11 @@ def apply_penalties(
         negative ones multiplied, as in transformers and vLLM), then ``frequency_penalty`` (x each token's
         count in the output) and ``presence_penalty`` (once per token in the output), subtracted as in
         OpenAI's API.
-    prompt_ids, output_ids : list[int]
-        The request's prompt and generated tokens so far.
+    prompt_ids : list[int] or torch.Tensor
+        The request's prompt tokens (only ``repetition_penalty`` reads them; a tensor of its distinct ids
+        saves converting a long prompt at every step).
+    output_ids : list[int]
+        Its generated tokens so far.
 
     Returns
     -------
@@ -47,7 +53,8 @@ def apply_penalties(
     vocab = logits.shape[0]
     repetition = getattr(params, "repetition_penalty", 1.0)
     if repetition != 1.0:
-        seen = torch.tensor(prompt_ids + output_ids, dtype=torch.long, device=logits.device)
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+        seen = torch.cat([prompt.cpu(), torch.tensor(output_ids, dtype=torch.long)]).to(logits.device)
         seen = seen[(seen >= 0) & (seen < vocab)].unique()
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / repetition, values * repetition)

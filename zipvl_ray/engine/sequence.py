@@ -76,6 +76,13 @@ class Sequence:
     streamed_text: str = ""  # what the stream produced (uncut)
     sent_tokens: int = 0
     sent_text_len: int = 0
+    _distinct_prompt_ids: torch.Tensor | None = field(default=None, repr=False)
+
+    def distinct_prompt_ids(self) -> torch.Tensor:
+        """The prompt's distinct token ids (``repetition_penalty``), computed once."""
+        if self._distinct_prompt_ids is None:
+            self._distinct_prompt_ids = torch.tensor(self.prompt_token_ids, dtype=torch.long).unique()
+        return self._distinct_prompt_ids
 
     @property
     def num_prompt_tokens(self) -> int:
