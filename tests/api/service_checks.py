@@ -303,7 +303,7 @@ def bad_requests(target: Target) -> list[tuple[str, Any, int, str]]:
         ("tau zero", target.body() | {"zipvl": {"tau": 0}}, 400, "zipvl.tau"),
         ("max_keep_ratio", target.body() | {"zipvl": {"max_keep_ratio": -0.1}}, 400, "zipvl.max_keep_ratio"),
         ("unknown zipvl knob", target.body() | {"zipvl": {"probe_random": 3}}, 400, "zipvl.probe_random"),
-        ("n > 1", target.body() | {"n": 2}, 400, "n=1"),
+        ("n > 16", target.body() | {"n": 17}, 400, "n:"),
         ("unsupported parameter", target.body() | {"best_of": 2}, 400, "unsupported parameter 'best_of'"),
         ("tools", target.body() | {"tools": [{"type": "function"}]}, 400, "tools are not supported"),
         ("penalty", target.body() | {"presence_penalty": 2.5}, 400, "presence_penalty"),

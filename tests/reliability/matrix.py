@@ -345,8 +345,8 @@ def cases(
             "zipvl.max_keep_ratio",
         ),
         Case("unknown zipvl knob", _with(service, zipvl={"probe_random": 3}), 400, "zipvl.probe_random"),
-        Case("n = 2", _with(service, n=2), 400, "only n=1 is supported"),
-        Case("n = 0", _with(service, n=0), 400, "only n=1 is supported"),
+        Case("n = 17", _with(service, n=17), 400, "less than or equal to 16"),
+        Case("n = 0", _with(service, n=0), 400, "greater than or equal to 1"),
         Case(
             "too many stop strings",
             _with(service, stop=["a", "b", "c", "d", "e"]),

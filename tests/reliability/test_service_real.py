@@ -147,6 +147,34 @@ def test_logprobs_cross_the_stages_whole_and_streamed(service):
     assert entries == content
 
 
+def test_choices_cross_the_stages_as_engine_requests_of_their_own(service):
+    """``n = 3`` through the Ray stages: three engine requests (ids ``<id>-0`` ...), choice ``i`` seeded
+    with ``seed + i`` gives a single request's answer with that seed, streamed or not, and the pool is
+    back at its baseline afterwards."""
+    import json
+
+    body = _two_image_body(service, 95, max_tokens=8, ignore_eos=True, temperature=1.0, seed=21)
+    with service.client() as client:
+        whole = client.post("/v1/chat/completions", json={**body, "n": 3})
+        assert whole.status_code == 200, whole.text
+        singles = [
+            client.post("/v1/chat/completions", json={**body, "seed": 21 + i}).json()["choices"][0]["message"]
+            for i in range(3)
+        ]
+        streamed = client.post("/v1/chat/completions", json={**body, "n": 3, "stream": True})
+        assert streamed.status_code == 200, streamed.text
+    answer = whole.json()
+    assert [c["message"] for c in answer["choices"]] == singles
+    assert answer["usage"]["completion_tokens"] == 24
+    texts = {0: "", 1: "", 2: ""}
+    for line in streamed.text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                texts[choice["index"]] += choice["delta"].get("content") or ""
+    assert [texts[i] for i in range(3)] == [m["content"] for m in singles]
+    assert service.wait_llm_idle()["kv_bytes_used"] == 0
+
+
 def test_a_request_larger_than_the_whole_kv_pool_is_a_client_error(service):
     images = [image_data_url(900 + i, size=(32, 32)) for i in range(12)]
     body = service.body("too big for the pool", images, zipvl={"enabled": False}, max_tokens=8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -448,54 +449,56 @@ class ChatCompletionHandler:
     async def __call__(self, request: ChatCompletionRequest):
         created = int(time.time())
         chat = await self.preparer.prepare(request)
-        outputs = self.backend.generate(
-            chat.request_id, chat.prompt, chat.sampling, chat.zipvl, chat.hints, stream=request.stream
-        )
+        streams = [
+            self.backend.generate(
+                request_id, chat.prompt, sampling, chat.zipvl, chat.hints, stream=request.stream
+            )
+            for request_id, sampling in _choices(chat, request.n or 1)
+        ]
         try:
-            first = await _first_output(outputs)
+            firsts = await _each(streams, _first_output)
         except BaseException:
-            await _close(outputs)
+            await _close_all(streams)
             raise
-        if first.finished and first.finish_reason == "error":  # failed before any token: no stream to open
-            await _close(outputs)
+        failed = next((f for f in firsts if f.finished and f.finish_reason == "error"), None)
+        if failed is not None:  # failed before any token: no stream to open
+            await _close_all(streams)
             raise APIError(
-                f"generation failed: {first.error or 'engine error'}", status_code=500, code="engine_error"
+                f"generation failed: {failed.error or 'engine error'}", status_code=500, code="engine_error"
             )
         if request.stream:
             return ClosingStreamingResponse(
-                self._stream(chat, request, created, first, outputs),
+                self._stream(chat, request, created, list(zip(firsts, streams, strict=True))),
                 media_type=SSE_MEDIA_TYPE,
                 headers=SSE_HEADERS,
             )
         try:
-            final = first
-            while not final.finished:
-                final = await anext(outputs)
-        except StopAsyncIteration:
-            raise APIError(
-                "the engine ended the request without a result", status_code=500, code="internal_error"
-            ) from None
+            finals = await _each(list(zip(firsts, streams, strict=True)), _final_output)
         finally:
-            await _close(outputs)
-        if final.finish_reason == "error":
+            await _close_all(streams)
+        failed = next((f for f in finals if f.finish_reason == "error"), None)
+        if failed is not None:
             raise APIError(
-                f"generation failed: {final.error or 'engine error'}", status_code=500, code="engine_error"
+                f"generation failed: {failed.error or 'engine error'}", status_code=500, code="engine_error"
             )
+        choices = [
+            ChatCompletionChoice(
+                index=index,
+                message=AssistantMessage(content=final.text),
+                finish_reason=_finish_reason(final),
+                logprobs=await self.preparer.logprobs(final.logprobs or [], request.top_logprobs or 0)
+                if request.logprobs
+                else None,
+            )
+            for index, final in enumerate(finals)
+        ]
         response = ChatCompletionResponse(
             id=chat.request_id,
             created=created,
             model=self.model_name,
-            choices=[
-                ChatCompletionChoice(
-                    message=AssistantMessage(content=final.text),
-                    finish_reason=_finish_reason(final),
-                    logprobs=await self.preparer.logprobs(final.logprobs or [], request.top_logprobs or 0)
-                    if request.logprobs
-                    else None,
-                )
-            ],
-            usage=_usage(chat, final),
-            zipvl=ZipVLReport.from_metrics(final.metrics),
+            choices=choices,
+            usage=_usage(chat, finals),
+            zipvl=ZipVLReport.from_metrics(finals[0].metrics),
         )
         self.counters.completed += 1
         return JSONResponse(response.model_dump(mode="json"))
@@ -505,82 +508,89 @@ class ChatCompletionHandler:
         chat: PreparedChat,
         request: ChatCompletionRequest,
         created: int,
-        first: RequestOutput,
-        outputs: AsyncIterator[RequestOutput],
+        streams: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
     ) -> AsyncIterator[str]:
+        """The server-sent events of ``streams`` (one per choice: its first output and the rest), in the
+        order their outputs arrive; each choice's chunks carry its ``index``."""
         include_usage = request.include_usage
         chunk_usage: dict[str, Any] = {"usage": None} if include_usage else {}
+        # With logprobs, per choice: the entries of tokens whose text has not been sent yet (a token may add
+        # no visible text, a partial character or a possible stop string held back); they go with the next
+        # text. And the entries received so far.
+        unsent: list[list[dict]] = [[] for _ in streams]
+        received = [0 for _ in streams]
 
-        # With logprobs: the entries of tokens whose text has not been sent yet (a token may add no visible
-        # text, a partial character or a possible stop string held back); they go with the next text.
-        unsent: list[dict] = []
-        received = 0  # entries received so far
-
-        def new_entries(output: RequestOutput) -> list[dict]:
-            nonlocal received
+        def new_entries(index: int, output: RequestOutput) -> list[dict]:
             # An LLM replica older than delta_logprobs (a rolling update) sends the whole list every time.
             delta = getattr(output, "delta_logprobs", None)
-            entries = delta if delta is not None else (output.logprobs or [])[received:]
-            received += len(entries)
+            entries = delta if delta is not None else (output.logprobs or [])[received[index] :]
+            received[index] += len(entries)
             return entries
 
         async def chunk(
-            delta: DeltaMessage, finish_reason: str | None = None, zipvl: ZipVLReport | None = None
+            index: int,
+            delta: DeltaMessage,
+            finish_reason: str | None = None,
+            zipvl: ZipVLReport | None = None,
         ) -> str:
             body = ChatCompletionChunk(
                 id=chat.request_id,
                 created=created,
                 model=self.model_name,
-                choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=finish_reason)],
+                choices=[ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
                 zipvl=zipvl,
             ).model_dump(mode="json", exclude_none=True)
             body["choices"][0].setdefault("finish_reason", None)
             body["choices"][0]["logprobs"] = None
-            if unsent and (delta.content or finish_reason is not None):
-                rendered = await self.preparer.logprobs(unsent, request.top_logprobs or 0)
+            if unsent[index] and (delta.content or finish_reason is not None):
+                rendered = await self.preparer.logprobs(unsent[index], request.top_logprobs or 0)
                 body["choices"][0]["logprobs"] = rendered.model_dump(mode="json")
-                unsent.clear()
+                unsent[index].clear()
             return sse_event({**body, **chunk_usage})
 
         # True once the generation ended (normally or with an error event); False in the finally
         # clause means the client went away mid-stream (the stream was closed or cancelled).
         ended = False
+        finals: list[RequestOutput | None] = [None for _ in streams]
+        merged = _interleaved(streams)
         try:
-            yield await chunk(DeltaMessage(role="assistant", content=""))
-            output = first
-            while True:
+            for index in range(len(streams)):
+                yield await chunk(index, DeltaMessage(role="assistant", content=""))
+            async for index, output in merged:
                 if request.logprobs:
-                    unsent.extend(new_entries(output))
+                    unsent[index].extend(new_entries(index, output))
                 if output.delta_text:
-                    yield await chunk(DeltaMessage(content=output.delta_text))
-                if output.finished:
-                    break
-                output = await anext(outputs)
-            ended = True
-            if output.finish_reason == "error":
-                yield sse_event(
-                    error_payload(
-                        f"generation failed: {output.error or 'engine error'}",
-                        type="server_error",
-                        code="engine_error",
+                    yield await chunk(index, DeltaMessage(content=output.delta_text))
+                if not output.finished:
+                    continue
+                if output.finish_reason == "error":
+                    ended = True
+                    yield sse_event(
+                        error_payload(
+                            f"generation failed: {output.error or 'engine error'}",
+                            type="server_error",
+                            code="engine_error",
+                        )
                     )
-                )
-            else:
+                    yield SSE_DONE
+                    return
+                finals[index] = output
                 yield await chunk(
-                    DeltaMessage(), _finish_reason(output), ZipVLReport.from_metrics(output.metrics)
+                    index, DeltaMessage(), _finish_reason(output), ZipVLReport.from_metrics(output.metrics)
                 )
-                if include_usage:
-                    body = ChatCompletionChunk(
-                        id=chat.request_id,
-                        created=created,
-                        model=self.model_name,
-                        choices=[],
-                        usage=_usage(chat, output),
-                    ).model_dump(mode="json", exclude_none=True)
-                    yield sse_event(body)
-                self.counters.completed += 1
+            ended = True
+            if include_usage:
+                body = ChatCompletionChunk(
+                    id=chat.request_id,
+                    created=created,
+                    model=self.model_name,
+                    choices=[],
+                    usage=_usage(chat, [f for f in finals if f is not None]),
+                ).model_dump(mode="json", exclude_none=True)
+                yield sse_event(body)
+            self.counters.completed += 1
             yield SSE_DONE
-        except StopAsyncIteration:
+        except StreamEndedEarly:
             ended = True
             yield sse_event(
                 error_payload("the engine ended the stream early", type="server_error", code="engine_error")
@@ -600,7 +610,96 @@ class ChatCompletionHandler:
         finally:
             if not ended:
                 self.counters.disconnected += 1
-            await _close(outputs)
+            await merged.aclose()  # first: its tasks may be waiting on the streams
+            await _close_all([outputs for _, outputs in streams])
+
+
+def _choices(chat: PreparedChat, n: int) -> list[tuple[str, SamplingParams]]:
+    """The engine request id and sampling parameters of each of ``n`` choices: one request each, choice
+    ``i`` seeded with ``seed + i`` when the request sets a seed (so that seeded choices differ and repeat)."""
+    if n == 1:
+        return [(chat.request_id, chat.sampling)]
+    seed = chat.sampling.seed
+    return [
+        (
+            f"{chat.request_id}-{i}",
+            dataclasses.replace(chat.sampling, seed=None if seed is None else seed + i),
+        )
+        for i in range(n)
+    ]
+
+
+class StreamEndedEarly(Exception):
+    """A backend stream ended without a finished output."""
+
+
+async def _each(items: list, step) -> list:
+    """``step`` of every item: directly for one, concurrently for several (the first error any raised
+    is raised as it is, and the others are cancelled)."""
+    if len(items) == 1:
+        return [await step(items[0])]
+    tasks = [asyncio.ensure_future(step(item)) for item in items]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _final_output(first_and_rest: tuple[RequestOutput, AsyncIterator[RequestOutput]]) -> RequestOutput:
+    final, outputs = first_and_rest
+    try:
+        while not final.finished:
+            final = await anext(outputs)
+    except StopAsyncIteration:
+        raise APIError(
+            "the engine ended the request without a result", status_code=500, code="internal_error"
+        ) from None
+    return final
+
+
+async def _interleaved(
+    streams: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """``(index, output)`` of every stream until each has finished, in the order the outputs arrive (each
+    stream's first output first). A stream that ends without a finished output raises
+    :class:`StreamEndedEarly`, and an error a stream raises is raised here, as iterating it alone would."""
+    if len(streams) == 1:  # no task in between: one choice streams as it always did
+        output, outputs = streams[0]
+        yield 0, output
+        while not output.finished:
+            output = await _next_output(outputs)
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, output: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> None:
+        try:
+            await queue.put((index, output, None))
+            while not output.finished:
+                output = await _next_output(outputs)
+                await queue.put((index, output, None))
+        except BaseException as exc:  # handed to the consumer (cancellation aside)
+            if not isinstance(exc, asyncio.CancelledError):
+                await queue.put((index, None, exc))
+            raise
+
+    tasks = [asyncio.ensure_future(pump(i, first, rest)) for i, (first, rest) in enumerate(streams)]
+    try:
+        unfinished = len(streams)
+        while unfinished:
+            index, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output.finished:
+                unfinished -= 1
+            yield index, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _gather_first_api_error(coroutines) -> list[Any]:
@@ -635,9 +734,22 @@ async def _close(outputs: AsyncIterator[RequestOutput]) -> None:
             await aclose()
 
 
-def _usage(chat: PreparedChat, final: RequestOutput) -> Usage:
+async def _next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    try:
+        return await anext(outputs)
+    except StopAsyncIteration:  # not raised through an async generator (it would become a RuntimeError)
+        raise StreamEndedEarly() from None
+
+
+async def _close_all(streams: list[AsyncIterator[RequestOutput]]) -> None:
+    for outputs in streams:
+        await _close(outputs)
+
+
+def _usage(chat: PreparedChat, finals: list[RequestOutput]) -> Usage:
+    """The prompt counted once (the choices share it, as in OpenAI's usage), every choice's tokens."""
     prompt_tokens = chat.prompt.num_tokens
-    completion = len(final.token_ids)
+    completion = sum(len(final.token_ids) for final in finals)
     return Usage(
         prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
     )

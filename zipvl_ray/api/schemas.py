@@ -27,6 +27,8 @@ from pydantic import (
 MAX_STOP_STRINGS = 4
 #: Most alternatives ``top_logprobs`` may ask for (OpenAI's and the engine's limit).
 MAX_TOP_LOGPROBS = 20
+#: Most choices one request may ask for (``n``): each is an engine request of its own.
+MAX_CHOICES = 16
 #: Largest ``repetition_penalty`` (the engine's ``MAX_REPETITION_PENALTY``).
 MAX_REPETITION_PENALTY = 10.0
 #: Longest stop string, in characters.
@@ -280,7 +282,13 @@ class ChatCompletionRequest(BaseModel):
     stop: UnicodeStr | Annotated[list[UnicodeStr], FAIL_FAST] | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} stop strings."
     )
-    n: int | None = Field(None, description="Number of choices; only 1 is supported.")
+    n: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHOICES,
+        description=f"Number of choices (1-{MAX_CHOICES}, default 1): one engine request each, sharing the prompt; "
+        "with a seed, choice i is sampled with seed + i.",
+    )
     stream: bool = Field(
         False, description="Stream the answer as server-sent events ending with 'data: [DONE]'."
     )
@@ -404,13 +412,6 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _minus_one_is_off(cls, value: int | None) -> int | None:
         return 0 if value == -1 else value
-
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, value: int | None) -> int | None:
-        if value is not None and value != 1:
-            raise ValueError(f"only n=1 is supported (one choice per request), got {value}")
-        return value
 
     @field_validator(
         "logit_bias",
@@ -598,9 +599,9 @@ class ChoiceLogprobs(BaseModel):
 
 
 class ChatCompletionChoice(BaseModel):
-    """One choice of a non-streamed answer (zipvl-ray always returns exactly one)."""
+    """One choice of a non-streamed answer."""
 
-    index: int = Field(0, description="Always 0.")
+    index: int = Field(0, description="Which choice (0 to n - 1).")
     message: AssistantMessage = Field(description="The generated message.")
     finish_reason: str | None = Field(description="'stop' (end of sequence or stop string) or 'length'.")
     logprobs: ChoiceLogprobs | None = Field(None, description="With logprobs: true; else null.")
@@ -617,7 +618,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = Field("chat.completion", description="Always 'chat.completion'.")
     created: int = Field(default_factory=_now, description="Unix time the request arrived.")
     model: str = Field(description="The served model's name.")
-    choices: list[ChatCompletionChoice] = Field(description="One choice.")
+    choices: list[ChatCompletionChoice] = Field(description="The n choices, in index order.")
     usage: Usage = Field(description="Token counts.")
     zipvl: ZipVLReport | None = Field(None, description="What ZipVL did to the request (extension).")
     system_fingerprint: str | None = Field(None, description="Always null.")
@@ -633,7 +634,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionChunkChoice(BaseModel):
     """The choice of a streamed chunk."""
 
-    index: int = Field(0, description="Always 0.")
+    index: int = Field(0, description="Which choice the chunk belongs to (0 to n - 1).")
     delta: DeltaMessage = Field(description="New content.")
     finish_reason: str | None = Field(None, description="Set in the last content chunk.")
     logprobs: ChoiceLogprobs | None = Field(
